@@ -1,0 +1,1 @@
+"""Running the core without ComfyUI: a diffusers-module adapter, tiny random-weight models and the demo."""

@@ -1,0 +1,20 @@
+"""Errors that name the input a user has to change."""
+
+
+class InputError(ValueError):
+    """A bad node input; the message starts with the input's name and says what to do."""
+
+    def __init__(self, input_name: str, message: str):
+        self.input_name = input_name
+        super().__init__(f"{input_name}: {message}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, step: int, value: float):
+        self.step = step
+        super().__init__(
+            f"loss became {value} at step {step + 1}; nothing was saved. Lower learning_rate, "
+            "or train in bf16/fp32 instead of fp16."
+        )

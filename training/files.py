@@ -1,0 +1,128 @@
+"""Writing result files: names that cannot escape their folder, atomic writes, kohya/modelspec metadata."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import InputError
+
+IF_EXISTS = ("increment", "overwrite", "error")
+_BAD_NAME = re.compile(r'[<>:"|?*\x00-\x1f]')
+
+# kohya's ss_base_model_version and SAI modelspec architecture names per base model family.
+BASE_MODELS = {
+    "sd1": ("sd_v1", "stable-diffusion-v1"),
+    "sd2": ("sd_v2", "stable-diffusion-v2-768-v"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+}
+
+
+def _check_part(input_name: str, part: str) -> None:
+    if part in ("", ".", "..") or _BAD_NAME.search(part) or part != part.strip():
+        raise InputError(input_name, f"{part!r} is not a usable file or folder name")
+
+
+def resolve_output_path(folder: str | os.PathLike, subfolder: str, name: str, extension: str,
+                        if_exists: str = "increment") -> Path:
+    """``folder/subfolder/name.extension``, refusing anything that would land outside ``folder``.
+
+    ``if_exists``: "increment" picks ``name_00001`` etc., "overwrite" replaces, "error" refuses.
+    """
+    if if_exists not in IF_EXISTS:
+        raise InputError("if_exists", f"must be one of {IF_EXISTS}, got {if_exists!r}")
+    name = name.strip()
+    if name.lower().endswith(extension):
+        name = name[: -len(extension)]
+    if "/" in name or "\\" in name:
+        raise InputError("name", "must be a plain file name; put folders in 'subfolder'")
+    _check_part("name", name)
+    parts = [p for p in re.split(r"[/\\]", subfolder.strip()) if p]
+    for p in parts:
+        _check_part("subfolder", p)
+    root = Path(folder).resolve()
+    target_dir = root.joinpath(*parts).resolve()
+    if root != target_dir and root not in target_dir.parents:
+        raise InputError("subfolder", f"{subfolder!r} leaves the folder {root}")
+    path = target_dir / f"{name}{extension}"
+    if path.exists():
+        if if_exists == "error":
+            raise InputError("name", f"{path} exists; choose another name or set if_exists")
+        if if_exists == "increment":
+            n = 1
+            while (target_dir / f"{name}_{n:05d}{extension}").exists():
+                n += 1
+            path = target_dir / f"{name}_{n:05d}{extension}"
+    return path
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    """Write to a temporary file beside ``path`` and rename it into place: no half-written file survives."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise InputError("subfolder", f"cannot write in {path.parent}: {e.strerror or e}") from e
+    try:
+        save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError("name", f"could not write {path}: {e.strerror or e} (disk full or read-only?)") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def lora_metadata(*, base_model: str, rank: int, alpha: float, learning_rate: float, steps: int,
+                  batch_size: int, resolution: tuple[int, int], num_images: int, seed: int, title: str,
+                  text_encoder_trained: bool, prediction: str, targets: str, extra: Mapping[str, object] = ()
+                  ) -> dict[str, str]:
+    """The ``ss_*`` keys kohya writes and the SAI ``modelspec.*`` keys, as strings (safetensors metadata)."""
+    version, arch = BASE_MODELS.get(base_model, (base_model, base_model))
+    now = time.time()
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps({"targets": targets}),
+        "ss_learning_rate": str(learning_rate),
+        "ss_unet_lr": str(learning_rate),
+        "ss_text_encoder_lr": str(learning_rate if text_encoder_trained else 0.0),
+        "ss_network_train_unet_only": str(not text_encoder_trained),
+        "ss_max_train_steps": str(steps),
+        "ss_steps": str(steps),
+        "ss_batch_size_per_device": str(batch_size),
+        "ss_optimizer": "torch.optim.AdamW",
+        "ss_lr_scheduler": "constant",
+        "ss_resolution": str(tuple(resolution)),
+        "ss_num_train_images": str(num_images),
+        "ss_num_reg_images": "0",
+        "ss_seed": str(seed),
+        "ss_base_model_version": version,
+        "ss_v2": str(base_model == "sd2"),
+        "ss_v_parameterization": str(prediction == "v"),
+        "ss_training_finished_at": str(now),
+        "ss_session_id": str(uuid.uuid4().int % 2**31),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution[1]}x{resolution[0]}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
+        "personalize.trainer": "ComfyUI-Personalize",
+    }
+    for k, v in dict(extra).items():
+        meta[f"personalize.{k}"] = v if isinstance(v, str) else json.dumps(v)
+    return meta

@@ -1,0 +1,129 @@
+"""Low-rank adapters on a host's Linear layers.
+
+The adapters live in their own module tree and reach the host through forward hooks that are removed when
+the ``attached()`` block ends, so the host's modules are never edited (the design rule for shared ComfyUI
+models). Output = W x + (alpha / rank) * up(down(x)), the kohya/peft convention.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+# Module-name suffixes, identical in ComfyUI's LDM UNet and diffusers' UNet2DConditionModel.
+_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": tuple(f"attn{i}.{p}" for i in (1, 2) for p in _ATTN),
+    "attention+feedforward": tuple(f"attn{i}.{p}" for i in (1, 2) for p in _ATTN) + ("ff.net.0.proj", "ff.net.2"),
+    "cross_attention": tuple(f"attn2.{p}" for p in _ATTN),
+}
+# kohya's default text-encoder targets (CLIPAttention + CLIPMLP).
+TEXT_ENCODER_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                        "mlp.fc1", "mlp.fc2")
+
+
+def find_linear_targets(root: nn.Module, suffixes: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Every Linear under ``root`` whose dotted path ends with one of ``suffixes``, by path."""
+    found = {}
+    for path, module in root.named_modules():
+        if any(path == s or path.endswith("." + s) for s in suffixes):
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"LoRA target {path} is a {type(module).__name__}, not a Linear layer")
+            found[path] = module
+    return found
+
+
+class LoRAModule(nn.Module):
+    """One adapter: down [rank, in] (kaiming init), up [out, rank] (zeros), so training starts at W."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, in_features))
+        self.up = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5), generator=generator)
+        self.alpha = float(alpha)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else self.down.dtype
+        return F.linear(F.linear(x, self.down.to(dt)), self.up.to(dt)) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update this adapter adds to W (for checks and merging)."""
+        return (self.up @ self.down) * self.scale
+
+
+class LoRANetwork(nn.Module):
+    """A set of adapters keyed by kohya module name (``lora_unet_..._to_q``), each bound to a host Linear."""
+
+    def __init__(self, targets: Mapping[str, nn.Linear], rank: int, alpha: float, seed: int = 0):
+        super().__init__()
+        if rank < 1:
+            raise InputError("rank", f"must be at least 1, got {rank}")
+        if not alpha > 0:
+            raise InputError("alpha", f"must be positive, got {alpha}")
+        if not targets:
+            raise InputError("targets", "matched no Linear layer in this model")
+        g = torch.Generator().manual_seed(seed)  # the run's seed fixes the initial adapters too
+        self.adapters = nn.ModuleDict(
+            {name: LoRAModule(m.in_features, m.out_features, rank, alpha, g) for name, m in targets.items()}
+        )
+        # A plain dict, not submodules: the host's layers must stay out of our parameters and state dict.
+        self._targets = dict(targets)
+
+    @contextmanager
+    def attached(self) -> Iterator["LoRANetwork"]:
+        """Hook every adapter onto its host layer for the duration of the block."""
+        handles = []
+        try:
+            for name, host in self._targets.items():
+                handles.append(host.register_forward_hook(_adding_hook(self.adapters[name])))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """``{name}.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``: the layout kohya, A1111 and ComfyUI load."""
+        out = {}
+        for name, a in self.adapters.items():
+            out[f"{name}.lora_down.weight"] = a.down.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.lora_up.weight"] = a.up.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(a.alpha, dtype=dtype)
+        return out
+
+    def load_kohya_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of ``kohya_state_dict``; every adapter must be present with the same rank."""
+        expected = {f"{n}.{s}" for n in self.adapters for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+        missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(f"LoRA keys do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for name, a in self.adapters.items():
+                down, up = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"]
+                if down.shape != a.down.shape or up.shape != a.up.shape:
+                    raise ValueError(f"{name}: shapes {tuple(down.shape)}/{tuple(up.shape)} do not match this network")
+                a.down.copy_(down)
+                a.up.copy_(up)
+                a.alpha = float(sd[f"{name}.alpha"])
+
+
+def _adding_hook(adapter: LoRAModule):
+    def hook(_module, args, output):
+        return output + adapter(args[0])
+
+    return hook

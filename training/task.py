@@ -1,0 +1,52 @@
+"""What a host hands the core: a denoiser call, its noise schedule and its conditioning."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .schedule import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Cross-attention context [B, L, D] and, for SDXL-style models, the ADM vector y [B, A]."""
+
+    context: torch.Tensor
+    y: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Conditioning":
+        idx = index.to(self.context.device)
+        return Conditioning(self.context[idx], None if self.y is None else self.y[idx.to(self.y.device)])
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        return Conditioning(self.context.to(device), None if self.y is None else self.y.to(device))
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        """Stack per-item conditionings; contexts of 77*k tokens are repeated to a common length, as ComfyUI
+        does when it batches prompts (attention over a sequence repeated n times equals attention over it once)."""
+        length = math.lcm(*(c.context.shape[1] for c in items))
+        ctx = torch.cat([c.context.repeat(1, length // c.context.shape[1], 1) for c in items])
+        ys = [c.y for c in items]
+        if any(y is None for y in ys) and not all(y is None for y in ys):
+            raise ValueError("either every conditioning has a y vector or none has")
+        return Conditioning(ctx, None if ys[0] is None else torch.cat(ys))
+
+
+@dataclass
+class DiffusionTask:
+    """``predict(x_t, t, cond)`` returns the raw model output (eps or v, per ``schedule.prediction``) for
+    integer timesteps ``t``. ``checkpoint_blocks`` are the modules gradient checkpointing may wrap."""
+
+    predict: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+    schedule: NoiseSchedule
+    device: torch.device
+    weight_dtype: torch.dtype = torch.float32
+    checkpoint_blocks: Sequence[nn.Module] = field(default_factory=tuple)
