@@ -122,6 +122,15 @@ class LoRANetwork(nn.Module):
                 a.alpha = float(sd[f"{name}.alpha"])
 
 
+class TrainedLoRA(dict):
+    """A kohya-key state dict (what ComfyUI's LORA_MODEL carries, so its own nodes accept it) plus the
+    training metadata our Save node writes into the file."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})
+
+
 def _adding_hook(adapter: LoRAModule):
     def hook(_module, args, output):
         return output + adapter(args[0])

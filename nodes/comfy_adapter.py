@@ -1,0 +1,174 @@
+"""The core's host interface on ComfyUI objects: ModelPatcher + CLIP + VAE -> denoiser call, noise schedule,
+LoRA targets with kohya names, and the image/text encoders. Glue only; the algorithms live in training/."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_sampling
+import comfy.utils
+import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from torch import nn
+
+from ..training.errors import InputError
+from ..training.lora import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS, find_linear_targets
+from ..training.schedule import NoiseSchedule
+from ..training.task import Conditioning, DiffusionTask
+
+log = logging.getLogger(__name__)
+
+# kohya's text-encoder prefixes per family and ComfyUI clip attribute (comfy.lora.model_lora_keys_clip).
+_TE_PREFIXES = {"sd1": {"clip_l": "lora_te"}, "sd2": {"clip_h": "lora_te"},
+                "sdxl": {"clip_l": "lora_te1", "clip_g": "lora_te2"}}
+
+
+def model_family(model) -> str:
+    """"sd1", "sd2" or "sdxl"; anything else is refused with the reason."""
+    base = model.model
+    name = type(base).__name__
+    if not isinstance(getattr(base, "diffusion_model", None), UNetModel):
+        raise InputError("model", f"{name} models are not supported; training needs an SD1.x, SD2.x or SDXL checkpoint")
+    unet_config = base.model_config.unet_config
+    if unet_config.get("in_channels", 4) != 4:
+        raise InputError("model", "inpainting/instruct checkpoints (extra input channels) are not supported")
+    if type(base) is comfy.model_base.SDXL:
+        return "sdxl"
+    if type(base) is comfy.model_base.BaseModel and unet_config.get("context_dim") in (768, 1024):
+        return "sd1" if unet_config["context_dim"] == 768 else "sd2"
+    raise InputError("model", f"{name} models are not supported; training needs an SD1.x, SD2.x or SDXL checkpoint")
+
+
+def model_prediction(model) -> str:
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or isinstance(
+            sampling, comfy.model_sampling.EDM):
+        raise InputError("model", f"{type(sampling).__name__} sampling is not supported; "
+                                  "training needs a discrete eps or v schedule (remove ModelSampling* nodes)")
+    return "v" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "eps"
+
+
+def _fixed_attention(func, *args, **kwargs):
+    """One attention kernel for training: ComfyUI's memory-dependent chunking (sub-quad/split) would make
+    gradient-checkpointing recomputes differ from the forward pass (ComfyUI issue #15845)."""
+    return comfy_attention.attention_pytorch(*args, **kwargs)
+
+
+def make_autograd_safe(module: nn.Module) -> int:
+    """ComfyUI creates weights inside ``torch.inference_mode``; autograd refuses to save such tensors for
+    backward. Swap each for a normal tensor of identical value (as ComfyUI's own loading swaps Parameters)."""
+    swapped = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for mod in module.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None and p.is_inference():
+                    mod._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
+                    swapped += 1
+            for name, b in list(mod._buffers.items()):
+                if b is not None and b.is_inference() and b.is_floating_point():
+                    mod._buffers[name] = b.clone()
+    return swapped
+
+
+class ComfyHost:
+    def __init__(self, model, clip, vae):
+        self.family = model_family(model)
+        self.prediction = model_prediction(model)
+        self.input_model, self.input_clip, self.vae = model, clip, vae
+        # Train on clones: loading them applies any upstream patches without touching the inputs' patch lists.
+        self.model = model.clone()
+        self.clip = clip.clone() if clip is not None else None
+        sampling = self.model.get_model_object("model_sampling")
+        self.schedule = NoiseSchedule.from_sigmas(sampling.sigmas.detach().cpu(), self.prediction)
+        base = self.model.model
+        self.compute_dtype = base.manual_cast_dtype or base.get_dtype()
+        self._transformer_options = {"optimized_attention_override": _fixed_attention}
+
+    @property
+    def diffusion_model(self) -> nn.Module:
+        return self.model.model.diffusion_model
+
+    # ---- LoRA targets, named as kohya names them (SD1/2: diffusers paths; SDXL: LDM paths)
+    def unet_lora_targets(self, preset: str) -> dict[str, nn.Linear]:
+        if preset not in UNET_TARGET_PRESETS:
+            raise InputError("targets", f"must be one of {list(UNET_TARGET_PRESETS)}, got {preset!r}")
+        found = find_linear_targets(self.diffusion_model, UNET_TARGET_PRESETS[preset])
+        if self.family == "sdxl":
+            names = {p: p for p in found}
+        else:
+            to_diffusers = comfy.utils.unet_to_diffusers(self.model.model.model_config.unet_config)
+            names = {ldm[: -len(".weight")]: d[: -len(".weight")] for d, ldm in to_diffusers.items()
+                     if d.endswith(".weight")}
+        return {"lora_unet_" + names[p].replace(".", "_"): m for p, m in found.items()}
+
+    def text_encoder_lora_targets(self) -> dict[str, nn.Linear]:
+        if self.clip is None:
+            raise InputError("clip", "train_text_encoder needs the CLIP input connected")
+        out = {}
+        for attr, prefix in _TE_PREFIXES[self.family].items():
+            encoder = getattr(self.clip.cond_stage_model, attr, None)
+            if encoder is None:
+                continue
+            for path, m in find_linear_targets(encoder.transformer, TEXT_ENCODER_TARGETS).items():
+                out[f"{prefix}_{path.replace('.', '_')}"] = m
+        return out
+
+    # ---- encoders
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(images)
+        return self.model.model.process_latent_in(latents).float().cpu()
+
+    def encode_text(self, captions: Sequence[str], size: tuple[int, int]) -> Conditioning:
+        """CLIPTextEncode's path (clip skip, embeddings, weights), plus SDXL's size/crop vector."""
+        if self.clip is None:
+            raise InputError("clip", "connect the CLIP that belongs to this checkpoint")
+        items = []
+        for caption in captions:
+            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+            y = None
+            if self.family == "sdxl":
+                h, w = size
+                y = self.model.model.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
+                                                target_width=w, target_height=h)
+            items.append(Conditioning(cond, y))
+        return Conditioning.cat(items)
+
+    # ---- training
+    def load_for_training(self, with_text_encoder: bool) -> None:
+        models = [self.model] + ([self.clip.patcher] if with_text_encoder else [])
+        mm.load_models_gpu(models, force_full_load=True)
+        swapped = make_autograd_safe(self.diffusion_model)
+        if with_text_encoder:
+            swapped += make_autograd_safe(self.clip.cond_stage_model)
+        log.debug("made %d inference-mode tensors usable by autograd", swapped)
+
+    @contextmanager
+    def text_encoder_autograd(self) -> Iterator[None]:
+        """ComfyUI's CLIP layers do ``x += attn(layer_norm1(x))``: the in-place add overwrites the tensor
+        LayerNorm saved for backward. Feeding every LayerNorm a copy of its input makes that safe; the hooks
+        go when the block ends."""
+        def copy_input(_module, args):
+            return (args[0].clone(),) + tuple(args[1:])
+
+        handles = [m.register_forward_pre_hook(copy_input) for m in self.clip.cond_stage_model.modules()
+                   if isinstance(m, nn.LayerNorm)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def task(self) -> DiffusionTask:
+        dm = self.diffusion_model
+        blocks = [*dm.input_blocks, dm.middle_block, *dm.output_blocks]
+        return DiffusionTask(self.predict, self.schedule, self.model.load_device, self.compute_dtype, blocks)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        dt = self.compute_dtype
+        y = None if cond.y is None else cond.y.to(x_t.device, dt)
+        return self.diffusion_model(x_t.to(dt), t.float(), context=cond.context.to(x_t.device, dt), y=y,
+                                    transformer_options=dict(self._transformer_options))

@@ -1,0 +1,54 @@
+"""Personalize Save LoRA: write a LoRA into models/loras as kohya-key safetensors with training metadata."""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..training.errors import InputError
+from ..training.files import IF_EXISTS, resolve_output_path, save_safetensors_atomic
+
+log = logging.getLogger(__name__)
+_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class PersonalizeSaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PersonalizeSaveLoRA",
+            display_name="Personalize Save LoRA",
+            category="personalize/training",
+            description="Saves a LoRA to models/loras (kohya keys: loads in LoraLoader, A1111 and Forge).",
+            inputs=[
+                io.LoraModel.Input("lora"),
+                io.String.Input("name", default="personalize_lora"),
+                io.String.Input("subfolder", default="", tooltip="Optional folder inside models/loras."),
+                io.Combo.Input("save_dtype", options=list(_SAVE_DTYPES), default="fp16"),
+                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="increment",
+                               tooltip="increment: name_00001...; never overwrites unless asked."),
+            ],
+            outputs=[io.String.Output(display_name="lora_name")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, lora, name, subfolder, save_dtype, if_exists) -> io.NodeOutput:
+        if not isinstance(lora, dict) or not lora:
+            raise InputError("lora", "is empty; connect the lora output of a training node")
+        folder = folder_paths.get_folder_paths("loras")[0]
+        path = resolve_output_path(folder, subfolder, name, ".safetensors", if_exists)
+        dtype = _SAVE_DTYPES[save_dtype]
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora.items()}
+        metadata = dict(getattr(lora, "metadata", {}) or {})
+        metadata["ss_output_name"] = path.stem
+        save_safetensors_atomic(tensors, path, metadata)
+        rel = os.path.relpath(path, folder)
+        log.info("saved LoRA %s (%d tensors)", path, len(tensors))
+        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}"))
+
+
+NODES = [PersonalizeSaveLoRA]

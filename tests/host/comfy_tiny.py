@@ -1,0 +1,45 @@
+"""Tiny ComfyUI-native model configs and helpers for the host tier."""
+import functools
+import hashlib
+import sys
+
+import pytest
+import torch
+
+TINY_UNET = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    adm_in_channels=None, in_channels=4, model_channels=32, num_res_blocks=[1, 1], transformer_depth=[1, 1],
+    channel_mult=[1, 2], transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768,
+    num_heads=2, num_head_channels=-1, transformer_depth_output=[1, 1, 1, 1], use_temporal_resblock=False,
+    use_temporal_attention=False,
+)
+TINY_CLIP = {"architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu", "hidden_size": 768,
+             "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2, "layer_norm_eps": 1e-5,
+             "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 768,
+             "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1, "model_type": "clip_text_model"}
+TINY_VAE = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
+            "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+            "dropout": 0.0}}
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """ComfyUI layers skip weight init; give every tensor finite random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(), torch.no_grad():  # as ComfyUI loads weights inside a node
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif name.endswith("weight"):  # every 1-D weight here is a norm scale
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+

@@ -1,0 +1,154 @@
+"""Train LoRA inside real ComfyUI: host untouched, stock LoraLoader reproduces our MODEL, bad inputs named."""
+import asyncio
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from comfy_tiny import weights_hash
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(scope="module")
+def pack_nodes(comfy):
+    from comfyui_personalize.nodes.save_lora import PersonalizeSaveLoRA
+    from comfyui_personalize.nodes.train_lora import PersonalizeTrainLoRA
+    return PersonalizeTrainLoRA, PersonalizeSaveLoRA
+
+
+def subject_images(n=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():  # IMAGE tensors arrive as inference tensors from upstream nodes
+        return torch.rand(n, size, size, 3, generator=g)
+
+
+def run_node(node_cls, **kwargs):
+    """Execute a V3 node the way ComfyUI's executor does (class clone + hidden inputs, inference mode)."""
+    from comfy_api.latest import io
+
+    cls = node_cls.PREPARE_CLASS_CLONE({"unique_id": "7"}) if hasattr(node_cls, "PREPARE_CLASS_CLONE") else node_cls
+    with torch.inference_mode():
+        out = cls.execute(**kwargs)
+    assert isinstance(out, io.NodeOutput)
+    return out
+
+
+TRAIN_ARGS = dict(caption="a photo of zwx dog", steps=3, learning_rate=1e-3, rank=4, alpha=4.0,
+                  targets="attention", train_text_encoder=False, batch_size=2, seed=0, dtype="auto",
+                  gradient_checkpointing=False)
+
+
+def ksample(comfy, model, clip, seed=3):
+    pos = comfy.nodes.CLIPTextEncode().encode(clip, "a photo of zwx dog")[0]
+    neg = comfy.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with torch.inference_mode():
+        return comfy.nodes.common_ksampler(model, seed, 4, 5.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+
+
+def test_train_save_and_stock_loraloader_reproduce_the_model(comfy, tiny_sd15, pack_nodes):
+    train_node, save_node = pack_nodes
+    model, clip, vae = tiny_sd15
+    before_unet, before_clip = weights_hash(model.model), weights_hash(clip.cond_stage_model)
+    patches_before = dict(model.patches)
+
+    trained_model, trained_clip, lora, loss = run_node(train_node, model=model, clip=clip, vae=vae,
+                                                       images=subject_images(), **TRAIN_ARGS).result
+    assert len(loss["loss"]) == 3 and all(torch.isfinite(torch.tensor(loss["loss"])))
+    assert all(k.startswith("lora_unet_down_blocks_") or k.startswith("lora_unet_up_blocks_")
+               or k.startswith("lora_unet_mid_block_") for k in lora)
+    assert any(k.endswith("attn2_to_out_0.lora_up.weight") for k in lora)
+    assert model.patches == patches_before and trained_model is not model  # input MODEL not patched
+    assert len(trained_model.patches) == len(lora) // 3  # every module of the file applied
+
+    name = run_node(save_node, lora=lora, name="dog", subfolder="tests", save_dtype="fp32",
+                    if_exists="increment").result[0]
+    assert name == "tests/dog.safetensors"
+    path = comfy.models / "loras" / name
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(lora)
+    assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+    loaded_model, loaded_clip = comfy.nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    ours = ksample(comfy, trained_model, trained_clip)
+    stock = ksample(comfy, loaded_model, loaded_clip)
+    base = ksample(comfy, model, clip)
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
+    assert (ours - base).abs().max() > 1e-4  # the LoRA changes the output at all
+
+    import comfy.model_management as mm
+    mm.unload_all_models()  # ComfyUI restores patched weights when a model leaves the device
+    assert weights_hash(model.model) == before_unet
+    assert weights_hash(clip.cond_stage_model) == before_clip
+    assert not any(m._forward_hooks for m in model.model.modules())
+
+
+def test_text_encoder_lora_trains_and_loads(comfy, tiny_sd15, pack_nodes):
+    train_node, save_node = pack_nodes
+    model, clip, vae = tiny_sd15
+    args = dict(TRAIN_ARGS, train_text_encoder=True, steps=2)
+    trained_model, trained_clip, lora, _ = run_node(train_node, model=model, clip=clip, vae=vae,
+                                                    images=subject_images(), **args).result
+    te_keys = [k for k in lora if k.startswith("lora_te_text_model_encoder_layers_")]
+    assert te_keys and any(lora[k].abs().sum() > 0 for k in te_keys if k.endswith("lora_up.weight"))
+    assert trained_clip is not clip and len(trained_clip.patcher.patches) == len(te_keys) // 3
+    name = run_node(save_node, lora=lora, name="dog_te", subfolder="", save_dtype="fp32",
+                    if_exists="increment").result[0]
+    loaded_model, loaded_clip = comfy.nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    torch.testing.assert_close(ksample(comfy, trained_model, trained_clip), ksample(comfy, loaded_model, loaded_clip),
+                               rtol=0, atol=1e-5)
+
+
+def test_entrypoint_registers_the_nodes(comfy):
+    import comfyui_personalize.nodes as pack_nodes_module
+    ids = {n.define_schema().node_id for n in pack_nodes_module.NODE_LIST}
+    assert {"PersonalizeTrainLoRA", "PersonalizeSaveLoRA"} <= ids
+
+
+@pytest.mark.parametrize("override,input_name", [
+    ({"images": "empty"}, "images"),
+    ({"caption": "one\ntwo\nthree"}, "caption"),
+    ({"rank": 0}, "rank"),
+    ({"steps": 0}, "steps"),
+    ({"learning_rate": 0.0}, "learning_rate"),
+])
+def test_bad_inputs_name_the_input(comfy, tiny_sd15, pack_nodes, override, input_name):
+    from comfyui_personalize.training.errors import InputError
+    model, clip, vae = tiny_sd15
+    args = dict(TRAIN_ARGS, images=subject_images())
+    if override.get("images") == "empty":
+        override = {"images": torch.zeros(0, 64, 64, 3)}
+    args.update(override)
+    with pytest.raises(InputError) as e:
+        run_node(pack_pack := pack_nodes[0], model=model, clip=clip, vae=vae, **args)  # noqa: F841
+    assert e.value.input_name == input_name
+
+
+def test_non_sd_model_is_refused(comfy, tiny_sd15, pack_nodes):
+    from comfyui_personalize.training.errors import InputError
+    model, clip, vae = tiny_sd15
+    other = model.clone()
+    other.add_object_patch("model_sampling", _flow_sampling(model))
+    with pytest.raises(InputError, match="model: .*sampling is not supported"):
+        run_node(pack_nodes[0], model=other, clip=clip, vae=vae, images=subject_images(), **TRAIN_ARGS)
+
+
+def _flow_sampling(model):
+    import comfy.model_sampling
+
+    class Flow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+    return Flow(model.model.model_config)
+
+
+def test_save_refuses_escaping_names(comfy, pack_nodes):
+    from comfyui_personalize.training.errors import InputError
+    lora = {"lora_unet_x.alpha": torch.tensor(1.0)}
+    for kwargs in ({"name": "../evil", "subfolder": ""}, {"name": "ok", "subfolder": "../../etc"},
+                   {"name": "a/b", "subfolder": ""}):
+        with pytest.raises(InputError):
+            run_node(pack_nodes[1], lora=lora, save_dtype="fp16", if_exists="increment", **kwargs)
+    assert not list((comfy.models.parent).glob("**/evil*"))
