@@ -71,7 +71,8 @@ class PersonalizeTrainLoRA(io.ComfyNode):
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
             # Trainable tensors must be made here: tensors created in inference mode never track gradients.
             unet_net = LoRANetwork(host.unet_lora_targets(targets), rank, alpha, seed=seed)
-            te_net = LoRANetwork(host.text_encoder_lora_targets(), rank, alpha, seed=seed + 1) if train_text_encoder else None
+            te_net = (LoRANetwork(host.text_encoder_lora_targets(), rank, alpha, seed=seed + 1)
+                      if train_text_encoder else None)
             if te_net is None:
                 cached = host.encode_text(captions, size)
                 host.load_for_training(False)
@@ -105,8 +106,7 @@ class PersonalizeTrainLoRA(io.ComfyNode):
         lora = TrainedLoRA(tensors, meta)
         # The stock LoraLoader's own path, so the returned model equals loading the saved file.
         out_model, out_clip = comfy.sd.load_lora_for_models(model, clip if te_net else None, lora, 1.0, 1.0)
-        log.info("trained %d LoRA modules; loss %.4f -> %.4f", len(unet_net.adapters) + len(te_net.adapters if te_net else ()),
-                 losses[0], losses[-1])
+        log.info("trained %d LoRA modules; loss %.4f -> %.4f", len(tensors) // 3, losses[0], losses[-1])
         return io.NodeOutput(out_model, out_clip if te_net else clip, lora, {"loss": losses})
 
 

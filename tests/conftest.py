@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason=f"no ComfyUI host at {COMFYUI_PATH} (set COMFYUI_PATH to run host/server tiers)")
     for item in items:
-        if "host" in item.keywords or "server" in item.keywords:
+        if item.get_closest_marker("host") or item.get_closest_marker("server"):
             item.add_marker(skip)
 
 

@@ -76,6 +76,9 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
         raise InputError("subfolder", f"cannot write in {path.parent}: {e.strerror or e}") from e
     try:
         save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal file permissions
         os.replace(tmp, path)
     except OSError as e:
         raise InputError("name", f"could not write {path}: {e.strerror or e} (disk full or read-only?)") from e

@@ -1,9 +1,6 @@
 """Tiny ComfyUI-native model configs and helpers for the host tier."""
-import functools
 import hashlib
-import sys
 
-import pytest
 import torch
 
 TINY_UNET = dict(

@@ -1,11 +1,9 @@
 """Train LoRA inside real ComfyUI: host untouched, stock LoraLoader reproduces our MODEL, bad inputs named."""
-import asyncio
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from comfy_tiny import weights_hash
+from safetensors import safe_open
 
 pytestmark = pytest.mark.host
 

@@ -1,0 +1,222 @@
+"""Server tier: every example workflow queued on a real ComfyUI process; plus plain tests of the UI->API converter.
+
+The server tests start ``main.py --cpu`` once per session with everything under a tmp base directory, a tiny
+random-weight SD1.5 checkpoint (cached between runs) and this pack symlinked into its custom_nodes.
+"""
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from comfyui_personalize.headless.comfy_server import (
+    ComfyServer,
+    cpu_overrides,
+    ui_workflow_to_api,
+    write_tiny_sd15_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", "/opt/comfyui-host"))
+CACHE_DIR = Path(os.environ.get("PERSONALIZE_CACHE_DIR", Path.home() / ".cache" / "comfyui-personalize"))
+TINY_CKPT = "personalize_tiny_sd15.safetensors"
+PROMPT_TIMEOUT_S = 600
+
+
+def write_subject_png(path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (64, 64), (30, 60, 200))
+    ImageDraw.Draw(img).ellipse((16, 16, 48, 48), fill=(220, 30, 30))
+    img.save(path)
+
+
+# ---------------------------------------------------------------- server tier
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    started = time.monotonic()
+    write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / TINY_CKPT, cache_dir=CACHE_DIR,
+                               comfyui_path=COMFYUI_PATH)
+    with ComfyServer(base, comfyui_path=COMFYUI_PATH) as server:
+        log.info("ComfyUI up at %s after %.1f s", server.base_url, time.monotonic() - started)
+        yield server
+
+
+def _prepare(server, path: Path) -> dict:
+    prompt = ui_workflow_to_api(json.loads(path.read_text()), server.object_info())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = TINY_CKPT
+        if node["class_type"] == "LoadImage" and not (server.input_dir / inputs["image"]).exists():
+            write_subject_png(server.input_dir / inputs["image"])
+    return cpu_overrides(prompt)
+
+
+def _errors(entry: dict) -> str:
+    lines = []
+    for event, data in (entry.get("status") or {}).get("messages", []):
+        if event in ("execution_error", "execution_interrupted"):
+            lines.append(f"{event} in node {data.get('node_id')} ({data.get('node_type')}): "
+                         f"{data.get('exception_type')}: {data.get('exception_message')}")
+            lines += data.get("traceback") or []
+    return "\n".join(lines) or json.dumps(entry.get("status"))
+
+
+def _check_lora_file(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert keys, f"{path} is empty"
+    assert all(k.startswith(("lora_unet_", "lora_te")) for k in keys), keys[:5]
+    assert any(k.startswith("lora_unet_") for k in keys), keys[:5]
+    suffixes = (".lora_down.weight", ".lora_up.weight", ".alpha")
+    assert all(k.endswith(suffixes) for k in keys), [k for k in keys if not k.endswith(suffixes)][:5]
+    modules = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in keys}
+    for m in modules:  # each module has the full down/up/alpha triple
+        assert {m + s for s in suffixes} <= set(keys), m
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_example_workflow_runs(comfy_server, path):
+    prompt = _prepare(comfy_server, path)
+    loras = comfy_server.models_dir / "loras"
+    before = set(loras.rglob("*.safetensors"))
+    started = time.monotonic()
+    entry = comfy_server.wait(comfy_server.queue(prompt), timeout=PROMPT_TIMEOUT_S)
+    log.info("%s ran in %.1f s", path.name, time.monotonic() - started)
+    assert entry["status"].get("status_str") == "success", f"{_errors(entry)}\n--- log ---\n{comfy_server.log_tail()}"
+
+    outputs = entry.get("outputs", {})
+    for node_id, node in prompt.items():
+        if node["class_type"] == "SaveImage":
+            images = outputs.get(node_id, {}).get("images", [])
+            assert images, f"SaveImage {node_id} produced no image: {outputs.get(node_id)}"
+            for img in images:
+                assert (comfy_server.output_dir / img["subfolder"] / img["filename"]).is_file(), img
+    saves = [n for n in prompt.values() if n["class_type"] == "PersonalizeSaveLoRA"]
+    new = sorted(set(loras.rglob("*.safetensors")) - before)
+    assert len(new) >= len(saves), f"expected {len(saves)} new LoRA file(s) in {loras}, got {new}"
+    for f in new:
+        _check_lora_file(f)
+
+
+@pytest.mark.server
+def test_train_node_widgets_map_with_server_schema(comfy_server):
+    """The converter against the real schema: the seed's control value must not shift dtype & co."""
+    path = ROOT / "example_workflows" / "train_lora_then_sample.json"
+    prompt = ui_workflow_to_api(json.loads(path.read_text()), comfy_server.object_info())
+    train = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PersonalizeTrainLoRA")
+    assert {k: v for k, v in train.items() if not isinstance(v, list)} == {
+        "caption": "a photo of zwx person", "steps": 500, "learning_rate": 0.0001, "rank": 8, "alpha": 8.0,
+        "targets": "attention", "train_text_encoder": False, "batch_size": 1, "seed": 0, "dtype": "auto",
+        "gradient_checkpointing": False}
+    sampler = next(n["inputs"] for n in prompt.values() if n["class_type"] == "KSampler")
+    assert (sampler["seed"], sampler["steps"], sampler["sampler_name"], sampler["denoise"]) == (42, 20, "euler", 1)
+
+
+# ---------------------------------------------------------------- plain: converter and overrides
+
+INFO = {
+    "Loader": {"input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"], {}]}}},
+    "Encode": {"input": {"required": {"clip": ["CLIP"], "text": ["STRING", {"multiline": True}]}}},
+    "Sampler": {"input": {"required": {"model": ["MODEL"], "positive": ["CONDITIONING"], "seed": ["INT", {}],
+                                       "steps": ["INT", {}], "cfg": ["FLOAT", {}]},
+                          "optional": {"noise": ["INT", {"control_after_generate": True}], "tag": ["STRING", {}]}}},
+    "Forced": {"input": {"required": {"value": ["INT", {"forceInput": True}], "scale": ["FLOAT", {}]}}},
+    "Pass": {"input": {"required": {"model": ["MODEL"], "strength": ["FLOAT", {}]}}},
+}
+
+
+def _node(id_, type_, inputs=(), widgets=None, mode=0, outputs=None):
+    n = {"id": id_, "type": type_, "mode": mode, "inputs": list(inputs), "outputs": outputs or []}
+    if widgets is not None:
+        n["widgets_values"] = widgets
+    return n
+
+
+def _workflow(link_format="list"):
+    links = [[1, 1, 0, 5, 0, "MODEL"], [2, 5, 0, 3, 0, "MODEL"], [3, 2, 0, 3, 1, "CONDITIONING"],
+             [4, 9, 0, 3, 2, "INT"], [5, 7, 0, 4, 0, "INT"], [6, 8, 0, 2, 0, "CLIP"], [7, 10, 0, 3, 3, "INT"]]
+    nodes = [
+        _node(1, "Loader", widgets=["b.safetensors"]),
+        _node(2, "Encode", [{"name": "clip", "type": "CLIP", "link": 6},
+                            {"name": "text", "type": "STRING", "widget": {"name": "text"}, "link": None}], ["hi"]),
+        _node(3, "Sampler", [{"name": "model", "type": "MODEL", "link": 2},
+                             {"name": "positive", "type": "CONDITIONING", "link": 3},
+                             {"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": 4},
+                             {"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": 7}],
+              [7, "randomize", 20, 6.5, 3, True, "x"]),
+        _node(4, "Forced", [{"name": "value", "type": "INT", "link": 5}], [0.5]),
+        _node(5, "Pass", [{"name": "model", "type": "MODEL", "link": 1}], [1.0], mode=4,
+              outputs=[{"name": "MODEL", "type": "MODEL", "links": [2]}]),
+        _node(6, "Note", widgets=["just a note"]),
+        _node(7, "Loader", widgets=["a.safetensors"], mode=2),  # muted: dropped, its link too
+        _node(8, "Reroute", [{"name": "", "type": "*", "link": 8}],
+              outputs=[{"name": "", "type": "CLIP", "links": [6]}]),
+        _node(9, "Sampler", widgets=[1, "fixed", 2, 3.0]),
+        _node(10, "PrimitiveNode", widgets=[33], outputs=[{"name": "INT", "type": "INT", "links": [7]}]),
+        _node(11, "Encode", [{"name": "clip", "type": "CLIP", "link": None}], ["ignored"]),
+    ]
+    links.append([8, 11, 0, 8, 0, "CLIP"])
+    if link_format == "dict":
+        links = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), lk)) for lk in links]
+    return {"last_node_id": 11, "last_link_id": 8, "nodes": nodes, "links": links, "groups": [], "config": {},
+            "extra": {}, "version": 0.4}
+
+
+@pytest.mark.parametrize("link_format", ["list", "dict"])
+def test_ui_workflow_to_api_maps_links_widgets_and_modes(link_format):
+    api = ui_workflow_to_api(_workflow(link_format), INFO)
+    assert set(api) == {"1", "2", "3", "4", "9", "11"}  # bypassed, muted, note, reroute, primitive dropped
+    assert api["1"] == {"class_type": "Loader", "inputs": {"ckpt_name": "b.safetensors"}, "_meta": {"title": "Loader"}}
+    assert api["2"]["inputs"] == {"clip": ["11", 0], "text": "hi"}
+    # model: through the bypassed Pass to the Loader; seed linked (value consumed, control skipped);
+    # steps from a PrimitiveNode -> its stored widget value; optional noise's control value (bool) skipped too
+    assert api["3"]["inputs"] == {"model": ["1", 0], "positive": ["2", 0], "seed": ["9", 0], "steps": 20,
+                                  "cfg": 6.5, "noise": 3, "tag": "x"}
+    assert api["4"]["inputs"] == {"scale": 0.5}  # forceInput takes no widget value; its muted source is dropped
+    assert api["9"]["inputs"] == {"seed": 1, "steps": 2, "cfg": 3.0}  # missing optional widgets left out
+
+
+def test_ui_workflow_to_api_fills_missing_widget_values_like_the_frontend():
+    info = {"Save": {"input": {"required": {"prefix": ["STRING", {"default": "ComfyUI"}], "kind": [["png", "webp"]]}}}}
+    api = ui_workflow_to_api({"nodes": [_node(1, "Save")], "links": []}, info)  # no widgets_values at all
+    assert api["1"]["inputs"] == {"prefix": "ComfyUI", "kind": "png"}
+
+
+def test_ui_workflow_to_api_rejects_unknown_node():
+    wf = {"nodes": [_node(1, "NotInstalled", widgets=[])], "links": []}
+    with pytest.raises(ValueError, match="NotInstalled"):
+        ui_workflow_to_api(wf, INFO)
+
+
+def test_cpu_overrides_shrinks_without_touching_links_or_input():
+    api = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 768, "batch_size": 4}},
+           "2": {"class_type": "KSampler", "inputs": {"steps": 30, "cfg": 7, "latent_image": ["1", 0]}},
+           "3": {"class_type": "X", "inputs": {"steps": ["2", 0]}}}
+    out = cpu_overrides(api)
+    assert out["1"]["inputs"] == {"width": 64, "height": 64, "batch_size": 1}
+    assert out["2"]["inputs"] == {"steps": 2, "cfg": 7, "latent_image": ["1", 0]}
+    assert out["3"]["inputs"] == {"steps": ["2", 0]}
+    assert api["1"]["inputs"]["width"] == 512 and api["2"]["inputs"]["steps"] == 30
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_example_workflow_is_consistent(path):
+    wf = json.loads(path.read_text())
+    assert wf["version"] == 0.4 and {"last_node_id", "last_link_id", "groups", "config", "extra"} <= set(wf)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert wf["last_node_id"] >= max(nodes) and wf["last_link_id"] >= max((lk[0] for lk in wf["links"]), default=0)
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        assert link_id in nodes[src]["outputs"][src_slot]["links"], link_id
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id, link_id
+        assert nodes[dst]["inputs"][dst_slot]["type"] == kind == nodes[src]["outputs"][src_slot]["type"], link_id

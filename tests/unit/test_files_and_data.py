@@ -1,0 +1,94 @@
+import os
+import stat
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from comfyui_personalize.training import files
+from comfyui_personalize.training.data import expand_captions, prepare_images
+from comfyui_personalize.training.errors import InputError
+
+
+@pytest.mark.parametrize("subfolder,name,bad", [
+    ("", "../x", "name"), ("", "a/b", "name"), ("..", "x", "subfolder"), ("a/../../b", "x", "subfolder"),
+    ("", "", "name"), ("", "con:x", "name"), ("/etc", "x", None),
+])
+def test_names_cannot_escape_the_folder(tmp_path, subfolder, name, bad):
+    if bad is None:  # an absolute-looking subfolder is taken as relative to the folder
+        assert files.resolve_output_path(tmp_path, subfolder, name, ".safetensors").parent == tmp_path / "etc"
+        return
+    with pytest.raises(InputError) as e:
+        files.resolve_output_path(tmp_path, subfolder, name, ".safetensors")
+    assert e.value.input_name == bad
+
+
+def test_existing_files_are_never_overwritten_silently(tmp_path):
+    first = files.resolve_output_path(tmp_path, "s", "lora", ".safetensors")
+    files.save_safetensors_atomic({"a": torch.zeros(1)}, first)
+    second = files.resolve_output_path(tmp_path, "s", "lora.safetensors", ".safetensors")
+    assert second.name == "lora_00001.safetensors"
+    assert files.resolve_output_path(tmp_path, "s", "lora", ".safetensors", "overwrite") == first
+    with pytest.raises(InputError, match="exists"):
+        files.resolve_output_path(tmp_path, "s", "lora", ".safetensors", "error")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(Exception):
+        files.save_safetensors_atomic({"a": "not a tensor"}, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_file_has_metadata_and_normal_permissions(tmp_path):
+    meta = files.lora_metadata(base_model="sdxl", rank=4, alpha=2.0, learning_rate=1e-4, steps=10, batch_size=1,
+                               resolution=(64, 96), num_images=3, seed=1, title="t", text_encoder_trained=False,
+                               prediction="eps", targets="attention")
+    path = files.save_safetensors_atomic({"a": torch.ones(2)}, tmp_path / "m.safetensors", meta)
+    with safe_open(str(path), "pt") as f:
+        got = f.metadata()
+    assert got["ss_base_model_version"] == "sdxl_base_v1-0" and got["ss_network_dim"] == "4"
+    assert got["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert got["modelspec.resolution"] == "96x64"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_read_only_folder_is_a_clear_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root)")
+        with pytest.raises(InputError, match="cannot write"):
+            files.save_safetensors_atomic({"a": torch.zeros(1)}, ro / "x.safetensors")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_prepare_images_converts_and_crops():
+    rgba = torch.rand(2, 70, 67, 4)
+    out = prepare_images(rgba)
+    assert out.shape == (2, 64, 64, 3)
+    torch.testing.assert_close(out, rgba[:, 3:67, 1:65, :3])
+    assert prepare_images(torch.rand(1, 32, 32, 1)).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("images,match", [
+    (torch.zeros(0, 64, 64, 3), "empty"), (torch.rand(1, 1, 1, 3), "too small"), (torch.rand(64, 64, 3), "IMAGE"),
+    (torch.rand(1, 64, 64, 2), "channels"), (torch.full((1, 64, 64, 3), float("nan")), "NaN"),
+])
+def test_bad_images_name_the_input(images, match):
+    with pytest.raises(InputError, match=f"images: .*{match}"):
+        prepare_images(images)
+
+
+def test_captions_one_for_all_or_one_per_image():
+    assert expand_captions("a zwx dog", 3) == ["a zwx dog"] * 3
+    assert expand_captions("one\n\n two \nthree", 3) == ["one", "two", "three"]
+    with pytest.raises(InputError, match="caption: has 2 lines for 3 images"):
+        expand_captions("a\nb", 3)
+    with pytest.raises(InputError, match="caption: is empty"):
+        expand_captions("  \n", 2)
