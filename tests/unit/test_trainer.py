@@ -104,7 +104,8 @@ def test_precision_choices():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
 
     def resolved(*a):
-        return resolved(*a)
+        p = resolve_precision(*a)
+        return p.autocast, p.grad_scaling
 
     assert resolved("auto", cpu, torch.float32) == (None, False)
     assert resolved("auto", cuda, torch.float16) == (None, True)  # fp16 weights as they are, loss scaled
