@@ -76,9 +76,7 @@ class PersonalizeTrainLoRA(io.ComfyNode):
             if te_net is None:
                 cached = host.encode_text(captions, size)
                 host.load_for_training(False)
-                cached = cached.to(host.model.load_device)
-                cached = type(cached)(cached.context.clone(), None if cached.y is None else cached.y.clone())
-                conditioning = cached.select
+                conditioning = cached.to(host.model.load_device).clone().select
             else:
                 host.load_for_training(True)
                 conditioning = lambda index: host.encode_text([captions[i] for i in index.tolist()], size)  # noqa: E731

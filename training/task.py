@@ -28,6 +28,10 @@ class Conditioning:
     def to(self, device: torch.device | str) -> "Conditioning":
         return Conditioning(self.context.to(device), None if self.y is None else self.y.to(device))
 
+    def clone(self) -> "Conditioning":
+        """Fresh tensors: ones made under ComfyUI's inference mode cannot take part in autograd."""
+        return Conditioning(self.context.clone(), None if self.y is None else self.y.clone())
+
     @staticmethod
     def cat(items: Sequence["Conditioning"]) -> "Conditioning":
         """Stack per-item conditionings; contexts of 77*k tokens are repeated to a common length, as ComfyUI
