@@ -150,3 +150,21 @@ def test_save_refuses_escaping_names(comfy, pack_nodes):
         with pytest.raises(InputError):
             run_node(pack_nodes[1], lora=lora, save_dtype="fp16", if_exists="increment", **kwargs)
     assert not list((comfy.models.parent).glob("**/evil*"))
+
+
+def test_cancel_stops_training_and_leaves_nothing_behind(comfy, tiny_sd15, pack_nodes):
+    import comfy.model_management as mm
+    model, clip, vae = tiny_sd15
+    before = weights_hash(model.model)
+    files_before = sorted((comfy.models / "loras").rglob("*"))
+    mm.interrupt_current_processing(True)  # what the UI's Cancel button does
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_node(pack_nodes[0], model=model, clip=clip, vae=vae, images=subject_images(),
+                     **dict(TRAIN_ARGS, steps=50))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert sorted((comfy.models / "loras").rglob("*")) == files_before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.model.modules())
+    mm.unload_all_models()
+    assert weights_hash(model.model) == before
