@@ -30,6 +30,7 @@ from ..training.task import Conditioning
 from ..training.trainer import TrainConfig, fixed_noise_loss, train
 from .diffusers_adapter import DiffusersHost
 from .tiny import build_tiny_parts
+from .workflow_inputs import execution_errors, use_tiny_inputs
 
 log = logging.getLogger(__name__)
 
@@ -269,15 +270,16 @@ def run_comfyui_workflows(comfyui: Path, out: Path) -> int:
         for path in workflows:
             t0 = time.perf_counter()
             try:
-                prompt = cpu_overrides(_with_demo_inputs(
-                    ui_workflow_to_api(json.loads(path.read_text()), server.object_info()), server.input_dir))
+                prompt = cpu_overrides(use_tiny_inputs(
+                    ui_workflow_to_api(json.loads(path.read_text()), server.object_info()), TINY_CHECKPOINT,
+                    server.input_dir, lambda p: make_subject_images(count=1)[0].save(p)))
                 entry = server.wait(server.queue(prompt), timeout=WORKFLOW_TIMEOUT_S)
             except (ComfyServerError, ValueError) as e:  # unknown node, rejected prompt, timeout: report, go on
                 entry = {"status": {"status_str": "error", "messages": []}, "error": str(e)}
             ok = (entry.get("status") or {}).get("status_str") == "success"
             results[path.name] = {"ok": ok, "seconds": round(time.perf_counter() - t0, 1),
                                   "images": _saved_images(entry, server.output_dir),
-                                  **({} if ok else {"errors": entry.get("error") or _execution_errors(entry)})}
+                                  **({} if ok else {"errors": entry.get("error") or execution_errors(entry)})}
             if ok:
                 log.info("%s: ran in %.1f s; images: %s", path.name, results[path.name]["seconds"],
                          ", ".join(results[path.name]["images"]) or "none")
@@ -295,29 +297,9 @@ def run_comfyui_workflows(comfyui: Path, out: Path) -> int:
     return 1 if failed else 0
 
 
-def _with_demo_inputs(prompt: dict, input_dir: Path) -> dict:
-    """Point checkpoint loaders at the tiny checkpoint and give Load Image nodes a subject picture."""
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = TINY_CHECKPOINT
-        elif node["class_type"] == "LoadImage" and not (input_dir / inputs["image"]).exists():
-            make_subject_images(count=1)[0].save(input_dir / inputs["image"])
-    return prompt
-
-
 def _saved_images(entry: dict, output_dir: Path) -> list[str]:
     return [str(output_dir / img.get("subfolder", "") / img["filename"])
             for node_output in (entry.get("outputs") or {}).values() for img in node_output.get("images", [])
             if img.get("type", "output") == "output"]
 
 
-def _execution_errors(entry: dict) -> str:
-    """ComfyUI's execution_error messages (node, exception, traceback) from a history entry."""
-    lines = []
-    for event, data in (entry.get("status") or {}).get("messages", []):
-        if event in ("execution_error", "execution_interrupted"):
-            lines.append(f"{event} in node {data.get('node_id')} ({data.get('node_type')}): "
-                         f"{data.get('exception_type')}: {data.get('exception_message')}")
-            lines += [line.rstrip() for line in data.get("traceback") or []]
-    return "\n".join(lines) or json.dumps(entry.get("status"))

@@ -48,6 +48,8 @@ def ksample(comfy, model, clip, seed=3):
 def test_train_save_and_stock_loraloader_reproduce_the_model(comfy, tiny_sd15, pack_nodes):
     train_node, save_node = pack_nodes
     model, clip, vae = tiny_sd15
+    import comfy.model_management as mm
+    mm.unload_all_models()
     before_unet, before_clip = weights_hash(model.model), weights_hash(clip.cond_stage_model)
     patches_before = dict(model.patches)
 
@@ -155,6 +157,7 @@ def test_save_refuses_escaping_names(comfy, pack_nodes):
 def test_cancel_stops_training_and_leaves_nothing_behind(comfy, tiny_sd15, pack_nodes):
     import comfy.model_management as mm
     model, clip, vae = tiny_sd15
+    mm.unload_all_models()  # earlier tests may have left a LoRA-patched clone loaded (weights patched in place)
     before = weights_hash(model.model)
     files_before = sorted((comfy.models / "loras").rglob("*"))
     mm.interrupt_current_processing(True)  # what the UI's Cancel button does

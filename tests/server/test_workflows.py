@@ -17,6 +17,7 @@ from comfyui_personalize.headless.comfy_server import (
     ui_workflow_to_api,
     write_tiny_sd15_checkpoint,
 )
+from comfyui_personalize.headless.workflow_inputs import execution_errors, use_tiny_inputs
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,23 +51,7 @@ def comfy_server(tmp_path_factory):
 
 def _prepare(server, path: Path) -> dict:
     prompt = ui_workflow_to_api(json.loads(path.read_text()), server.object_info())
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = TINY_CKPT
-        if node["class_type"] == "LoadImage" and not (server.input_dir / inputs["image"]).exists():
-            write_subject_png(server.input_dir / inputs["image"])
-    return cpu_overrides(prompt)
-
-
-def _errors(entry: dict) -> str:
-    lines = []
-    for event, data in (entry.get("status") or {}).get("messages", []):
-        if event in ("execution_error", "execution_interrupted"):
-            lines.append(f"{event} in node {data.get('node_id')} ({data.get('node_type')}): "
-                         f"{data.get('exception_type')}: {data.get('exception_message')}")
-            lines += data.get("traceback") or []
-    return "\n".join(lines) or json.dumps(entry.get("status"))
+    return cpu_overrides(use_tiny_inputs(prompt, TINY_CKPT, server.input_dir, write_subject_png))
 
 
 def _check_lora_file(path: Path) -> None:
@@ -93,7 +78,8 @@ def test_example_workflow_runs(comfy_server, path):
     started = time.monotonic()
     entry = comfy_server.wait(comfy_server.queue(prompt), timeout=PROMPT_TIMEOUT_S)
     log.info("%s ran in %.1f s", path.name, time.monotonic() - started)
-    assert entry["status"].get("status_str") == "success", f"{_errors(entry)}\n--- log ---\n{comfy_server.log_tail()}"
+    detail = f"{execution_errors(entry)}\n--- log ---\n{comfy_server.log_tail()}"
+    assert entry["status"].get("status_str") == "success", detail
 
     outputs = entry.get("outputs", {})
     for node_id, node in prompt.items():
