@@ -194,7 +194,7 @@ def diffusers_peft(batch):
 PEERS = {"ours": ours, "ours_gc": lambda b: ours(b, checkpointing=True), "comfy_native": comfy_native,
          "diffusers_peft": diffusers_peft}
 for b in [int(v) for v in args.batches.split(",")]:
-    for name in args.peers.split(","):
+    for name in filter(None, args.peers.split(",")):
         try:
             PEERS[name](b)
         except Exception as e:  # a peer failing is a finding, not a crash

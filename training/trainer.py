@@ -13,12 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import cuda_graph
 from .errors import InputError, TrainingDiverged
+from .schedule import NoiseSchedule
 from .task import Conditioning, DiffusionTask
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+_GRAPH_WARMUP_STEPS = 3  # eager steps before capture (lazy optimiser state, kernel selection)
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -32,6 +35,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
     report_every: int = 10  # how often losses are read back from the device (each read is a sync)
+    cuda_graph: bool = True  # replay the step as a CUDA graph when the run allows it (see cuda_graph.py)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -51,11 +55,11 @@ class Precision:
 
 
 def resolve_precision(requested: str, device: torch.device, weight_dtype: torch.dtype) -> Precision:
-    """Compute in the weights' own dtype where that is what was asked for (no per-layer weight casts);
-    autocast otherwise. fp16 always gets loss scaling. "auto": fp16/bf16 weights as they are, fp32 weights
-    in bf16 autocast on a GPU that has it, fp32 on the CPU."""
+    """"auto": bf16 on a GPU that has it (no loss scaling, so the step can run as a CUDA graph), else fp16 with
+    loss scaling; the weights' own dtype on the CPU. Autocast only when the compute dtype differs from the
+    weights'. fp16 always gets loss scaling."""
     if requested == "auto":
-        if weight_dtype in (torch.float16, torch.bfloat16) or device.type != "cuda":
+        if device.type != "cuda":
             return Precision(None, weight_dtype == torch.float16)
         requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "fp32" and weight_dtype != torch.float32:
@@ -101,51 +105,76 @@ class BatchSampler:
 Progress = Callable[[int, list[float]], None]
 
 
-def train(task: DiffusionTask, latents: torch.Tensor, conditioning: Callable[[torch.Tensor], Conditioning],
+def train(task: DiffusionTask, latents: torch.Tensor,
+          conditioning: Conditioning | Callable[[torch.Tensor], Conditioning],
           params: Sequence[nn.Parameter], cfg: TrainConfig, progress: Progress | None = None) -> list[float]:
     """Minimise MSE(model(x_t, t, c), target) over ``params``; returns the per-step loss.
 
-    ``conditioning(index)`` gives the batch's conditioning (cached, or encoded with gradients when the text
-    encoder trains). ``progress(step_done, losses_so_far)`` runs after every step and may raise to cancel.
+    ``conditioning`` is either every image's conditioning (fixed: the step can run as a CUDA graph) or a
+    function of the batch's indices (e.g. encoding captions with gradients when the text encoder trains).
+    ``progress(step_done, losses_so_far)`` runs after every step and may raise to cancel.
     """
     cfg.validate()
-    device, schedule = task.device, task.schedule
+    device = task.device
+    schedule = NoiseSchedule(task.schedule.alphas_cumprod.to(device), task.schedule.prediction)
     precision = resolve_precision(cfg.dtype, device, task.weight_dtype)
+    fixed_cond = conditioning.to(device).clone() if isinstance(conditioning, Conditioning) else None
+    graphed = cfg.cuda_graph and device.type == "cuda" and fixed_cond is not None and not precision.grad_scaling
     params = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, foreach=device.type == "cuda")
+    on_gpu = device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=on_gpu or None, capturable=graphed)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
     sampler = BatchSampler(latents.shape[0], cfg.batch_size, cfg.seed)
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    latents = latents.to(device, torch.float32).clone()  # a normal tensor even if the host made it in inference mode
+    host_index = torch.stack([sampler.next() for _ in range(cfg.steps)])  # [steps, batch], fixed by the seed
+    device_index = host_index.to(device)
+    step_counter = torch.zeros(1, dtype=torch.long, device=device)  # advanced on the device, inside the step
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    x0_all = latents.to(device, torch.float32).clone()  # a normal tensor even if the host made it in inference mode
     losses_dev = torch.zeros(cfg.steps, device=device)
-    losses: list[float] = []
-    amp = torch.autocast(device.type, dtype=precision.autocast) if precision.autocast else nullcontext()
-    log.info("training %d parameters for %d steps (batch %d, %s) on %s", sum(p.numel() for p in params),
-             cfg.steps, cfg.batch_size, precision.autocast or task.weight_dtype, device)
 
+    def step(index_on_host: torch.Tensor | None = None) -> None:
+        index = device_index.index_select(0, step_counter).view(-1)
+        x0 = x0_all.index_select(0, index)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=device)
+        cond = fixed_cond.select(index) if fixed_cond is not None else conditioning(index_on_host)
+        with torch.autocast(device.type, dtype=precision.autocast, enabled=precision.autocast is not None,
+                            cache_enabled=False):
+            pred = task.predict(schedule.add_noise(x0, noise, t), t, cond)
+        loss = F.mse_loss(pred.float(), schedule.target(x0, noise, t))
+        scaler.scale(loss).backward()
+        if cfg.max_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=on_gpu or None)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses_dev.index_copy_(0, step_counter, loss.detach().view(1))
+        step_counter.add_(1)
+
+    log.info("training %d parameters for %d steps (batch %d, %s%s) on %s", sum(p.numel() for p in params),
+             cfg.steps, cfg.batch_size, precision.autocast or task.weight_dtype, ", CUDA graph" if graphed else "",
+             device)
+    losses: list[float] = []
+    graph = None
+    side = torch.cuda.Stream(device) if graphed else None  # warm-up before capture runs on a side stream
     with gradient_checkpointing(task.checkpoint_blocks, cfg.gradient_checkpointing):
-        for step in range(cfg.steps):
-            index = sampler.next()
-            x0 = latents[index.to(device)]
-            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-            t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=noise_gen, device=device)
-            x_t = schedule.add_noise(x0, noise, t)
-            target = schedule.target(x0, noise, t)
-            with amp:
-                pred = task.predict(x_t, t, conditioning(index))
-            loss = F.mse_loss(pred.float(), target)
-            scaler.scale(loss).backward()
-            if cfg.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            losses_dev[step] = loss.detach()
-            if (step + 1) % cfg.report_every == 0 or step + 1 == cfg.steps:
-                losses.extend(_read_back(losses_dev, len(losses), step + 1))
+        for i in range(cfg.steps):
+            if side is not None and i == _GRAPH_WARMUP_STEPS:
+                torch.cuda.current_stream(device).wait_stream(side)
+                side = None
+                graph = cuda_graph.capture(step, generator)
+            if graph is not None:
+                graph.replay()
+            else:
+                with torch.cuda.stream(side) if side is not None else nullcontext():
+                    step(host_index[i])
+            if (i + 1) % cfg.report_every == 0 or i + 1 == cfg.steps:
+                if on_gpu:
+                    torch.cuda.synchronize(device)
+                losses.extend(_read_back(losses_dev, len(losses), i + 1))
             if progress is not None:
-                progress(step + 1, losses)
+                progress(i + 1, losses)
     return losses
 
 

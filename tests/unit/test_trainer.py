@@ -100,7 +100,7 @@ def test_bad_config_names_the_input(field, value):
     assert e.value.input_name == field
 
 
-def test_precision_choices():
+def test_precision_choices(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
 
     def resolved(*a):
@@ -108,8 +108,21 @@ def test_precision_choices():
         return p.autocast, p.grad_scaling
 
     assert resolved("auto", cpu, torch.float32) == (None, False)
-    assert resolved("auto", cuda, torch.float16) == (None, True)  # fp16 weights as they are, loss scaled
-    assert resolved("bf16", cuda, torch.float16) == (torch.bfloat16, False)
-    assert resolved("bf16", cuda, torch.bfloat16) == (None, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolved("auto", cuda, torch.float16) == (torch.bfloat16, False)  # no loss scaling: graph-capturable
+    assert resolved("auto", cuda, torch.bfloat16) == (None, False)
+    assert resolved("fp16", cuda, torch.float16) == (None, True)  # fp16 weights as they are, loss scaled
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolved("auto", cuda, torch.float16) == (None, True)
     with pytest.raises(InputError, match="dtype: fp32 needs fp32 weights"):
         resolve_precision("fp32", cuda, torch.float16)
+
+
+def test_fixed_conditioning_trains_like_a_conditioning_function(host):
+    latents, cond = _data(host)
+    _, by_function = _train(host, latents, cond, steps=4)
+    net = LoRANetwork(host.unet_lora_targets("attention"), rank=4, alpha=4)
+    with net.attached():
+        fixed = train(host.task(), latents, cond, list(net.parameters()),
+                      TrainConfig(steps=4, learning_rate=5e-3, batch_size=2))
+    assert fixed == pytest.approx(by_function, rel=1e-6)
