@@ -29,10 +29,10 @@ cond = Conditioning(torch.randn(8, 77, 768, device=dev))
 net = LoRANetwork(host.unet_lora_targets("attention"), 8, 8).to(dev)
 cfg = TrainConfig(steps=a.steps, learning_rate=1e-4, batch_size=a.batch, report_every=a.steps)
 with net.attached():
-    train(host.task(), latents, cond.select, list(net.parameters()), cfg)  # warm-up
+    train(host.task(), latents, cond, list(net.parameters()), cfg)  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
-        train(host.task(), latents, cond.select, list(net.parameters()), cfg)
+        train(host.task(), latents, cond, list(net.parameters()), cfg)
 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
 print(table)
 by_device = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"

@@ -128,7 +128,7 @@ def ours(batch, checkpointing=False):
 
     def run(steps):
         with net.attached():
-            train(host.task(), latents, cond.select, list(net.parameters()),
+            train(host.task(), latents, cond, list(net.parameters()),
                   TrainConfig(steps=steps, learning_rate=1e-4, batch_size=batch, report_every=steps,
                               gradient_checkpointing=checkpointing))
 
