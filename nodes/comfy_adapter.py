@@ -12,7 +12,8 @@ import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.utils
 import torch
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 from torch import nn
 
 from ..training.errors import InputError
@@ -164,7 +165,9 @@ class ComfyHost:
 
     def task(self) -> DiffusionTask:
         dm = self.diffusion_model
-        blocks = [*dm.input_blocks, dm.middle_block, *dm.output_blocks]
+        # The UNet runs each block's layers itself (forward_timestep_embed), so checkpoint the layers.
+        blocks = [layer for block in (*dm.input_blocks, dm.middle_block, *dm.output_blocks) for layer in block
+                  if isinstance(layer, (ResBlock, SpatialTransformer))]
         return DiffusionTask(self.predict, self.schedule, self.model.load_device, self.compute_dtype, blocks)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

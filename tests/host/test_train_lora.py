@@ -171,3 +171,36 @@ def test_cancel_stops_training_and_leaves_nothing_behind(comfy, tiny_sd15, pack_
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.model.modules())
     mm.unload_all_models()
     assert weights_hash(model.model) == before
+
+
+def test_gradient_checkpointing_stores_fewer_activations(comfy, tiny_sd15):
+    from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+    from comfyui_personalize.training.lora import LoRANetwork
+    from comfyui_personalize.training.trainer import gradient_checkpointing
+
+    model, clip, vae = tiny_sd15
+    host = ComfyHost(model, clip, vae)
+    with torch.inference_mode(False), torch.enable_grad():
+        cond = host.encode_text(["a photo of zwx dog"], (64, 64)).clone()
+        host.load_for_training(False)
+        net = LoRANetwork(host.unet_lora_targets("attention"), 4, 4)
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+
+        def saved_bytes(enabled):
+            total = []
+
+            def pack(tensor):
+                total.append(tensor.numel() * tensor.element_size())
+                return tensor
+
+            with net.attached(), gradient_checkpointing(host.task().checkpoint_blocks, enabled), \
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                out = host.predict(x, t, cond)
+                saved = sum(total)
+                out.float().mean().backward()  # the recompute must run and match the forward pass
+            assert all(a.up.grad is not None for a in net.adapters.values())
+            net.zero_grad(set_to_none=True)
+            return saved
+
+        plain, checkpointed = saved_bytes(False), saved_bytes(True)
+    assert checkpointed < 0.5 * plain, (plain, checkpointed)
