@@ -25,20 +25,24 @@ import logging  # noqa: E402
 warnings = []
 logging.getLogger("comfyui_personalize.training.cuda_graph").addHandler(
     type("Keep", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
-results = {}
-for graphed in (False, True):
-    net = LoRANetwork(host.unet_lora_targets("attention"), 4, 4, seed=0).to(dev)
-    with net.attached():
-        losses = train(host.task(), latents, cond, list(net.parameters()),
-                       TrainConfig(steps=12, learning_rate=1e-3, batch_size=2, cuda_graph=graphed, report_every=4))
-    results[graphed] = (losses, {k: v.detach().clone() for k, v in net.state_dict().items()})
-(le, we), (lg, wg) = results[False], results[True]
-print("eager", [round(v, 5) for v in le])
-print("graph", [round(v, 5) for v in lg])
-worst = max((we[k] - wg[k]).abs().max().item() for k in we)
-ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(le, lg)) and worst < 1e-3
-if torch.cuda.is_available() and warnings:  # the graph run silently fell back to eager steps
-    print("capture failed:", warnings)
-    ok = False
-print("max adapter difference", worst, "OK" if ok else "MISMATCH")
-sys.exit(0 if ok else 1)
+failed = False
+for dtype in ("auto", "bf16"):  # fp16 weights: fp16 with loss scaling, and bf16 autocast
+    results = {}
+    for graphed in (False, True):
+        net = LoRANetwork(host.unet_lora_targets("attention"), 4, 4, seed=0).to(dev)
+        with net.attached():
+            losses = train(host.task(), latents, cond, list(net.parameters()),
+                           TrainConfig(steps=12, learning_rate=1e-3, batch_size=2, cuda_graph=graphed,
+                                       report_every=4, dtype=dtype))
+        results[graphed] = (losses, {k: v.detach().clone() for k, v in net.state_dict().items()})
+    (le, we), (lg, wg) = results[False], results[True]
+    worst = max((we[k] - wg[k]).abs().max().item() for k in we)
+    ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(le, lg)) and worst < 1e-3
+    if torch.cuda.is_available() and warnings:  # the graph run silently fell back to eager steps
+        print("capture failed:", warnings)
+        ok = False
+    print(dtype, "eager", [round(v, 5) for v in le])
+    print(dtype, "graph", [round(v, 5) for v in lg])
+    print(dtype, "max adapter difference", worst, "OK" if ok else "MISMATCH")
+    failed |= not ok
+sys.exit(1 if failed else 0)

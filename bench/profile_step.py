@@ -10,6 +10,8 @@ ap.add_argument("comfyui")
 ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("--steps", type=int, default=6)
 ap.add_argument("--out", default=None)
+ap.add_argument("--eager", action="store_true", help="no CUDA graph, so the profiler sees each kernel")
+ap.add_argument("--dtype", default="auto")
 a = ap.parse_args()
 sys.argv = [sys.argv[0], a.comfyui, "--batches", str(a.batch), "--peers", "", "--steps", "2"]
 import torch  # noqa: E402
@@ -27,7 +29,8 @@ dev = host.model.load_device
 latents = torch.randn(8, 4, tl.LAT, tl.LAT)
 cond = Conditioning(torch.randn(8, 77, 768, device=dev))
 net = LoRANetwork(host.unet_lora_targets("attention"), 8, 8).to(dev)
-cfg = TrainConfig(steps=a.steps, learning_rate=1e-4, batch_size=a.batch, report_every=a.steps)
+cfg = TrainConfig(steps=a.steps, learning_rate=1e-4, batch_size=a.batch, report_every=a.steps,
+                  cuda_graph=not a.eager, dtype=a.dtype)
 with net.attached():
     train(host.task(), latents, cond, list(net.parameters()), cfg)  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

@@ -55,11 +55,11 @@ class Precision:
 
 
 def resolve_precision(requested: str, device: torch.device, weight_dtype: torch.dtype) -> Precision:
-    """"auto": bf16 on a GPU that has it (no loss scaling, so the step can run as a CUDA graph), else fp16 with
-    loss scaling; the weights' own dtype on the CPU. Autocast only when the compute dtype differs from the
-    weights'. fp16 always gets loss scaling."""
+    """"auto": compute in the weights' own dtype when it is fp16/bf16 (no per-layer weight or activation casts;
+    fp16 with loss scaling), fp32 weights in bf16 autocast on a GPU that has it, fp32 on the CPU. fp16 always
+    gets loss scaling (GradScaler + fused AdamW skip bad steps on the device, so the step stays graph-capturable)."""
     if requested == "auto":
-        if device.type != "cuda":
+        if weight_dtype in (torch.float16, torch.bfloat16) or device.type != "cuda":
             return Precision(None, weight_dtype == torch.float16)
         requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "fp32" and weight_dtype != torch.float32:
@@ -119,7 +119,7 @@ def train(task: DiffusionTask, latents: torch.Tensor,
     schedule = NoiseSchedule(task.schedule.alphas_cumprod.to(device), task.schedule.prediction)
     precision = resolve_precision(cfg.dtype, device, task.weight_dtype)
     fixed_cond = conditioning.to(device).clone() if isinstance(conditioning, Conditioning) else None
-    graphed = cfg.cuda_graph and device.type == "cuda" and fixed_cond is not None and not precision.grad_scaling
+    graphed = cfg.cuda_graph and device.type == "cuda" and fixed_cond is not None
     params = [p for p in params if p.requires_grad]
     on_gpu = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=on_gpu or None, capturable=graphed)

@@ -109,11 +109,12 @@ def test_precision_choices(monkeypatch):
 
     assert resolved("auto", cpu, torch.float32) == (None, False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolved("auto", cuda, torch.float16) == (torch.bfloat16, False)  # no loss scaling: graph-capturable
+    assert resolved("auto", cuda, torch.float16) == (None, True)  # fp16 weights as they are, loss scaled
     assert resolved("auto", cuda, torch.bfloat16) == (None, False)
-    assert resolved("fp16", cuda, torch.float16) == (None, True)  # fp16 weights as they are, loss scaled
+    assert resolved("auto", cuda, torch.float32) == (torch.bfloat16, False)
+    assert resolved("bf16", cuda, torch.float16) == (torch.bfloat16, False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolved("auto", cuda, torch.float16) == (None, True)
+    assert resolved("auto", cuda, torch.float32) == (torch.float16, True)
     with pytest.raises(InputError, match="dtype: fp32 needs fp32 weights"):
         resolve_precision("fp32", cuda, torch.float16)
 
