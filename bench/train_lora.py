@@ -7,6 +7,7 @@ Usage: python bench/train_lora.py COMFYUI_DIR [--batches 1,4,8] [--steps 30] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -113,7 +114,7 @@ def timed(fn, steps):
     return (out[steps + 2] - out[2]) / steps
 
 
-def ours(batch, checkpointing=False):
+def ours(batch, checkpointing=False, channels_last=False):
     from comfyui_personalize.nodes.comfy_adapter import ComfyHost
     from comfyui_personalize.training.lora import LoRANetwork
     from comfyui_personalize.training.task import Conditioning
@@ -127,13 +128,14 @@ def ours(batch, checkpointing=False):
     net = LoRANetwork(host.unet_lora_targets("attention"), RANK, RANK).to(host.model.load_device)
 
     def run(steps):
-        with net.attached():
+        with net.attached(), (host.channels_last() if channels_last else contextlib.nullcontext()):
             train(host.task(), latents, cond, list(net.parameters()),
                   TrainConfig(steps=steps, learning_rate=1e-4, batch_size=batch, report_every=steps,
                               gradient_checkpointing=checkpointing))
 
     dt = timed(run, args.steps)
-    emit(peer="ours_gc" if checkpointing else "ours", batch=batch, res=args.res, rank=RANK,
+    name = "ours" + ("_gc" if checkpointing else "") + ("_nhwc" if channels_last else "")
+    emit(peer=name, batch=batch, res=args.res, rank=RANK,
          targets="attention q,k,v,out", dtype=str(host.compute_dtype), s_per_step=round(dt, 4),
          img_per_s=round(batch / dt, 2), peak_gib=peak_gib())
     host = net = None  # free before the next peer
@@ -191,7 +193,8 @@ def diffusers_peft(batch):
 
 
 
-PEERS = {"ours": ours, "ours_gc": lambda b: ours(b, checkpointing=True), "comfy_native": comfy_native,
+PEERS = {"ours": ours, "ours_gc": lambda b: ours(b, checkpointing=True),
+         "ours_nhwc": lambda b: ours(b, channels_last=True), "comfy_native": comfy_native,
          "diffusers_peft": diffusers_peft}
 for b in [int(v) for v in args.batches.split(",")]:
     for name in filter(None, args.peers.split(",")):
