@@ -89,6 +89,8 @@ class PersonalizeTrainLoRA(io.ComfyNode):
                     attached.enter_context(n.attached())
                 if te_net is not None:
                     attached.enter_context(host.text_encoder_autograd())
+                if host.model.load_device.type == "cuda":
+                    attached.enter_context(host.channels_last())
                 losses = train(host.task(), latents, conditioning, params, cfg,
                                TrainingProgress(steps, cls.hidden.unique_id))
 

@@ -204,3 +204,21 @@ def test_gradient_checkpointing_stores_fewer_activations(comfy, tiny_sd15):
 
         plain, checkpointed = saved_bytes(False), saved_bytes(True)
     assert checkpointed < 0.5 * plain, (plain, checkpointed)
+
+
+def test_channels_last_training_layout_is_exact_and_restored(comfy, tiny_sd15):
+    from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+    model, clip, vae = tiny_sd15
+    host = ComfyHost(model, clip, vae)
+    with torch.inference_mode(False):
+        cond = host.encode_text(["a photo of zwx dog"], (64, 64)).clone()
+        host.load_for_training(False)
+        weights = {n: p for n, p in host.diffusion_model.named_parameters()}
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+        plain = host.predict(x, t, cond.select(torch.tensor([0, 0])))
+        with host.channels_last():
+            convs = [m.weight for m in host.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+            nhwc = host.predict(x, t, cond.select(torch.tensor([0, 0])))
+    torch.testing.assert_close(nhwc, plain, rtol=1e-4, atol=1e-4)
+    assert all(p is weights[n] for n, p in host.diffusion_model.named_parameters())  # the host's own tensors back
