@@ -114,7 +114,8 @@ def timed(fn, steps):
     return (out[steps + 2] - out[2]) / steps
 
 
-def ours(batch, checkpointing=False, channels_last=False):
+def ours(batch, checkpointing=False, channels_last=True):
+    """What Personalize Train LoRA does on CUDA (channels-last UNet, CUDA-graphed step)."""
     from comfyui_personalize.nodes.comfy_adapter import ComfyHost
     from comfyui_personalize.training.lora import LoRANetwork
     from comfyui_personalize.training.task import Conditioning
@@ -134,7 +135,7 @@ def ours(batch, checkpointing=False, channels_last=False):
                               gradient_checkpointing=checkpointing))
 
     dt = timed(run, args.steps)
-    name = "ours" + ("_gc" if checkpointing else "") + ("_nhwc" if channels_last else "")
+    name = "ours" + ("_gc" if checkpointing else "") + ("" if channels_last else "_nchw")
     emit(peer=name, batch=batch, res=args.res, rank=RANK,
          targets="attention q,k,v,out", dtype=str(host.compute_dtype), s_per_step=round(dt, 4),
          img_per_s=round(batch / dt, 2), peak_gib=peak_gib())
@@ -194,7 +195,7 @@ def diffusers_peft(batch):
 
 
 PEERS = {"ours": ours, "ours_gc": lambda b: ours(b, checkpointing=True),
-         "ours_nhwc": lambda b: ours(b, channels_last=True), "comfy_native": comfy_native,
+         "ours_nchw": lambda b: ours(b, channels_last=False), "comfy_native": comfy_native,
          "diffusers_peft": diffusers_peft}
 for b in [int(v) for v in args.batches.split(",")]:
     for name in filter(None, args.peers.split(",")):

@@ -39,36 +39,44 @@ def find_linear_targets(root: nn.Module, suffixes: tuple[str, ...]) -> dict[str,
     return found
 
 
-class LoRAModule(nn.Module):
-    """One adapter: down [rank, in] (kaiming init), up [out, rank] (zeros), so training starts at W."""
+class LoRAAdapter:
+    """One adapter's view of the network's flat weight: down [rank, in] (kaiming init), up [out, rank] (zeros),
+    so training starts at W."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
-                 generator: torch.Generator | None = None):
-        super().__init__()
-        self.down = nn.Parameter(torch.empty(rank, in_features))
-        self.up = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5), generator=generator)
-        self.alpha = float(alpha)
+    def __init__(self, network: "LoRANetwork", start: int, in_features: int, out_features: int):
+        self._network, self._start = network, start
+        self.in_features, self.out_features = in_features, out_features
 
     @property
     def rank(self) -> int:
-        return self.down.shape[0]
+        return self._network.rank
+
+    @property
+    def alpha(self) -> float:
+        return self._network.alpha
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's own output, scale * up(down(x))."""
-        return self.add_to(torch.zeros(*x.shape[:-1], self.up.shape[0], dtype=x.dtype, device=x.device), x)
+    def _views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r, i, o, s = self.rank, self.in_features, self.out_features, self._start
+        return flat[s:s + r * i].view(r, i), flat[s + r * i:s + r * i + o * r].view(o, r)
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self._views(self._network.weight)[0]
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self._views(self._network.weight)[1]
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """output + scale * up(down(x)); the up-projection, scale and add are one addmm (fewer kernels per
-        step, which is what bounds small-batch training speed)."""
-        dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else self.down.dtype
-        h = F.linear(x, self.down.to(dt))
-        flat = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]), self.up.to(dt).t(),
-                           alpha=self.scale)
+        """output + scale * up(down(x)); the up-projection, scale and add are one addmm. Fewer kernels per
+        step is what bounds small-batch training speed."""
+        down, up = self._views(self._network.compute_weight(x))
+        h = F.linear(x, down)
+        flat = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(), alpha=self.scale)
         return flat.view(output.shape)
 
     def delta_weight(self) -> torch.Tensor:
@@ -77,7 +85,10 @@ class LoRAModule(nn.Module):
 
 
 class LoRANetwork(nn.Module):
-    """A set of adapters keyed by kohya module name (``lora_unet_..._to_q``), each bound to a host Linear."""
+    """A set of adapters keyed by kohya module name (``lora_unet_..._to_q``), each bound to a host Linear.
+
+    All adapter weights live in one flat fp32 parameter: per step that is one cast to the compute dtype, one
+    gradient and one optimizer tensor instead of hundreds (each adapter is a view into it)."""
 
     def __init__(self, targets: Mapping[str, nn.Linear], rank: int, alpha: float, seed: int = 0):
         super().__init__()
@@ -87,12 +98,32 @@ class LoRANetwork(nn.Module):
             raise InputError("alpha", f"must be positive, got {alpha}")
         if not targets:
             raise InputError("targets", "matched no Linear layer in this model")
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.adapters: dict[str, LoRAAdapter] = {}
+        start = 0
+        for name, m in targets.items():
+            self.adapters[name] = LoRAAdapter(self, start, m.in_features, m.out_features)
+            start += rank * (m.in_features + m.out_features)
+        self.weight = nn.Parameter(torch.zeros(start))
         g = torch.Generator().manual_seed(seed)  # the run's seed fixes the initial adapters too
-        self.adapters = nn.ModuleDict(
-            {name: LoRAModule(m.in_features, m.out_features, rank, alpha, g) for name, m in targets.items()}
-        )
+        with torch.no_grad():
+            for a in self.adapters.values():
+                nn.init.kaiming_uniform_(a.down, a=math.sqrt(5), generator=g)
         # A plain dict, not submodules: the host's layers must stay out of our parameters and state dict.
         self._targets = dict(targets)
+        self._cast: tuple[tuple, torch.Tensor] | None = None
+
+    def compute_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The flat weight in the dtype the adapters compute in, cast once per optimizer step (the cast is
+        reused by every adapter until the weight changes)."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        if dtype == self.weight.dtype:
+            return self.weight
+        key = (dtype, self.weight._version, torch.is_grad_enabled())
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, self.weight.to(dtype))
+        return self._cast[1]
 
     @contextmanager
     def attached(self) -> Iterator["LoRANetwork"]:
@@ -103,6 +134,7 @@ class LoRANetwork(nn.Module):
                 handles.append(host.register_forward_hook(_adding_hook(self.adapters[name])))
             yield self
         finally:
+            self._cast = None
             for h in handles:
                 h.remove()
 
@@ -116,11 +148,14 @@ class LoRANetwork(nn.Module):
         return out
 
     def load_kohya_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        """Inverse of ``kohya_state_dict``; every adapter must be present with the same rank."""
+        """Inverse of ``kohya_state_dict``; every adapter must be present with the same rank and one alpha."""
         expected = {f"{n}.{s}" for n in self.adapters for s in ("lora_down.weight", "lora_up.weight", "alpha")}
         missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
         if missing or unexpected:
             raise ValueError(f"LoRA keys do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        alphas = {float(sd[f"{n}.alpha"]) for n in self.adapters}
+        if len(alphas) != 1:
+            raise ValueError(f"LoRA file has several alpha values {sorted(alphas)}; this network has one")
         with torch.no_grad():
             for name, a in self.adapters.items():
                 down, up = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"]
@@ -128,7 +163,7 @@ class LoRANetwork(nn.Module):
                     raise ValueError(f"{name}: shapes {tuple(down.shape)}/{tuple(up.shape)} do not match this network")
                 a.down.copy_(down)
                 a.up.copy_(up)
-                a.alpha = float(sd[f"{name}.alpha"])
+        self.alpha = alphas.pop()
 
 
 class TrainedLoRA(dict):
@@ -140,7 +175,7 @@ class TrainedLoRA(dict):
         self.metadata = dict(metadata or {})
 
 
-def _adding_hook(adapter: LoRAModule):
+def _adding_hook(adapter: LoRAAdapter):
     def hook(_module, args, output):
         return adapter.add_to(output, args[0])
 

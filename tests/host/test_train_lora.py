@@ -198,7 +198,7 @@ def test_gradient_checkpointing_stores_fewer_activations(comfy, tiny_sd15):
                 out = host.predict(x, t, cond)
                 saved = sum(total)
                 out.float().mean().backward()  # the recompute must run and match the forward pass
-            assert all(a.up.grad is not None for a in net.adapters.values())
+            assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
             net.zero_grad(set_to_none=True)
             return saved
 
