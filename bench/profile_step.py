@@ -3,6 +3,7 @@
 Usage: python bench/profile_step.py COMFYUI_DIR [--batch 1] [--steps 6]
 """
 import argparse
+import contextlib
 import sys
 
 ap = argparse.ArgumentParser()
@@ -12,6 +13,7 @@ ap.add_argument("--steps", type=int, default=6)
 ap.add_argument("--out", default=None)
 ap.add_argument("--eager", action="store_true", help="no CUDA graph, so the profiler sees each kernel")
 ap.add_argument("--dtype", default="auto")
+ap.add_argument("--nchw", action="store_true", help="keep the UNet NCHW (the node runs NHWC on CUDA)")
 a = ap.parse_args()
 sys.argv = [sys.argv[0], a.comfyui, "--batches", str(a.batch), "--peers", "", "--steps", "2"]
 import torch  # noqa: E402
@@ -31,12 +33,13 @@ cond = Conditioning(torch.randn(8, 77, 768, device=dev))
 net = LoRANetwork(host.unet_lora_targets("attention"), 8, 8).to(dev)
 cfg = TrainConfig(steps=a.steps, learning_rate=1e-4, batch_size=a.batch, report_every=a.steps,
                   cuda_graph=not a.eager, dtype=a.dtype)
-with net.attached():
+layout = host.channels_last() if torch.cuda.is_available() and not a.nchw else contextlib.nullcontext()
+with net.attached(), layout:
     train(host.task(), latents, cond, list(net.parameters()), cfg)  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
         train(host.task(), latents, cond, list(net.parameters()), cfg)
-table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
 print(table)
 by_device = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
 print(prof.key_averages().table(sort_by=by_device, row_limit=15))
