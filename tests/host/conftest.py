@@ -17,7 +17,9 @@ def comfy(tmp_path_factory):
     """Import ComfyUI (CPU mode) once, with models/ folders under a temp dir."""
     if str(COMFYUI_PATH) not in sys.path:
         sys.path.insert(0, str(COMFYUI_PATH))
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    # PERSONALIZE_HOST_DEVICE=cuda runs this tier on a GPU (the CUDA-graph, channels-last training path).
+    on_cpu = os.environ.get("PERSONALIZE_HOST_DEVICE", "cpu") == "cpu"
+    argv, sys.argv = sys.argv, [sys.argv[0]] + (["--cpu"] if on_cpu else [])
     try:
         import comfy.options
         comfy.options.enable_args_parsing()
