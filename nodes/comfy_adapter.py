@@ -59,6 +59,19 @@ def _fixed_attention(func, *args, **kwargs):
     return comfy_attention.attention_pytorch(*args, **kwargs)
 
 
+def _made_in_inference_mode(t: torch.Tensor) -> bool:
+    """Also true for a Parameter made in inference mode whose ``.data`` was later replaced (``Module.to``
+    does that when ComfyUI moves a model): it no longer reports ``is_inference()`` but still has no version
+    counter, which autograd needs."""
+    if t.is_inference():
+        return True
+    try:
+        t._version
+    except RuntimeError:
+        return True
+    return False
+
+
 def make_autograd_safe(module: nn.Module) -> int:
     """ComfyUI creates weights inside ``torch.inference_mode``; autograd refuses to save such tensors for
     backward. Swap each for a normal tensor of identical value (as ComfyUI's own loading swaps Parameters)."""
@@ -66,11 +79,11 @@ def make_autograd_safe(module: nn.Module) -> int:
     with torch.inference_mode(False), torch.no_grad():
         for mod in module.modules():
             for name, p in list(mod._parameters.items()):
-                if p is not None and p.is_inference():
+                if p is not None and _made_in_inference_mode(p):
                     mod._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
                     swapped += 1
             for name, b in list(mod._buffers.items()):
-                if b is not None and b.is_inference() and b.is_floating_point():
+                if b is not None and b.is_floating_point() and _made_in_inference_mode(b):
                     mod._buffers[name] = b.clone()
     return swapped
 

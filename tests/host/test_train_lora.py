@@ -222,3 +222,16 @@ def test_channels_last_training_layout_is_exact_and_restored(comfy, tiny_sd15):
             nhwc = host.predict(x, t, cond.select(torch.tensor([0, 0])))
     torch.testing.assert_close(nhwc, plain, rtol=1e-4, atol=1e-4)
     assert all(p is weights[n] for n, p in host.diffusion_model.named_parameters())  # the host's own tensors back
+
+
+def test_trains_after_comfyui_moved_the_weights(comfy, tiny_sd15, pack_nodes):
+    """Moving a model (Module.to, as ComfyUI's loader does on a GPU) assigns ``param.data`` to Parameters made
+    in inference mode: they stop reporting is_inference() yet still lack the version counter autograd needs."""
+    model, clip, vae = tiny_sd15
+    with torch.no_grad():
+        for p in model.model.diffusion_model.parameters():
+            p.data = p.data.clone()
+    assert not any(p.is_inference() for p in model.model.diffusion_model.parameters())
+    _, _, lora, loss = run_node(pack_nodes[0], model=model, clip=clip, vae=vae, images=subject_images(),
+                                **dict(TRAIN_ARGS, steps=2)).result
+    assert len(loss["loss"]) == 2 and any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("up.weight"))
