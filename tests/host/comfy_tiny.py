@@ -32,6 +32,7 @@ def randomise(module: torch.nn.Module, seed: int = 0) -> None:
                 p.zero_()
 
 
+@torch.inference_mode()  # reads weights ComfyUI moved (no version counter) without autograd bookkeeping
 def weights_hash(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
