@@ -37,7 +37,7 @@ def weights_hash(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(v.detach().to("cpu", copy=True).reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
