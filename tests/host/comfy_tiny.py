@@ -41,3 +41,11 @@ def weights_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+
+TINY_SDXL = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=32, num_res_blocks=[1, 1],
+    transformer_depth=[0, 1], channel_mult=[1, 2], transformer_depth_middle=1, use_linear_in_transformer=True,
+    context_dim=2048, num_head_channels=16, transformer_depth_output=[0, 0, 1, 1], use_temporal_resblock=False,
+    use_temporal_attention=False,
+)
