@@ -23,6 +23,7 @@ def tiny_sdxl(comfy):
 
 def test_sdxl_lora_names_are_ldm_style_and_loadable(tiny_sdxl):
     import comfy.lora
+
     from comfyui_personalize.nodes.comfy_adapter import ComfyHost
 
     host = ComfyHost(tiny_sdxl, None, None)
