@@ -49,3 +49,17 @@ TINY_SDXL = dict(
     context_dim=2048, num_head_channels=16, transformer_depth_output=[0, 0, 1, 1], use_temporal_resblock=False,
     use_temporal_attention=False,
 )
+
+
+def tiny_unet_patcher(config_class, unet_config: dict, seed: int):
+    """A ModelPatcher around a toy UNet built the way ComfyUI builds one, weights made in inference mode."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    cfg = config_class(dict(unet_config))
+    cfg.unet_config.update(unet_config)
+    with torch.inference_mode():
+        base = cfg.get_model({}, "model.diffusion_model.")
+    randomise(base, seed)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())

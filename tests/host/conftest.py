@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_tiny import TINY_CLIP, TINY_UNET, TINY_VAE, randomise
+from comfy_tiny import TINY_CLIP, TINY_UNET, TINY_VAE, randomise, tiny_unet_patcher
 
 COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", "/opt/comfyui-host"))
 
@@ -38,20 +38,13 @@ def comfy(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd15(comfy):
     """(MODEL, CLIP, VAE) built the way ComfyUI builds SD1.5, at toy size, weights made in inference mode."""
-    import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models
     from comfy.supported_models_base import ClipTarget
 
-    cfg = comfy.supported_models.SD15(dict(TINY_UNET))
-    cfg.unet_config.update(TINY_UNET)
-    with torch.inference_mode():
-        base = cfg.get_model({}, "model.diffusion_model.")
-    randomise(base, 1)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                             offload_device=mm.unet_offload_device())
+    model = tiny_unet_patcher(comfy.supported_models.SD15, TINY_UNET, seed=1)
     clip_model = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=TINY_CLIP)
     target = ClipTarget(comfy.sd1_clip.SD1Tokenizer,
                         functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model))

@@ -1,24 +1,16 @@
 """SDXL-shaped UNet: kohya LDM-style names that ComfyUI's own LoRA key map accepts, and training through y."""
 import pytest
 import torch
-from comfy_tiny import TINY_SDXL, randomise
+from comfy_tiny import TINY_SDXL, tiny_unet_patcher
 
 pytestmark = pytest.mark.host
 
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(comfy):
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
-    cfg = comfy.supported_models.SDXL(dict(TINY_SDXL))
-    cfg.unet_config.update(TINY_SDXL)
-    with torch.inference_mode():
-        base = cfg.get_model({}, "model.diffusion_model.")
-    randomise(base, 4)
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return tiny_unet_patcher(comfy.supported_models.SDXL, TINY_SDXL, seed=4)
 
 
 def test_sdxl_lora_names_are_ldm_style_and_loadable(tiny_sdxl):
