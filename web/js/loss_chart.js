@@ -1,44 +1,49 @@
 // Live loss chart on Personalize training nodes. The server sends "personalize.loss" events
-// ({node, start, losses, step, total}) while a node trains; we keep the curve per node and draw it under the widgets.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+// ({node, start, losses, step, total}) while a node trains; each node keeps its curve in a canvas widget
+// (a widget, so the node layout reserves its space).
+import { app } from "../../../scripts/app.js"; // served at /extensions/<pack>/js/
+import { api } from "../../../scripts/api.js";
 
 const TRAINERS = new Set(["PersonalizeTrainLoRA"]);
-const CHART_HEIGHT = 90;
+const CHART_HEIGHT = 110;
 const curves = new Map(); // node id -> {losses: number[], step, total}
 
-function drawChart(ctx, node, data) {
-  const w = node.size[0] - 20;
-  const top = node.size[1] - CHART_HEIGHT - 6;
+function drawChart(ctx, data, width, y) {
+  const left = 10;
+  const w = width - 20;
+  const h = CHART_HEIGHT - 8;
   ctx.save();
   ctx.fillStyle = "#1b1b1b";
-  ctx.fillRect(10, top, w, CHART_HEIGHT);
-  const losses = data.losses.filter((v) => Number.isFinite(v));
-  if (losses.length > 1) {
-    const sorted = [...losses].sort((a, b) => a - b);
-    const lo = sorted[Math.floor(0.01 * (sorted.length - 1))];
-    const hi = sorted[Math.ceil(0.99 * (sorted.length - 1))];
-    const span = hi - lo || 1;
-    const y = (v) => top + 4 + (CHART_HEIGHT - 18) * (1 - (Math.min(Math.max(v, lo), hi) - lo) / span);
-    const x = (i) => 10 + (w * i) / Math.max(losses.length - 1, 1);
-    ctx.strokeStyle = "#4a7fb5";
-    ctx.beginPath();
-    losses.forEach((v, i) => (i ? ctx.lineTo(x(i), y(v)) : ctx.moveTo(x(i), y(v))));
-    ctx.stroke();
-    let ema = losses[0];
-    ctx.strokeStyle = "#e0584f";
-    ctx.lineWidth = 2;
-    ctx.beginPath();
-    losses.forEach((v, i) => {
-      ema = i ? 0.9 * ema + 0.1 * v : v;
-      i ? ctx.lineTo(x(i), y(ema)) : ctx.moveTo(x(i), y(ema));
-    });
-    ctx.stroke();
-  }
-  ctx.fillStyle = "#ccc";
+  ctx.fillRect(left, y, w, h);
   ctx.font = "11px sans-serif";
-  const last = losses.length ? losses[losses.length - 1].toFixed(4) : "-";
-  ctx.fillText(`step ${data.step}/${data.total}  loss ${last}`, 14, top + CHART_HEIGHT - 4);
+  ctx.fillStyle = "#999";
+  const losses = (data?.losses ?? []).filter((v) => Number.isFinite(v));
+  if (losses.length < 2) {
+    ctx.fillText("loss chart: appears while training", left + 6, y + h / 2);
+    ctx.restore();
+    return;
+  }
+  const sorted = [...losses].sort((a, b) => a - b);
+  const lo = sorted[Math.floor(0.01 * (sorted.length - 1))];
+  const hi = sorted[Math.ceil(0.99 * (sorted.length - 1))];
+  const span = hi - lo || 1;
+  const plotTop = y + 4;
+  const plotH = h - 20;
+  const py = (v) => plotTop + plotH * (1 - (Math.min(Math.max(v, lo), hi) - lo) / span);
+  const px = (i) => left + 4 + ((w - 8) * i) / (losses.length - 1);
+  const line = (values, color, lineWidth) => {
+    ctx.strokeStyle = color;
+    ctx.lineWidth = lineWidth;
+    ctx.beginPath();
+    values.forEach((v, i) => (i ? ctx.lineTo(px(i), py(v)) : ctx.moveTo(px(i), py(v))));
+    ctx.stroke();
+  };
+  line(losses, "#4a7fb5", 1);
+  let ema = losses[0];
+  line(losses.map((v, i) => (ema = i ? 0.9 * ema + 0.1 * v : v)), "#e0584f", 2);
+  ctx.fillStyle = "#ccc";
+  const last = losses[losses.length - 1].toFixed(4);
+  ctx.fillText(`step ${data.step}/${data.total}  loss ${last}`, left + 6, y + h - 5); // blue raw, red EMA
   ctx.restore();
 }
 
@@ -58,15 +63,21 @@ app.registerExtension({
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!TRAINERS.has(nodeData?.name)) return;
-    const onDraw = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      onDraw?.apply(this, arguments);
-      const data = curves.get(String(this.id));
-      if (!data || this.flags?.collapsed) return;
-      if (this.size[1] < this.computeSize()[1] + CHART_HEIGHT + 10) {
-        this.setSize([this.size[0], this.computeSize()[1] + CHART_HEIGHT + 10]);
-      }
-      drawChart(ctx, this, data);
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const node = this;
+      this.addCustomWidget({
+        name: "loss_chart",
+        type: "personalize.loss_chart",
+        serialize: false, // display only: never part of the saved workflow's widget values
+        computeSize: (width) => [width, CHART_HEIGHT],
+        draw(ctx, _node, width, y) {
+          drawChart(ctx, curves.get(String(node.id)), width, y);
+        },
+      });
+      this.setSize(this.computeSize());
+      return result;
     };
   },
 });
