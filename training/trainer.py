@@ -158,6 +158,8 @@ def train(task: DiffusionTask, latents: torch.Tensor,
     losses: list[float] = []
     graph = None
     side = torch.cuda.Stream(device) if graphed else None  # warm-up before capture runs on a side stream
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(device))  # the data copies above ran on the default stream
     with gradient_checkpointing(task.checkpoint_blocks, cfg.gradient_checkpointing):
         for i in range(cfg.steps):
             if side is not None and i == _GRAPH_WARMUP_STEPS:
