@@ -44,8 +44,10 @@ def test_sdxl_trains_through_the_adm_vector(tiny_sdxl):
         with net.attached():
             losses = train(host.task(), torch.randn(2, 4, 8, 8), cond, list(net.parameters()),
                            TrainConfig(steps=3, learning_rate=1e-3, batch_size=2))
-        x, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
-        with_y = host.predict(x, t, cond)
-        zero_y = host.predict(x, t, Conditioning(cond.context, torch.zeros_like(y)))
+        dev = host.model.load_device
+        x, t = torch.randn(2, 4, 8, 8, device=dev), torch.tensor([100, 700], device=dev)
+        on_dev = cond.to(dev)
+        with_y = host.predict(x, t, on_dev)
+        zero_y = host.predict(x, t, Conditioning(on_dev.context, torch.zeros_like(on_dev.y)))
     assert len(losses) == 3 and any(a.up.abs().sum() > 0 for a in net.adapters.values())
     assert (with_y - zero_y).abs().max() > 1e-4  # the size/pooled vector reaches the model
