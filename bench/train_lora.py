@@ -41,6 +41,8 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.supported_models  # noqa: E402
 
+from comfyui_personalize.headless.tiny import randomise_weights  # noqa: E402
+
 LAT = args.res // 8
 RANK = 8
 SD15 = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
@@ -76,17 +78,6 @@ def peak_gib():
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
 
 
-def init_random(module):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-
 
 def comfy_model():
     """An SD1.5 ModelPatcher as CheckpointLoader makes one: fp16 weights on CUDA."""
@@ -95,7 +86,7 @@ def comfy_model():
     if dev == "cuda":
         mc.set_inference_dtype(torch.float16, None)
     model = mc.get_model({}, "model.diffusion_model.")
-    init_random(model)
+    randomise_weights(model)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
@@ -168,7 +159,7 @@ def diffusers_peft(batch):
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     unet = UNet2DConditionModel(**kw)
-    init_random(unet)
+    randomise_weights(unet)
     unet.requires_grad_(False).to(dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))

@@ -81,3 +81,17 @@ def build_tiny_parts(seed: int = 0, prediction: str = "eps") -> TinyParts:
     for m in (unet, text_encoder, vae):
         m.eval().requires_grad_(False)
     return TinyParts(unet, text_encoder, tokenizer, vae, prediction)
+
+
+@torch.no_grad()
+def randomise_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Finite random weights for a model built without a checkpoint (ComfyUI layers skip init): matrices and
+    kernels ~ N(0, std), 1-D weights (norm scales) 1, biases 0. Speed and memory do not depend on the values."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        elif name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()

@@ -3,6 +3,8 @@ import hashlib
 
 import torch
 
+from comfyui_personalize.headless.tiny import randomise_weights
+
 TINY_UNET = dict(
     use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
     adm_in_channels=None, in_channels=4, model_channels=32, num_res_blocks=[1, 1], transformer_depth=[1, 1],
@@ -20,16 +22,9 @@ TINY_VAE = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "res
 
 
 def randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    """ComfyUI layers skip weight init; give every tensor finite random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.inference_mode(), torch.no_grad():  # as ComfyUI loads weights inside a node
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            elif name.endswith("weight"):  # every 1-D weight here is a norm scale
-                p.fill_(1.0)
-            else:
-                p.zero_()
+    """Random weights made inside inference mode, as ComfyUI loads weights inside a node."""
+    with torch.inference_mode():
+        randomise_weights(module, seed, std=0.05)
 
 
 @torch.inference_mode()  # reads weights ComfyUI moved (no version counter) without autograd bookkeeping
