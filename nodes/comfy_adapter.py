@@ -102,6 +102,7 @@ class ComfyHost:
         self.compute_dtype = base.manual_cast_dtype or base.get_dtype()
         self._transformer_options = {"optimized_attention_override": _fixed_attention}
         self._channels_last = False
+        self._tokens: dict[str, dict] = {}
 
     @property
     def diffusion_model(self) -> nn.Module:
@@ -143,7 +144,9 @@ class ComfyHost:
             raise InputError("clip", "connect the CLIP that belongs to this checkpoint")
         items = []
         for caption in captions:
-            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+            if caption not in self._tokens:  # text-encoder training encodes every step; tokenize once
+                self._tokens[caption] = self.clip.tokenize(caption)
+            cond, pooled = self.clip.encode_from_tokens(self._tokens[caption], return_pooled=True)
             y = None
             if self.family == "sdxl":
                 h, w = size
