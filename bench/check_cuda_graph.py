@@ -10,6 +10,7 @@ import torch  # noqa: E402
 import train_lora as tl  # noqa: E402  (builds ComfyUI models the way the benchmark does)
 
 from comfyui_personalize.nodes.comfy_adapter import ComfyHost  # noqa: E402
+from comfyui_personalize.training.batches import TrainingData  # noqa: E402
 from comfyui_personalize.training.lora import LoRANetwork  # noqa: E402
 from comfyui_personalize.training.task import Conditioning  # noqa: E402
 from comfyui_personalize.training.trainer import TrainConfig, train  # noqa: E402
@@ -31,7 +32,7 @@ for dtype in ("auto", "bf16"):  # fp16 weights: fp16 with loss scaling, and bf16
     for graphed in (False, True):
         net = LoRANetwork(host.unet_lora_targets("attention"), 4, 4, seed=0).to(dev)
         with net.attached():
-            losses = train(host.task(), latents, cond, list(net.parameters()),
+            losses = train(host.task(), TrainingData.encoded(latents, cond), list(net.parameters()),
                            TrainConfig(steps=12, learning_rate=1e-3, batch_size=2, cuda_graph=graphed,
                                        report_every=4, dtype=dtype))
         results[graphed] = (losses, {k: v.detach().clone() for k, v in net.state_dict().items()})

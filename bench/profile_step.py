@@ -21,6 +21,7 @@ import train_lora as tl  # noqa: E402  (builds the same model the benchmark uses
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from comfyui_personalize.nodes.comfy_adapter import ComfyHost  # noqa: E402
+from comfyui_personalize.training.batches import TrainingData  # noqa: E402
 from comfyui_personalize.training.lora import LoRANetwork  # noqa: E402
 from comfyui_personalize.training.task import Conditioning  # noqa: E402
 from comfyui_personalize.training.trainer import TrainConfig, train  # noqa: E402
@@ -35,10 +36,10 @@ cfg = TrainConfig(steps=a.steps, learning_rate=1e-4, batch_size=a.batch, report_
                   cuda_graph=not a.eager, dtype=a.dtype)
 layout = host.channels_last() if torch.cuda.is_available() and not a.nchw else contextlib.nullcontext()
 with net.attached(), layout:
-    train(host.task(), latents, cond, list(net.parameters()), cfg)  # warm-up
+    train(host.task(), TrainingData.encoded(latents, cond), list(net.parameters()), cfg)  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
-        train(host.task(), latents, cond, list(net.parameters()), cfg)
+        train(host.task(), TrainingData.encoded(latents, cond), list(net.parameters()), cfg)
 table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
 print(table)
 by_device = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"

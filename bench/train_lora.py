@@ -108,6 +108,7 @@ def timed(fn, steps):
 def ours(batch, checkpointing=False, channels_last=True):
     """What Personalize Train LoRA does on CUDA (channels-last UNet, CUDA-graphed step)."""
     from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+    from comfyui_personalize.training.batches import TrainingData
     from comfyui_personalize.training.lora import LoRANetwork
     from comfyui_personalize.training.task import Conditioning
     from comfyui_personalize.training.trainer import TrainConfig, train
@@ -121,7 +122,7 @@ def ours(batch, checkpointing=False, channels_last=True):
 
     def run(steps):
         with net.attached(), (host.channels_last() if channels_last else contextlib.nullcontext()):
-            train(host.task(), latents, cond, list(net.parameters()),
+            train(host.task(), TrainingData.encoded(latents, cond), list(net.parameters()),
                   TrainConfig(steps=steps, learning_rate=1e-4, batch_size=batch, report_every=steps,
                               gradient_checkpointing=checkpointing))
 

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file
 
+from ..training.batches import TrainingData
 from ..training.errors import InputError
 from ..training.files import lora_metadata, resolve_output_path, save_safetensors_atomic
 from ..training.lora import LoRANetwork
@@ -180,7 +181,7 @@ def run_tiny_demo(out: Path, steps: int, seed: int, sample_steps: int) -> dict:
                      len(recent), sum(recent) / len(recent), time.perf_counter() - train_started)
 
     with network.attached():
-        losses = train(task, latents, cond.select, list(network.parameters()), config, report)
+        losses = train(task, TrainingData.encoded(latents, cond), list(network.parameters()), config, report)
         loss_after = fixed_noise_loss(task, latents, cond)
     log.info("fixed-noise loss after: %.4f (before %.4f)", loss_after, loss_before)
 

@@ -112,6 +112,7 @@ class LoRANetwork(nn.Module):
         # A plain dict, not submodules: the host's layers must stay out of our parameters and state dict.
         self._targets = dict(targets)
         self._cast: tuple[tuple, torch.Tensor] | None = None
+        self.enabled = True
 
     def compute_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The flat weight in the dtype the adapters compute in, cast once per optimizer step (the cast is
@@ -137,6 +138,15 @@ class LoRANetwork(nn.Module):
             self._cast = None
             for h in handles:
                 h.remove()
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The host's own output while the block runs (the frozen model, for prior-prediction targets)."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """``{name}.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``: the layout kohya, A1111 and ComfyUI load."""
@@ -177,6 +187,6 @@ class TrainedLoRA(dict):
 
 def _adding_hook(adapter: LoRAAdapter):
     def hook(_module, args, output):
-        return adapter.add_to(output, args[0])
+        return adapter.add_to(output, args[0]) if adapter._network.enabled else output
 
     return hook

@@ -32,6 +32,24 @@ class Conditioning:
         """Fresh tensors: ones made under ComfyUI's inference mode cannot take part in autograd."""
         return Conditioning(self.context.clone(), None if self.y is None else self.y.clone())
 
+    def expand(self, n: int) -> "Conditioning":
+        """The one conditioning repeated for a batch of ``n``."""
+        if len(self) != 1:
+            raise ValueError(f"expand needs a single conditioning, got {len(self)}")
+        return Conditioning(self.context.expand(n, -1, -1), None if self.y is None else self.y.expand(n, -1))
+
+    def where(self, mask: torch.Tensor, other: "Conditioning") -> "Conditioning":
+        """Per sample: ``other`` where ``mask`` [B] is true, else self (caption dropout)."""
+        a, b = Conditioning.cat([self, other]).split(len(self))
+        ctx = torch.where(mask.view(-1, 1, 1), b.context, a.context)
+        y = None if a.y is None else torch.where(mask.view(-1, 1), b.y, a.y)
+        return Conditioning(ctx, y)
+
+    def split(self, n: int) -> tuple["Conditioning", "Conditioning"]:
+        """The first ``n`` items and the rest."""
+        return (Conditioning(self.context[:n], None if self.y is None else self.y[:n]),
+                Conditioning(self.context[n:], None if self.y is None else self.y[n:]))
+
     @staticmethod
     def cat(items: Sequence["Conditioning"]) -> "Conditioning":
         """Stack per-item conditionings; contexts of 77*k tokens are repeated to a common length, as ComfyUI

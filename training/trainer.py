@@ -6,7 +6,7 @@ import logging
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import cuda_graph
+from .batches import BucketBatchSampler, LatentBucket, TrainingData, class_plan
 from .errors import InputError, TrainingDiverged
+from .objective import LR_SCHEDULES, Objective, lr_factor, per_sample_mse, prior_preservation_loss
 from .schedule import NoiseSchedule
 from .task import Conditioning, DiffusionTask
 
@@ -33,11 +35,16 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"
     gradient_checkpointing: bool = False
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    gradient_accumulation: int = 1  # micro-batches per optimiser step
+    ema_decay: float = 0.0  # 0: off; else the trained weights returned are the exponential moving average
+    objective: Objective = Objective()
     report_every: int = 10  # how often losses are read back from the device (each read is a sync)
     cuda_graph: bool = True  # replay the step as a CUDA graph when the run allows it (see cuda_graph.py)
 
-    def validate(self) -> None:
+    def validate(self, num_timesteps: int = 1000) -> None:
         if self.steps < 1:
             raise InputError("steps", f"must be at least 1, got {self.steps}")
         if not self.learning_rate > 0:
@@ -46,6 +53,25 @@ class TrainConfig:
             raise InputError("batch_size", f"must be at least 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
             raise InputError("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError("lr_schedule", f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or (self.warmup_steps and self.warmup_steps >= self.steps):
+            raise InputError("warmup_steps", f"must be below steps ({self.steps}), got {self.warmup_steps}")
+        if self.gradient_accumulation < 1:
+            raise InputError("gradient_accumulation", f"must be at least 1, got {self.gradient_accumulation}")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError("ema_decay", f"must be 0 (off) or in (0, 1), got {self.ema_decay}")
+        if self.max_grad_norm < 0:
+            raise InputError("max_grad_norm", f"must be 0 (off) or positive, got {self.max_grad_norm}")
+        self.objective.validate(num_timesteps)
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters trained with their own learning rate (pivotal tuning: embedding and LoRA)."""
+
+    params: Sequence[nn.Parameter]
+    learning_rate: float
 
 
 @dataclass(frozen=True)
@@ -85,76 +111,121 @@ def gradient_checkpointing(blocks: Sequence[nn.Module], enabled: bool = True) ->
             del block.forward
 
 
-class BatchSampler:
-    """Epochs of a seeded permutation, so every image is seen once per epoch."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-
-    def next(self) -> torch.Tensor:
-        picked = []
-        while len(picked) < self.batch_size:
-            if not self.order:
-                self.order = torch.randperm(self.n, generator=self.generator).tolist()
-            picked.append(self.order.pop())
-        return torch.tensor(picked)
-
-
 Progress = Callable[[int, list[float]], None]
 
 
-def train(task: DiffusionTask, latents: torch.Tensor,
-          conditioning: Conditioning | Callable[[torch.Tensor], Conditioning],
-          params: Sequence[nn.Parameter], cfg: TrainConfig, progress: Progress | None = None) -> list[float]:
-    """Minimise MSE(model(x_t, t, c), target) over ``params``; returns the per-step loss.
+def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter] | Sequence[ParamGroup],
+          cfg: TrainConfig, progress: Progress | None = None,
+          frozen: Callable[[], ContextManager] | None = None) -> list[float]:
+    """Minimise the objective over ``params`` on ``data``; returns the per-step loss.
 
-    ``conditioning`` is either every image's conditioning (fixed: the step can run as a CUDA graph) or a
-    function of the batch's indices (e.g. encoding captions with gradients when the text encoder trains).
-    ``progress(step_done, losses_so_far)`` runs after every step and may raise to cancel.
+    The step runs as a CUDA graph when everything it reads is on the device: cached conditioning and one
+    bucket. ``frozen()`` must switch the trained adapters off for its block (the "prior_prediction" mode's
+    target). ``progress(step_done, losses_so_far)`` runs after every step and may raise to cancel.
     """
-    cfg.validate()
-    device = task.device
+    cfg.validate(task.schedule.num_timesteps)
+    if data.prior == "prior_prediction" and frozen is None:
+        raise InputError("prior", "prior_prediction needs the frozen model, which this trainer cannot give; "
+                                  "use class images")
+    device, obj = task.device, cfg.objective
     schedule = NoiseSchedule(task.schedule.alphas_cumprod.to(device), task.schedule.prediction)
     precision = resolve_precision(cfg.dtype, device, task.weight_dtype)
-    fixed_cond = conditioning.to(device).clone() if isinstance(conditioning, Conditioning) else None
-    graphed = cfg.cuda_graph and device.type == "cuda" and fixed_cond is not None
-    params = [p for p in params if p.requires_grad]
+    buckets = [b.to(device) for b in data.buckets]
     on_gpu = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=on_gpu or None, capturable=graphed)
+    graphed = cfg.cuda_graph and on_gpu and data.cached and len(buckets) == 1
+    groups = [g if isinstance(g, ParamGroup) else None for g in params]
+    groups = ([ParamGroup([p for p in g.params if p.requires_grad], g.learning_rate) for g in groups]
+              if all(groups) else [ParamGroup([p for p in params if p.requires_grad], cfg.learning_rate)])
+    flat = [p for g in groups for p in g.params]
+    base_lrs = [g.learning_rate for g in groups]
+    # A device-tensor lr lets the graphed step apply the schedule itself (fused AdamW reads it on the device).
+    optimizer = torch.optim.AdamW(
+        [{"params": g.params, "lr": torch.tensor(g.learning_rate, device=device) if graphed else g.learning_rate}
+         for g in groups], fused=on_gpu or None, capturable=graphed)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
-    sampler = BatchSampler(latents.shape[0], cfg.batch_size, cfg.seed)
-    host_index = torch.stack([sampler.next() for _ in range(cfg.steps)])  # [steps, batch], fixed by the seed
-    device_index = host_index.to(device)
+    ema = [p.detach().clone() for p in flat] if cfg.ema_decay > 0 else None
+
+    accum, bs = cfg.gradient_accumulation, cfg.batch_size
+    sampler = BucketBatchSampler([b.latents.shape[0] for b in buckets], bs, cfg.seed)
+    plan = [[sampler.next() for _ in range(accum)] for _ in range(cfg.steps)]  # fixed by the seed
+    plan_rows = torch.tensor([[rows for _, rows in micro] for micro in plan]).to(device)  # [steps, accum, bs]
+    n_class = buckets[0].class_latents.shape[0] if data.prior == "class_images" else 1
+    class_rows = class_plan(cfg.steps * accum, bs, n_class, cfg.seed).view(cfg.steps, accum, bs).to(device)
     step_counter = torch.zeros(1, dtype=torch.long, device=device)  # advanced on the device, inside the step
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    x0_all = latents.to(device, torch.float32).clone()  # a normal tensor even if the host made it in inference mode
     losses_dev = torch.zeros(cfg.steps, device=device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=precision.autocast,
+                                 enabled=precision.autocast is not None, cache_enabled=False)
 
-    def step(index_on_host: torch.Tensor | None = None) -> None:
-        index = device_index.index_select(0, step_counter).view(-1)
-        x0 = x0_all.index_select(0, index)
-        noise = torch.randn(x0.shape, generator=generator, device=device)
-        t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=device)
-        cond = fixed_cond.select(index) if fixed_cond is not None else conditioning(index_on_host)
-        with torch.autocast(device.type, dtype=precision.autocast, enabled=precision.autocast is not None,
-                            cache_enabled=False):
-            pred = task.predict(schedule.add_noise(x0, noise, t), t, cond)
-        loss = F.mse_loss(pred.float(), schedule.target(x0, noise, t))
+    def conditioning(bucket: LatentBucket, rows: torch.Tensor, host_rows: list[int] | None, n: int):
+        """(per-sample conditioning, class prompt conditioning) for a micro-batch."""
+        if bucket.cond is not None:
+            cond, empty, klass = bucket.cond.select(rows), bucket.empty_cond, bucket.class_cond
+        else:  # the text side trains: encode with gradients, all in one call
+            extra = ([""] if data.caption_dropout > 0 else []) + ([data.class_prompt] if data.prior else [])
+            everything = data.encode([bucket.captions[i] for i in host_rows] + extra, bucket.size)
+            cond, rest = everything.split(n)
+            empty = rest.split(1)[0] if data.caption_dropout > 0 else None
+            klass = rest.split(len(rest) - 1)[1] if data.prior else None
+        if data.caption_dropout > 0:
+            drop = torch.rand(n, generator=generator, device=device) < data.caption_dropout
+            cond = cond.where(drop, empty.expand(n))
+        return cond, klass
+
+    def micro_step(k: int, bucket_id: int, host_rows: list[int] | None) -> torch.Tensor:
+        bucket = buckets[bucket_id]
+        rows = plan_rows.index_select(0, step_counter)[0, k]
+        x0 = bucket.latents.index_select(0, rows)
+        if bucket.flipped is not None:
+            mirror = torch.rand(bs, generator=generator, device=device) < 0.5
+            x0 = torch.where(mirror.view(-1, 1, 1, 1), bucket.flipped.index_select(0, rows), x0)
+        cond, class_cond = conditioning(bucket, rows, host_rows, bs)
+        if data.prior == "class_images":
+            crows = class_rows.index_select(0, step_counter)[0, k]
+            x0 = torch.cat([x0, bucket.class_latents.index_select(0, crows)])
+        elif data.prior == "prior_prediction":
+            x0 = torch.cat([x0, x0])
+        if data.prior:
+            cond = Conditioning.cat([cond, class_cond.expand(bs)])
+        noise = obj.noise(x0.shape, generator, device)
+        t = obj.timesteps(x0.shape[0], generator, device)
+        x_t = schedule.add_noise(x0, noise, t)
+        target = schedule.target(x0, noise, t)
+        if data.prior == "prior_prediction":
+            with torch.no_grad(), frozen(), autocast():
+                prior_target = task.predict(x_t[bs:], t[bs:], class_cond.expand(bs))
+            target = torch.cat([target[:bs], prior_target.float()])
+        with autocast():
+            pred = task.predict(x_t, t, cond)
+        weights = obj.sample_weights(schedule.alphas_cumprod[t], schedule.prediction)
+        loss = prior_preservation_loss(per_sample_mse(pred, target), weights, bs, data.prior_weight) / accum
         scaler.scale(loss).backward()
+        return loss.detach()
+
+    def step(i: int | None = None) -> None:
+        """One optimiser step; ``i`` (the host's step index) is None when recorded into a CUDA graph."""
+        if graphed:
+            factor = lr_factor(step_counter, cfg.steps, cfg.lr_schedule, cfg.warmup_steps)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"].copy_(base * factor.view(()))
+        total = torch.zeros((), device=device)
+        for k in range(accum):
+            bucket_id, host_rows = (0, None) if i is None else plan[i][k]
+            total = total + micro_step(k, bucket_id, None if data.cached else host_rows)
         if cfg.max_grad_norm > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=on_gpu or None)
+            torch.nn.utils.clip_grad_norm_(flat, cfg.max_grad_norm, foreach=on_gpu or None)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        losses_dev.index_copy_(0, step_counter, loss.detach().view(1))
+        if ema is not None:
+            torch._foreach_lerp_(ema, [p.detach() for p in flat], 1.0 - cfg.ema_decay)
+        losses_dev.index_copy_(0, step_counter, total.view(1))
         step_counter.add_(1)
 
-    log.info("training %d parameters for %d steps (batch %d, %s%s) on %s", sum(p.numel() for p in params),
-             cfg.steps, cfg.batch_size, precision.autocast or task.weight_dtype, ", CUDA graph" if graphed else "",
-             device)
+    log.info("training %d parameters for %d steps (batch %d x %d%s, %s%s) on %s", sum(p.numel() for p in flat),
+             cfg.steps, bs, accum, f", prior {data.prior}" if data.prior else "",
+             precision.autocast or task.weight_dtype, ", CUDA graph" if graphed else "", device)
     losses: list[float] = []
     graph = None
     side = torch.cuda.Stream(device) if graphed else None  # warm-up before capture runs on a side stream
@@ -162,6 +233,10 @@ def train(task: DiffusionTask, latents: torch.Tensor,
         side.wait_stream(torch.cuda.current_stream(device))  # the data copies above ran on the default stream
     with gradient_checkpointing(task.checkpoint_blocks, cfg.gradient_checkpointing):
         for i in range(cfg.steps):
+            if not graphed:
+                factor = float(lr_factor(torch.tensor(i), cfg.steps, cfg.lr_schedule, cfg.warmup_steps))
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
             if side is not None and i == _GRAPH_WARMUP_STEPS:
                 torch.cuda.current_stream(device).wait_stream(side)
                 side = None
@@ -170,13 +245,16 @@ def train(task: DiffusionTask, latents: torch.Tensor,
                 graph.replay()
             else:
                 with torch.cuda.stream(side) if side is not None else nullcontext():
-                    step(host_index[i])
+                    step(i)
             if (i + 1) % cfg.report_every == 0 or i + 1 == cfg.steps:
                 if on_gpu:
                     torch.cuda.synchronize(device)
                 losses.extend(_read_back(losses_dev, len(losses), i + 1))
             if progress is not None:
                 progress(i + 1, losses)
+    if ema is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(flat, ema)
     return losses
 
 

@@ -3,24 +3,34 @@ import math
 import pytest
 import torch
 
+from comfyui_personalize.training.batches import TrainingData
 from comfyui_personalize.training.errors import InputError, TrainingDiverged
 from comfyui_personalize.training.lora import LoRANetwork
 from comfyui_personalize.training.trainer import TrainConfig, fixed_noise_loss, resolve_precision, train
+
+CAPTION = "a photo of zwx dog"
 
 
 def _data(host, n=2, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(n, size, size, 3, generator=g)
     latents = host.encode_images(images)
-    cond = host.encode_text(["a photo of zwx dog"] * n)
+    cond = host.encode_text([CAPTION] * n)
     return latents, cond
 
 
-def _train(host, latents, cond, **overrides):
-    net = LoRANetwork(host.unet_lora_targets("attention"), rank=4, alpha=4)
+def _dataset(host, latents, captions=None, cached=True, **options):
+    data = TrainingData.single(latents, captions or [CAPTION] * latents.shape[0],
+                               lambda caps, size: host.encode_text(caps), **options)
+    return data.cache_conditioning() if cached else data
+
+
+def _train(host, latents, cond=None, data=None, net=None, **overrides):
+    net = net or LoRANetwork(host.unet_lora_targets("attention"), rank=4, alpha=4)
     cfg = TrainConfig(**{"steps": 40, "learning_rate": 5e-3, "batch_size": 2, "seed": 0, **overrides})
     with net.attached():
-        losses = train(host.task(), latents, cond.select, list(net.parameters()), cfg)
+        losses = train(host.task(), data or _dataset(host, latents), list(net.parameters()), cfg,
+                       frozen=net.disabled)
     return net, losses
 
 
@@ -28,7 +38,7 @@ def test_loss_falls_on_a_fixed_batch(host):
     latents, cond = _data(host)
     task = host.task()
     before = fixed_noise_loss(task, latents, cond)
-    net, losses = _train(host, latents, cond, steps=80, learning_rate=1e-2)
+    net, losses = _train(host, latents, steps=80, learning_rate=1e-2)
     with net.attached():
         after = fixed_noise_loss(task, latents, cond)
     assert len(losses) == 80 and all(math.isfinite(v) for v in losses)
@@ -38,16 +48,16 @@ def test_loss_falls_on_a_fixed_batch(host):
 
 def test_same_seed_same_run(host):
     latents, cond = _data(host)
-    _, a = _train(host, latents, cond, steps=5)
-    _, b = _train(host, latents, cond, steps=5)
-    _, c = _train(host, latents, cond, steps=5, seed=1)
+    _, a = _train(host, latents, steps=5)
+    _, b = _train(host, latents, steps=5)
+    _, c = _train(host, latents, steps=5, seed=1)
     assert a == b and a != c
 
 
 def test_gradient_checkpointing_recomputes_identically(host):
     latents, cond = _data(host)
-    net_a, a = _train(host, latents, cond, steps=3)
-    net_b, b = _train(host, latents, cond, steps=3, gradient_checkpointing=True)
+    net_a, a = _train(host, latents, steps=3)
+    net_b, b = _train(host, latents, steps=3, gradient_checkpointing=True)
     assert a == pytest.approx(b, rel=1e-5)
     for name in net_a.adapters:
         torch.testing.assert_close(net_a.adapters[name].up, net_b.adapters[name].up, rtol=1e-4, atol=1e-6)
@@ -58,7 +68,7 @@ def test_nan_loss_stops_and_names_the_step(host):
     latents, cond = _data(host)
     latents[0, 0, 0, 0] = float("nan")
     with pytest.raises(TrainingDiverged, match="step 1"):
-        _train(host, latents, cond, steps=3)
+        _train(host, latents, steps=3)
 
 
 def test_text_encoder_lora_receives_gradients(host):
@@ -68,7 +78,7 @@ def test_text_encoder_lora_receives_gradients(host):
     captions = ["a photo of zwx dog", "a photo of zwx cat"]
     cfg = TrainConfig(steps=4, learning_rate=1e-2, batch_size=2)
     with te_net.attached(), unet_net.attached():
-        train(host.task(), latents, lambda i: host.encode_text([captions[j] for j in i.tolist()]),
+        train(host.task(), _dataset(host, latents, captions, cached=False),
               [*te_net.parameters(), *unet_net.parameters()], cfg)
     assert any(a.up.abs().sum() > 0 for a in te_net.adapters.values())
     assert all(a.up.abs().sum() > 0 for a in unet_net.adapters.values())
@@ -85,7 +95,7 @@ def test_progress_sees_every_step_and_can_cancel(host):
 
     net = LoRANetwork(host.unet_lora_targets("attention"), rank=2, alpha=2)
     with pytest.raises(KeyboardInterrupt), net.attached():
-        train(host.task(), latents, cond.select, list(net.parameters()),
+        train(host.task(), _dataset(host, latents), list(net.parameters()),
               TrainConfig(steps=30, learning_rate=1e-3, report_every=5), progress)
     assert [s for s, _ in seen] == list(range(1, 13))
     assert seen[-1] == (12, 10)  # losses are read back every report_every steps
@@ -119,11 +129,8 @@ def test_precision_choices(monkeypatch):
         resolve_precision("fp32", cuda, torch.float16)
 
 
-def test_fixed_conditioning_trains_like_a_conditioning_function(host):
-    latents, cond = _data(host)
-    _, by_function = _train(host, latents, cond, steps=4)
-    net = LoRANetwork(host.unet_lora_targets("attention"), rank=4, alpha=4)
-    with net.attached():
-        fixed = train(host.task(), latents, cond, list(net.parameters()),
-                      TrainConfig(steps=4, learning_rate=5e-3, batch_size=2))
-    assert fixed == pytest.approx(by_function, rel=1e-6)
+def test_cached_conditioning_trains_like_encoding_every_step(host):
+    latents, _ = _data(host)
+    _, cached = _train(host, latents, steps=4)
+    _, encoded = _train(host, latents, data=_dataset(host, latents, cached=False), steps=4)
+    assert cached == pytest.approx(encoded, rel=1e-6)
