@@ -13,9 +13,10 @@ class TrainingProgress:
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
         self.node_id, self.total, self.sent = node_id, total_steps, 0
 
-    def __call__(self, step: int, losses: list[float]) -> None:
+    def __call__(self, step: int, losses: list[float], preview=None) -> None:
+        """``preview``: a PIL image (a sample of the model being trained) to show on the node."""
         mm.throw_exception_if_processing_interrupted()  # Cancel stops here; nothing has been written yet
-        self.bar.update_absolute(step, self.total)
+        self.bar.update_absolute(step, self.total, None if preview is None else ("JPEG", preview, 512))
         if len(losses) > self.sent:
             self._send({"node": self.node_id, "start": self.sent, "losses": losses[self.sent:],
                         "step": step, "total": self.total})

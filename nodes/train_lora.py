@@ -2,20 +2,39 @@
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
 
 import comfy.sd
+import folder_paths
 import torch
 from comfy_api.latest import io
+from safetensors.torch import load_file
 
-from ..training.data import expand_captions, prepare_images
-from ..training.files import lora_metadata
+from ..training.errors import InputError
+from ..training.files import lora_metadata, resolve_output_path, save_safetensors_atomic
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
-from ..training.trainer import DTYPES, TrainConfig, train
-from .comfy_adapter import ComfyHost
-from .progress import TrainingProgress
+from .session import TrainingSession, common_inputs
 
 log = logging.getLogger(__name__)
+NONE = "none"
+
+
+def lora_files() -> list[str]:
+    return [NONE] + folder_paths.get_filename_list("loras")
+
+
+def load_resume(nets: list[LoRANetwork], name: str) -> None:
+    """Continue from a saved LoRA of the same shape (our own files, or kohya files of the same targets/rank)."""
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise InputError("resume_from", f"{name!r} is not in models/loras")
+    sd = load_file(path)
+    for net in nets:
+        mine = {k: v for k, v in sd.items() if k.split(".")[0] in net.adapters}
+        try:
+            net.load_kohya_state_dict(mine)
+        except ValueError as e:
+            raise InputError("resume_from", f"{name} does not match this LoRA's targets/rank ({e}); pick the "
+                                            "same targets, rank and text-encoder setting it was trained with") from e
 
 
 class PersonalizeTrainLoRA(io.ComfyNode):
@@ -27,25 +46,14 @@ class PersonalizeTrainLoRA(io.ComfyNode):
             category="personalize/training",
             description="Trains a LoRA on the connected checkpoint in this ComfyUI process and returns the model "
                         "and CLIP with it applied, the LoRA weights (kohya keys) and the loss per step.",
-            inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
-                io.Image.Input("images", tooltip="The subject or style photos (one batch, same size)."),
-                io.String.Input("caption", multiline=True, default="a photo of zwx person",
-                                tooltip="One line for all images, or one line per image."),
-                io.Int.Input("steps", default=500, min=1, max=100000),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=False),
+            inputs=common_inputs(learning_rate=1e-4) + [
                 io.Int.Input("rank", default=8, min=1, max=256),
                 io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.5,
                                tooltip="Scale = alpha / rank. alpha = rank gives scale 1."),
                 io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention"),
                 io.Boolean.Input("train_text_encoder", default=False),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True),
-                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
-                               tooltip="auto: the weights' own dtype on GPU (fp16 with loss scaling), fp32 on CPU."),
-                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less memory, about 25% slower."),
+                io.Combo.Input("resume_from", options=lora_files(), default=NONE,
+                               tooltip="Continue training a LoRA saved in models/loras."),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -57,57 +65,60 @@ class PersonalizeTrainLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, caption, steps, learning_rate, rank, alpha, targets,
-                train_text_encoder, batch_size, seed, dtype, gradient_checkpointing) -> io.NodeOutput:
-        cfg = TrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-                          dtype=dtype, gradient_checkpointing=gradient_checkpointing)
-        cfg.validate()
-        images = prepare_images(images)
-        captions = expand_captions(caption, images.shape[0])
-        host = ComfyHost(model, clip, vae)
-        size = tuple(images.shape[1:3])
-        latents = host.encode_images(images)
-
+    def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, seed, dtype,
+                gradient_checkpointing, rank, alpha, targets, train_text_encoder, resume_from=NONE, prior=None,
+                options=None) -> io.NodeOutput:
+        session = TrainingSession(model, clip, vae, dataset, prior, options,
+                                  dict(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                                       dtype=dtype, gradient_checkpointing=gradient_checkpointing),
+                                  cls.hidden.unique_id)
+        host = session.host
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
             # Trainable tensors must be made here: tensors created in inference mode never track gradients.
             unet_net = LoRANetwork(host.unet_lora_targets(targets), rank, alpha, seed=seed)
             te_net = (LoRANetwork(host.text_encoder_lora_targets(), rank, alpha, seed=seed + 1)
                       if train_text_encoder else None)
-            if te_net is None:
-                cached = host.encode_text(captions, size)
-                host.load_for_training(False)
-                conditioning = cached.to(host.model.load_device).clone().select
-            else:
-                host.load_for_training(True)
-                conditioning = lambda index: host.encode_text([captions[i] for i in index.tolist()], size)  # noqa: E731
             nets = [n for n in (unet_net, te_net) if n is not None]
+            if resume_from != NONE:
+                load_resume(nets, resume_from)
+            data = session.data(text_trains=te_net is not None)
             for n in nets:
                 n.to(host.model.load_device)
-            params = [p for n in nets for p in n.parameters()]
-            with ExitStack() as attached:
-                for n in nets:
-                    attached.enter_context(n.attached())
-                if te_net is not None:
-                    attached.enter_context(host.text_encoder_autograd())
-                if host.model.load_device.type == "cuda":
-                    attached.enter_context(host.channels_last())
-                losses = train(host.task(), latents, conditioning, params, cfg,
-                               TrainingProgress(steps, cls.hidden.unique_id))
 
-        tensors = unet_net.kohya_state_dict(torch.float32)
-        if te_net is not None:
-            tensors.update(te_net.kohya_state_dict(torch.float32))
-        meta = lora_metadata(
-            base_model=host.family, rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
-            batch_size=batch_size, resolution=size, num_images=images.shape[0], seed=seed,
-            title="Personalize LoRA", text_encoder_trained=te_net is not None, prediction=host.prediction,
-            targets=targets, extra={"captions": sorted(set(captions)), "final_loss": losses[-1]},
-        )
-        lora = TrainedLoRA(tensors, meta)
+            def make_lora(step: int | None = None) -> TrainedLoRA:
+                tensors = {k: v for n in nets for k, v in n.kohya_state_dict(torch.float32).items()}
+                meta = lora_metadata(
+                    base_model=host.family, rank=rank, alpha=alpha, learning_rate=learning_rate,
+                    steps=step or steps, batch_size=batch_size, resolution=session.size,
+                    num_images=len(dataset), seed=seed, title="Personalize LoRA",
+                    text_encoder_trained=te_net is not None, prediction=host.prediction, targets=targets,
+                    extra={"captions": sorted(set(dataset.captions)), "prior": prior.mode if prior else "none"})
+                return TrainedLoRA(tensors, meta)
+
+            def save(step: int) -> None:
+                folder = folder_paths.get_folder_paths("loras")[0]
+                path = resolve_output_path(folder, "personalize_checkpoints", f"lora_step{step:05d}", ".safetensors",
+                                           "increment")
+                lora = make_lora(step)
+                save_safetensors_atomic({k: v.half() for k, v in lora.items()}, path, lora.metadata)
+
+            losses = session.run(data, [p for n in nets for p in n.parameters()], [n.attached() for n in nets],
+                                 text_trains=te_net is not None, frozen=lambda: _all_disabled(nets), save=save)
+        lora = make_lora()
+        lora.metadata["ss_personalize_final_loss"] = f"{losses[-1]:.6g}"
         # The stock LoraLoader's own path, so the returned model equals loading the saved file.
         out_model, out_clip = comfy.sd.load_lora_for_models(model, clip if te_net else None, lora, 1.0, 1.0)
-        log.info("trained %d LoRA modules; loss %.4f -> %.4f", len(tensors) // 3, losses[0], losses[-1])
+        log.info("trained %d LoRA modules; loss %.4f -> %.4f", len(lora) // 3, losses[0], losses[-1])
         return io.NodeOutput(out_model, out_clip if te_net else clip, lora, {"loss": losses})
+
+
+def _all_disabled(nets: list[LoRANetwork]):
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    for n in nets:
+        stack.enter_context(n.disabled())
+    return stack
 
 
 NODES = [PersonalizeTrainLoRA]

@@ -7,3 +7,5 @@ Dataset = io.Custom("PERSONALIZE_DATASET")
 Prior = io.Custom("PERSONALIZE_PRIOR")
 # training.embedding.TrainedEmbedding: learned token vectors ({"clip_l": [n, 768], "clip_g": [n, 1280]}).
 Embedding = io.Custom("PERSONALIZE_EMBEDDING")
+# training.options.TrainOptions: schedule, loss weighting and run control shared by the trainers.
+Options = io.Custom("PERSONALIZE_TRAIN_OPTIONS")

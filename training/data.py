@@ -1,8 +1,13 @@
-"""Checking and shaping what users feed a trainer: image batches and captions."""
+"""Checking and shaping what users feed a trainer: image batches, captions, and the encoded training set."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
+from .batches import Encode, LatentBucket, TrainingData
+from .buckets import assign_buckets, fit_image
+from .datasets import InstanceDataset, PriorPreservation
 from .errors import InputError
 
 MIN_SIDE = 32
@@ -39,3 +44,30 @@ def expand_captions(text: str, count: int, input_name: str = "caption") -> list[
         raise InputError(input_name, f"has {len(lines)} lines for {count} images; "
                                      "give one line per image, or a single line for all")
     return lines
+
+
+def build_training_data(dataset: InstanceDataset, prior: PriorPreservation | None,
+                        encode_images: Callable[[torch.Tensor], torch.Tensor], encode: Encode,
+                        chunk: int = 8) -> TrainingData:
+    """Bucket the subject images by aspect ratio, fit each to its bucket and encode it once (mirrored too when
+    ``dataset.flip``); class images are fitted and encoded at every bucket size, so a class batch always
+    matches the subject batch it is trained with."""
+    def encode_all(images: list[torch.Tensor], size: tuple[int, int], mirror: bool = False) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), chunk):
+            pixels = torch.stack([fit_image(im, size) for im in images[i:i + chunk]])
+            out.append(encode_images(pixels.flip(2) if mirror else pixels))
+        return torch.cat(out)
+
+    groups = assign_buckets([tuple(im.shape[:2]) for im in dataset.images], dataset.resolution,
+                            enabled=dataset.bucketing)
+    buckets = []
+    for size, ids in groups.items():
+        images = [dataset.images[i] for i in ids]
+        buckets.append(LatentBucket(
+            encode_all(images, size), [dataset.captions[i] for i in ids], size,
+            flipped=encode_all(images, size, mirror=True) if dataset.flip else None,
+            class_latents=(encode_all(list(prior.images), size)
+                           if prior is not None and prior.mode == "class_images" else None)))
+    return TrainingData(buckets, encode, dataset.caption_dropout, prior.mode if prior else None,
+                        prior.weight if prior else 1.0, prior.class_prompt if prior else "")

@@ -29,6 +29,7 @@ def test_sdxl_lora_names_are_ldm_style_and_loadable(tiny_sdxl):
 
 def test_sdxl_trains_through_the_adm_vector(tiny_sdxl):
     from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+    from comfyui_personalize.training.batches import TrainingData
     from comfyui_personalize.training.lora import LoRANetwork
     from comfyui_personalize.training.task import Conditioning
     from comfyui_personalize.training.trainer import TrainConfig, train
@@ -42,7 +43,7 @@ def test_sdxl_trains_through_the_adm_vector(tiny_sdxl):
         net = LoRANetwork(host.unet_lora_targets("attention"), 4, 4).to(host.model.load_device)
         cond = Conditioning(torch.randn(2, 77, 2048), y)
         with net.attached():
-            losses = train(host.task(), torch.randn(2, 4, 8, 8), cond, list(net.parameters()),
+            losses = train(host.task(), TrainingData.encoded(torch.randn(2, 4, 8, 8), cond), list(net.parameters()),
                            TrainConfig(steps=3, learning_rate=1e-3, batch_size=2))
         dev = host.model.load_device
         x, t = torch.randn(2, 4, 8, 8, device=dev), torch.tensor([100, 700], device=dev)

@@ -32,9 +32,19 @@ def run_node(node_cls, **kwargs):
     return out
 
 
-TRAIN_ARGS = dict(caption="a photo of zwx dog", steps=3, learning_rate=1e-3, rank=4, alpha=4.0,
-                  targets="attention", train_text_encoder=False, batch_size=2, seed=0, dtype="auto",
-                  gradient_checkpointing=False)
+def dataset(images=None, caption="a photo of zwx dog", **options):
+    """What Personalize Instance Dataset hands a trainer: images (as ComfyUI gives them) with captions."""
+    from comfyui_personalize.training.data import expand_captions, prepare_images
+    from comfyui_personalize.training.datasets import InstanceDataset
+
+    images = prepare_images(subject_images() if images is None else images)
+    with torch.inference_mode(False):
+        parts = tuple(im.clone() for im in images)
+    return InstanceDataset(parts, tuple(expand_captions(caption, len(parts))), **{"resolution": 64, **options})
+
+
+TRAIN_ARGS = dict(steps=3, learning_rate=1e-3, rank=4, alpha=4.0, targets="attention", train_text_encoder=False,
+                  batch_size=2, seed=0, dtype="auto", gradient_checkpointing=False)
 
 
 def ksample(comfy, model, clip, seed=3):
@@ -54,7 +64,7 @@ def test_train_save_and_stock_loraloader_reproduce_the_model(comfy, tiny_sd15, p
     patches_before = dict(model.patches)
 
     trained_model, trained_clip, lora, loss = run_node(train_node, model=model, clip=clip, vae=vae,
-                                                       images=subject_images(), **TRAIN_ARGS).result
+                                                       dataset=dataset(), **TRAIN_ARGS).result
     assert len(loss["loss"]) == 3 and all(torch.isfinite(torch.tensor(loss["loss"])))
     assert all(k.startswith("lora_unet_down_blocks_") or k.startswith("lora_unet_up_blocks_")
                or k.startswith("lora_unet_mid_block_") for k in lora)
@@ -91,7 +101,7 @@ def test_text_encoder_lora_trains_and_loads(comfy, tiny_sd15, pack_nodes):
     model, clip, vae = tiny_sd15
     args = dict(TRAIN_ARGS, train_text_encoder=True, steps=2)
     trained_model, trained_clip, lora, _ = run_node(train_node, model=model, clip=clip, vae=vae,
-                                                    images=subject_images(), **args).result
+                                                    dataset=dataset(), **args).result
     te_keys = [k for k in lora if k.startswith("lora_te_text_model_encoder_layers_")]
     assert te_keys and any(lora[k].abs().sum() > 0 for k in te_keys if k.endswith("lora_up.weight"))
     assert trained_clip is not clip and len(trained_clip.patcher.patches) == len(te_keys) // 3
@@ -109,21 +119,19 @@ def test_entrypoint_registers_the_nodes(comfy):
 
 
 @pytest.mark.parametrize("override,input_name", [
-    ({"images": "empty"}, "images"),
-    ({"caption": "one\ntwo\nthree"}, "caption"),
+    ({"dataset": "not a dataset"}, "dataset"),
     ({"rank": 0}, "rank"),
     ({"steps": 0}, "steps"),
     ({"learning_rate": 0.0}, "learning_rate"),
+    ({"resume_from": "missing.safetensors"}, "resume_from"),
 ])
 def test_bad_inputs_name_the_input(comfy, tiny_sd15, pack_nodes, override, input_name):
     from comfyui_personalize.training.errors import InputError
     model, clip, vae = tiny_sd15
-    args = dict(TRAIN_ARGS, images=subject_images())
-    if override.get("images") == "empty":
-        override = {"images": torch.zeros(0, 64, 64, 3)}
+    args = dict(TRAIN_ARGS, dataset=dataset())
     args.update(override)
     with pytest.raises(InputError) as e:
-        run_node(pack_pack := pack_nodes[0], model=model, clip=clip, vae=vae, **args)  # noqa: F841
+        run_node(pack_nodes[0], model=model, clip=clip, vae=vae, **args)
     assert e.value.input_name == input_name
 
 
@@ -133,7 +141,7 @@ def test_non_sd_model_is_refused(comfy, tiny_sd15, pack_nodes):
     other = model.clone()
     other.add_object_patch("model_sampling", _flow_sampling(model))
     with pytest.raises(InputError, match="model: .*sampling is not supported"):
-        run_node(pack_nodes[0], model=other, clip=clip, vae=vae, images=subject_images(), **TRAIN_ARGS)
+        run_node(pack_nodes[0], model=other, clip=clip, vae=vae, dataset=dataset(), **TRAIN_ARGS)
 
 
 def _flow_sampling(model):
@@ -163,7 +171,7 @@ def test_cancel_stops_training_and_leaves_nothing_behind(comfy, tiny_sd15, pack_
     mm.interrupt_current_processing(True)  # what the UI's Cancel button does
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            run_node(pack_nodes[0], model=model, clip=clip, vae=vae, images=subject_images(),
+            run_node(pack_nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
                      **dict(TRAIN_ARGS, steps=50))
     finally:
         mm.interrupt_current_processing(False)
@@ -235,6 +243,6 @@ def test_trains_after_comfyui_moved_the_weights(comfy, tiny_sd15, pack_nodes):
         for p in model.model.diffusion_model.parameters():
             p.data = p.data.clone()
     assert not any(p.is_inference() for p in model.model.diffusion_model.parameters())
-    _, _, lora, loss = run_node(pack_nodes[0], model=model, clip=clip, vae=vae, images=subject_images(),
+    _, _, lora, loss = run_node(pack_nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
                                 **dict(TRAIN_ARGS, steps=2)).result
     assert len(loss["loss"]) == 2 and any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("up.weight"))

@@ -1,0 +1,156 @@
+"""What every trainer node does around the core loop: encode the dataset on the host, attach what trains,
+show progress (bar, loss events, preview samples), save every N steps, and hand back the losses."""
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import Callable, ContextManager, Sequence
+
+import comfy.sample
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..training.data import build_training_data
+from ..training.datasets import InstanceDataset, PriorPreservation
+from ..training.errors import InputError
+from ..training.objective import LR_SCHEDULES
+from ..training.options import TrainOptions
+from ..training.trainer import DTYPES, TrainConfig, train
+from .comfy_adapter import ComfyHost
+from .progress import TrainingProgress
+from .types import Dataset, Options, Prior
+
+log = logging.getLogger(__name__)
+PREVIEW_STEPS, PREVIEW_CFG = 20, 6.0
+
+
+def common_inputs(learning_rate: float, steps: int = 500) -> list:
+    """The inputs every trainer shows, in the same order."""
+    return [
+        io.Model.Input("model"),
+        io.Clip.Input("clip"),
+        io.Vae.Input("vae"),
+        Dataset.Input("dataset", tooltip="From Personalize Instance Dataset."),
+        Prior.Input("prior", optional=True, tooltip="From Personalize Prior-Preservation Dataset (DreamBooth's "
+                                                    "class-specific prior preservation)."),
+        Options.Input("options", optional=True, tooltip="From Personalize Training Options (schedule, min-SNR, "
+                                                        "EMA, previews, saves every N steps)."),
+        io.Int.Input("steps", default=steps, min=1, max=100000),
+        io.Float.Input("learning_rate", default=learning_rate, min=1e-8, max=1.0, step=1e-7, round=False),
+        io.Int.Input("batch_size", default=1, min=1, max=64),
+        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True),
+        io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                       tooltip="auto: the weights' own dtype on GPU (fp16 with loss scaling), fp32 on CPU."),
+        io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less memory, about 25% slower."),
+    ]
+
+
+class TrainingSession:
+    """One trainer run on a ComfyUI MODEL/CLIP/VAE. ``text_trains``: captions are encoded every step with
+    gradients (text-encoder LoRA, embeddings); otherwise they are encoded once."""
+
+    def __init__(self, model, clip, vae, dataset: InstanceDataset, prior: PriorPreservation | None,
+                 options: TrainOptions | None, cfg_args: dict, node_id: str | None):
+        if not isinstance(dataset, InstanceDataset):
+            raise InputError("dataset", "connect a Personalize Instance Dataset node")
+        if prior is not None and not isinstance(prior, PriorPreservation):
+            raise InputError("prior", "connect a Personalize Prior-Preservation Dataset node")
+        self.options = options or TrainOptions()
+        self.cfg: TrainConfig = self.options.config(**cfg_args)
+        self.dataset, self.prior, self.node_id = dataset, prior, node_id
+        self.host = ComfyHost(model, clip, vae)
+        self.size = (dataset.resolution, dataset.resolution)
+
+    def data(self, text_trains: bool):
+        host = self.host
+        with torch.no_grad():  # the VAE's and CLIP's weights were made in inference mode; nothing trains here
+            data = build_training_data(self.dataset, self.prior, host.encode_images, host.encode_text)
+            if not text_trains:
+                data.cache_conditioning()
+        host.load_for_training(text_trains)
+        return data
+
+    def run(self, data, params: Sequence, attach: Sequence[ContextManager], text_trains: bool,
+            frozen: Callable[[], ContextManager] | None = None,
+            save: Callable[[int], None] | None = None) -> list[float]:
+        """Train with ``attach`` entered (adapter hooks, tokenizer overrides); ``save(step)`` every save_every."""
+        host, opts, cfg = self.host, self.options, self.cfg
+        progress = TrainingProgress(cfg.steps, self.node_id)
+        prompt = opts.sample_prompt or data.buckets[0].captions[0]
+
+        def on_step(step: int, losses: list[float]) -> None:
+            preview = None
+            if opts.sample_every and (step % opts.sample_every == 0 or step == cfg.steps):
+                preview = self.sample(prompt, data.buckets[0].size, seed=cfg.seed)
+            progress(step, losses, preview)
+            if save is not None and opts.save_every and step % opts.save_every == 0 and step < cfg.steps:
+                save(step)
+
+        with ExitStack() as stack:
+            for ctx in attach:
+                stack.enter_context(ctx)
+            if text_trains:
+                stack.enter_context(host.text_encoder_autograd())
+            if host.model.load_device.type == "cuda":
+                stack.enter_context(host.channels_last())
+            return train(host.task(), data, params, cfg, on_step, frozen=frozen)
+
+    @torch.no_grad()
+    def sample(self, prompt: str, size: tuple[int, int], seed: int):
+        """One image from the model as it is now (its adapters are attached), as KSampler would make it."""
+        host = self.host
+        positive = host.clip.encode_from_tokens_scheduled(host.clip.tokenize(prompt), show_pbar=False)
+        negative = host.clip.encode_from_tokens_scheduled(host.clip.tokenize(""), show_pbar=False)
+        latent = torch.zeros(1, 4, size[0] // 8, size[1] // 8)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        samples = comfy.sample.sample(host.model, noise, PREVIEW_STEPS, PREVIEW_CFG, "euler", "normal", positive,
+                                      negative, latent, disable_pbar=True, seed=seed)
+        image = host.vae.decode(samples)[0].float().clamp(0, 1)
+        from PIL import Image
+        return Image.fromarray((image.cpu().numpy() * 255).round().astype("uint8"))
+
+
+class PersonalizeTrainingOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PersonalizeTrainingOptions",
+            display_name="Personalize Training Options",
+            category="personalize/training",
+            description="Schedule, loss weighting and run control shared by every Personalize trainer.",
+            inputs=[
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant"),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=64),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, tooltip="0 = no clipping."),
+                io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=20.0, step=0.5,
+                               tooltip="0 = off; 5 is the paper's recommendation."),
+                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="About 0.05-0.1 helps very dark/bright images."),
+                io.Int.Input("timestep_min", default=0, min=0, max=999),
+                io.Int.Input("timestep_max", default=999, min=0, max=999),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001,
+                               tooltip="0 = off; e.g. 0.999 returns the moving average of the weights."),
+                io.Int.Input("sample_every", default=0, min=0, max=100000,
+                             tooltip="Show a preview image on the trainer every N steps (0 = off)."),
+                io.String.Input("sample_prompt", default="", tooltip="Empty = the first training caption."),
+                io.Int.Input("save_every", default=0, min=0, max=100000,
+                             tooltip="Also save the result every N steps (0 = only at the end)."),
+            ],
+            outputs=[Options.Output(display_name="options")],
+        )
+
+    @classmethod
+    def execute(cls, lr_schedule, warmup_steps, gradient_accumulation, max_grad_norm, min_snr_gamma, noise_offset,
+                timestep_min, timestep_max, ema_decay, sample_every, sample_prompt, save_every) -> io.NodeOutput:
+        from ..training.objective import Objective
+
+        objective = Objective(min_snr_gamma, noise_offset, timestep_min, timestep_max)
+        objective.validate()
+        options = TrainOptions(lr_schedule, warmup_steps, gradient_accumulation, max_grad_norm, ema_decay,
+                               objective, sample_every, sample_prompt.strip(), save_every)
+        return io.NodeOutput(options)
+
+
+NODES = [PersonalizeTrainingOptions]
