@@ -1,7 +1,9 @@
 """ComfyUI glue: one module per node family. No algorithm lives here."""
 from .identifier import NODES as _IDENTIFIER
-from .save_lora import NODES as _SAVE
+from .save_embedding import NODES as _SAVE_EMBEDDING
+from .save_lora import NODES as _SAVE_LORA
 from .session import NODES as _OPTIONS
-from .train_lora import NODES as _TRAIN
+from .train_embedding import NODES as _TRAIN_EMBEDDING
+from .train_lora import NODES as _TRAIN_LORA
 
-NODE_LIST = [*_IDENTIFIER, *_TRAIN, *_SAVE, *_OPTIONS]
+NODE_LIST = [*_IDENTIFIER, *_TRAIN_LORA, *_TRAIN_EMBEDDING, *_SAVE_LORA, *_SAVE_EMBEDDING, *_OPTIONS]

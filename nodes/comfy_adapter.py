@@ -103,6 +103,7 @@ class ComfyHost:
         self._transformer_options = {"optimized_attention_override": _fixed_attention}
         self._channels_last = False
         self._tokens: dict[str, dict] = {}
+        self.cache_tokens = True  # False when prompts carry trained vectors (tokens hold views of them)
 
     @property
     def diffusion_model(self) -> nn.Module:
@@ -144,7 +145,7 @@ class ComfyHost:
             raise InputError("clip", "connect the CLIP that belongs to this checkpoint")
         items = []
         for caption in captions:
-            if caption not in self._tokens:  # text-encoder training encodes every step; tokenize once
+            if caption not in self._tokens or not self.cache_tokens:  # text training encodes every step
                 self._tokens[caption] = self.clip.tokenize(caption)
             cond, pooled = self.clip.encode_from_tokens(self._tokens[caption], return_pooled=True)
             y = None

@@ -47,8 +47,8 @@ TRAIN_ARGS = dict(steps=3, learning_rate=1e-3, rank=4, alpha=4.0, targets="atten
                   batch_size=2, seed=0, dtype="auto", gradient_checkpointing=False)
 
 
-def ksample(comfy, model, clip, seed=3):
-    pos = comfy.nodes.CLIPTextEncode().encode(clip, "a photo of zwx dog")[0]
+def ksample(comfy, model, clip, seed=3, prompt="a photo of zwx dog"):
+    pos = comfy.nodes.CLIPTextEncode().encode(clip, prompt)[0]
     neg = comfy.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     with torch.inference_mode():

@@ -1,0 +1,181 @@
+"""Personalize Train Textual Inversion and Personalize Train Pivotal (the same token vectors plus a UNet LoRA)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import comfy.sd
+import folder_paths
+import torch
+from comfy_api.latest import io
+from safetensors.torch import load_file
+
+from ..training.embedding import (
+    TextualInversion,
+    TrainedEmbedding,
+    check_token_name,
+    initial_vectors,
+    with_embedding_syntax,
+)
+from ..training.errors import InputError
+from ..training.files import lora_metadata, resolve_output_path, save_safetensors_atomic
+from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
+from ..training.trainer import ParamGroup
+from .embeddings import clip_with_embeddings, init_ids, text_encoders, token_table
+from .session import TrainingSession, common_inputs
+from .types import Embedding
+
+log = logging.getLogger(__name__)
+NONE = "none"
+
+
+def _embedding_inputs() -> list:
+    return [
+        io.String.Input("token", default="", tooltip="The word the captions use for the subject (e.g. from "
+                        "Personalize Identifier); prompts then use embedding:<token>."),
+        io.String.Input("init_word", default="person", tooltip="A word close to the subject; the vectors start "
+                                                               "from its token embeddings."),
+        io.Int.Input("num_vectors", default=1, min=1, max=16, tooltip="Tokens the embedding takes in a prompt."),
+    ]
+
+
+def _make_inversion(session: TrainingSession, token: str, init_word: str, num_vectors: int,
+                    resume_from: str) -> TextualInversion:
+    vectors = {}
+    with torch.no_grad():
+        for key, (_, tok, encoder) in text_encoders(session.host.clip).items():
+            vectors[key] = initial_vectors(token_table(encoder), init_ids(tok, init_word), num_vectors)
+    inversion = TextualInversion(token, vectors)
+    if resume_from != NONE:
+        path = folder_paths.get_full_path("embeddings", resume_from)
+        if path is None or not path.endswith(".safetensors"):
+            raise InputError("resume_from", f"{resume_from!r} is not a .safetensors file in models/embeddings")
+        inversion.load_file_tensors(load_file(path))
+    return inversion
+
+
+def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token: str, init_word: str,
+           num_vectors: int, resume_from: str, lora_args: dict | None):
+    """Shared by both nodes: returns (clip with the embedding, TrainedEmbedding, LoRA network or None, losses)."""
+    token = check_token_name(token)
+    if prior is not None and lora_args is None:
+        raise InputError("prior", "Textual Inversion only learns the new token, so the model's prior cannot drift; "
+                                  "disconnect prior (use it with Train Pivotal, LoRA or DreamBooth)")
+    dataset = dataclasses.replace(dataset, captions=tuple(with_embedding_syntax(c, token) for c in dataset.captions))
+    session = TrainingSession(model, clip, vae, dataset, prior, options, cfg_args, cls.hidden.unique_id)
+    host = session.host
+    with torch.inference_mode(False), torch.enable_grad():
+        inversion = _make_inversion(session, token, init_word, num_vectors, resume_from)
+        host.clip = clip_with_embeddings(host.clip, {token: inversion.vectors})
+        host.cache_tokens = False
+        net = None
+        params = [*inversion.parameters()]
+        groups = None
+        if lora_args is not None:
+            net = LoRANetwork(host.unet_lora_targets(lora_args["targets"]), lora_args["rank"], lora_args["alpha"],
+                              seed=cfg_args["seed"])
+            groups = [ParamGroup(params, lora_args["embedding_lr"]),
+                      ParamGroup(list(net.parameters()), cfg_args["learning_rate"])]
+        data = session.data(text_trains=True)
+        inversion.to(host.model.load_device)
+        if net is not None:
+            net.to(host.model.load_device)
+
+        def save(step: int) -> None:
+            folder = folder_paths.get_folder_paths("embeddings")[0]
+            path = resolve_output_path(folder, "personalize_checkpoints", f"{token}_step{step:05d}", ".safetensors",
+                                       "increment")
+            save_safetensors_atomic(inversion.file_tensors(), path, {"personalize.token": token})
+
+        losses = session.run(data, groups or params, [net.attached()] if net is not None else [], text_trains=True,
+                             frozen=net.disabled if net is not None else None, save=save)
+    tensors = inversion.file_tensors()
+    meta = {"personalize.token": token, "personalize.init_word": init_word, "personalize.steps": str(cfg_args["steps"]),
+            "personalize.base_model": host.family, "modelspec.architecture": _architecture(host.family),
+            "personalize.final_loss": f"{losses[-1]:.6g}"}
+    embedding = TrainedEmbedding(token, tensors, meta)
+    out_clip = clip_with_embeddings(clip, {token: tensors})
+    return session, out_clip, embedding, net, losses
+
+
+def _architecture(family: str) -> str:
+    return {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v",
+            "sdxl": "stable-diffusion-xl-v1-base"}[family] + "/textual-inversion"
+
+
+def embedding_files() -> list[str]:
+    return [NONE] + [f for f in folder_paths.get_filename_list("embeddings") if f.endswith(".safetensors")]
+
+
+class PersonalizeTrainTextualInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PersonalizeTrainTextualInversion",
+            display_name="Personalize Train Textual Inversion",
+            category="personalize/training",
+            description="Learns new token vectors for the subject (every text encoder of the CLIP); the model "
+                        "and every existing token stay as they are. Prompts use embedding:<token>.",
+            inputs=common_inputs(learning_rate=5e-3, steps=1000) + _embedding_inputs() + [
+                io.Combo.Input("resume_from", options=embedding_files(), default=NONE),
+            ],
+            outputs=[io.Clip.Output(display_name="clip"), Embedding.Output(display_name="embedding"),
+                     io.LossMap.Output(display_name="loss")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, seed, dtype, gradient_checkpointing,
+                token, init_word, num_vectors, resume_from=NONE, prior=None, options=None) -> io.NodeOutput:
+        cfg_args = dict(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed, dtype=dtype,
+                        gradient_checkpointing=gradient_checkpointing)
+        _, out_clip, embedding, _, losses = _train(cls, model, clip, vae, dataset, prior, options, cfg_args, token,
+                                                   init_word, num_vectors, resume_from, None)
+        log.info("learned %d vectors for embedding:%s; loss %.4f -> %.4f", num_vectors, embedding.token, losses[0],
+                 losses[-1])
+        return io.NodeOutput(out_clip, embedding, {"loss": losses})
+
+
+class PersonalizeTrainPivotal(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PersonalizeTrainPivotal",
+            display_name="Personalize Train Pivotal (TI + LoRA)",
+            category="personalize/training",
+            description="Pivotal tuning: learns the subject's token vectors and a UNet LoRA together. Returns the "
+                        "model with the LoRA, the CLIP resolving embedding:<token>, and both files' contents.",
+            inputs=common_inputs(learning_rate=1e-4) + _embedding_inputs() + [
+                io.Float.Input("embedding_lr", default=5e-4, min=1e-8, max=1.0, step=1e-6, round=False),
+                io.Int.Input("rank", default=8, min=1, max=256),
+                io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.5),
+                io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention"),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+                     io.LoraModel.Output(display_name="lora"), Embedding.Output(display_name="embedding"),
+                     io.LossMap.Output(display_name="loss")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, seed, dtype, gradient_checkpointing,
+                token, init_word, num_vectors, embedding_lr, rank, alpha, targets, prior=None,
+                options=None) -> io.NodeOutput:
+        if not embedding_lr > 0:
+            raise InputError("embedding_lr", f"must be positive, got {embedding_lr}")
+        cfg_args = dict(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed, dtype=dtype,
+                        gradient_checkpointing=gradient_checkpointing)
+        lora_args = dict(rank=rank, alpha=alpha, targets=targets, embedding_lr=embedding_lr)
+        session, out_clip, embedding, net, losses = _train(cls, model, clip, vae, dataset, prior, options, cfg_args,
+                                                           token, init_word, num_vectors, NONE, lora_args)
+        meta = lora_metadata(
+            base_model=session.host.family, rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
+            batch_size=batch_size, resolution=session.size, num_images=len(dataset), seed=seed,
+            title="Personalize pivotal LoRA", text_encoder_trained=False, prediction=session.host.prediction,
+            targets=targets, extra={"token": embedding.token, "prior": prior.mode if prior else "none"})
+        lora = TrainedLoRA(net.kohya_state_dict(torch.float32), meta)
+        out_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+        return io.NodeOutput(out_model, out_clip, lora, embedding, {"loss": losses})
+
+
+NODES = [PersonalizeTrainTextualInversion, PersonalizeTrainPivotal]

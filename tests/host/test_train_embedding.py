@@ -1,0 +1,95 @@
+"""Textual Inversion and pivotal tuning inside real ComfyUI: only the new vectors train, the saved file gives the
+in-graph conditioning through the stock embedding:NAME syntax, and the pivotal LoRA loads in LoraLoader."""
+import copy
+
+import pytest
+import torch
+from comfy_tiny import weights_hash
+from safetensors.torch import load_file
+from test_train_lora import dataset, ksample, run_node
+
+pytestmark = pytest.mark.host
+ARGS = dict(steps=3, learning_rate=5e-2, batch_size=2, seed=0, dtype="auto", gradient_checkpointing=False,
+            token="zwx", init_word="dog", num_vectors=2)
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy):
+    from comfyui_personalize.nodes.save_embedding import PersonalizeSaveEmbedding
+    from comfyui_personalize.nodes.save_lora import PersonalizeSaveLoRA
+    from comfyui_personalize.nodes.train_embedding import PersonalizeTrainPivotal, PersonalizeTrainTextualInversion
+    return PersonalizeTrainTextualInversion, PersonalizeTrainPivotal, PersonalizeSaveEmbedding, PersonalizeSaveLoRA
+
+
+def stock_clip(comfy, clip):
+    """The CLIP as CheckpointLoader gives it: its tokenizer looks in models/embeddings."""
+    out = clip.clone()
+    out.tokenizer = copy.copy(clip.tokenizer)
+    out.tokenizer.clip_l = copy.copy(clip.tokenizer.clip_l)
+    out.tokenizer.clip_l.embedding_directory = comfy.folder_paths.get_folder_paths("embeddings")
+    return out
+
+
+def encode(comfy, clip, text):
+    return comfy.nodes.CLIPTextEncode().encode(clip, text)[0][0][0]
+
+
+def test_textual_inversion_trains_only_the_token_and_the_file_gives_the_same_conditioning(comfy, tiny_sd15, nodes):
+    train_ti, _, save_embedding, _ = nodes
+    model, clip, vae = tiny_sd15
+    table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+    before_table, before_clip, before_unet = table.detach().clone(), weights_hash(clip.cond_stage_model), \
+        weights_hash(model.model)
+    out_clip, embedding, loss = run_node(train_ti, model=model, clip=clip, vae=vae, dataset=dataset(), **ARGS).result
+    assert len(loss["loss"]) == 3 and set(embedding) == {"clip_l"} and embedding["clip_l"].shape == (2, 768)
+    init = before_table[clip.tokenizer.clip_l.tokenizer("dog")["input_ids"][1]]
+    assert (embedding["clip_l"] - init).abs().max() > 1e-4  # the vectors moved from the init word
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    assert torch.equal(clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight, before_table)
+    assert weights_hash(clip.cond_stage_model) == before_clip and weights_hash(model.model) == before_unet
+
+    name = run_node(save_embedding, embedding=embedding, name="", subfolder="", if_exists="overwrite").result[0]
+    assert name == "zwx"
+    saved = load_file(str(comfy.models / "embeddings" / "zwx.safetensors"))
+    assert set(saved) == {"clip_l"} and torch.equal(saved["clip_l"], embedding["clip_l"])
+    prompt = "a photo of embedding:zwx dog"
+    ours, stock = encode(comfy, out_clip, prompt), encode(comfy, stock_clip(comfy, clip), prompt)
+    torch.testing.assert_close(ours, stock, rtol=0, atol=0)
+    plain = "a photo of a dog"  # prompts without the token are untouched
+    torch.testing.assert_close(encode(comfy, out_clip, plain), encode(comfy, clip, plain), rtol=0, atol=0)
+    assert not torch.equal(ours, encode(comfy, clip, "a photo of dog dog"))
+
+
+def test_pivotal_lora_and_embedding_load_in_stock_nodes(comfy, tiny_sd15, nodes):
+    _, train_pivotal, save_embedding, save_lora = nodes
+    model, clip, vae = tiny_sd15
+    out_model, out_clip, lora, embedding, loss = run_node(
+        train_pivotal, model=model, clip=clip, vae=vae, dataset=dataset(caption="a photo of qwv dog"), embedding_lr=5e-2, rank=4, alpha=4.0,
+        targets="attention", **dict(ARGS, token="qwv", learning_rate=1e-2)).result
+    assert len(loss["loss"]) == 3 and any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("up.weight"))
+    run_node(save_embedding, embedding=embedding, name="", subfolder="", if_exists="overwrite")
+    lora_name = run_node(save_lora, lora=lora, name="pivotal", subfolder="", save_dtype="fp32",
+                         if_exists="overwrite").result[0]
+    stock_model, _ = comfy.nodes.LoraLoader().load_lora(model, clip, lora_name, 1.0, 0.0)
+    stock = stock_clip(comfy, clip)
+    prompt = "a photo of embedding:qwv dog"
+    torch.testing.assert_close(ksample(comfy, out_model, out_clip, prompt=prompt),
+                               ksample(comfy, stock_model, stock, prompt=prompt), rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_name_the_input(comfy, tiny_sd15, nodes):
+    from comfyui_personalize.training.datasets import PriorPreservation
+    from comfyui_personalize.training.errors import InputError
+    train_ti = nodes[0]
+    model, clip, vae = tiny_sd15
+    cases = [({"token": "two words"}, "token"), ({"dataset": dataset(caption="a photo of a dog")}, "token"),
+             ({"prior": PriorPreservation("prior_prediction", "a photo of a dog")}, "prior"),
+             ({"init_word": " "}, "init_word"), ({"learning_rate": 0.0}, "learning_rate")]
+    for override, name in cases:
+        args = dict(ARGS, dataset=dataset(), **{k: v for k, v in override.items() if k != "dataset"})
+        if "dataset" in override:
+            args["dataset"] = override["dataset"]
+        with pytest.raises(InputError) as e:
+            run_node(train_ti, model=model, clip=clip, vae=vae, **args)
+        assert e.value.input_name == name, override
