@@ -1,4 +1,5 @@
 """ComfyUI glue: one module per node family. No algorithm lives here."""
+from .dataset import NODES as _DATASET
 from .identifier import NODES as _IDENTIFIER
 from .save_embedding import NODES as _SAVE_EMBEDDING
 from .save_lora import NODES as _SAVE_LORA
@@ -6,4 +7,4 @@ from .session import NODES as _OPTIONS
 from .train_embedding import NODES as _TRAIN_EMBEDDING
 from .train_lora import NODES as _TRAIN_LORA
 
-NODE_LIST = [*_IDENTIFIER, *_TRAIN_LORA, *_TRAIN_EMBEDDING, *_SAVE_LORA, *_SAVE_EMBEDDING, *_OPTIONS]
+NODE_LIST = [*_IDENTIFIER, *_DATASET, *_TRAIN_LORA, *_TRAIN_EMBEDDING, *_SAVE_LORA, *_SAVE_EMBEDDING, *_OPTIONS]

@@ -1,0 +1,95 @@
+"""Personalize Instance Dataset inside real ComfyUI: batches and folders become one InstanceDataset with finished
+captions; bad inputs name the input."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train_lora import run_node
+
+pytestmark = pytest.mark.host
+
+ARGS = dict(caption="a photo of {identifier} {class}", identifier="sks", class_noun="dog", resolution=64,
+            bucketing=True, flip=True, caption_dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def node(comfy):
+    from comfyui_personalize.nodes.dataset import PersonalizeInstanceDataset
+    return PersonalizeInstanceDataset
+
+
+@pytest.fixture()
+def input_dir(comfy, tmp_path):
+    previous = comfy.folder_paths.get_input_directory()
+    comfy.folder_paths.set_input_directory(str(tmp_path))
+    yield tmp_path
+    comfy.folder_paths.set_input_directory(previous)
+
+
+def batch(n=2, height=64, width=64, channels=3):
+    with torch.inference_mode():  # IMAGE tensors arrive as inference tensors from upstream nodes
+        return torch.rand(n, height, width, channels, generator=torch.Generator().manual_seed(0))
+
+
+def write_folder(folder, captions):
+    folder.mkdir()
+    for i, (name, text) in enumerate(captions.items()):
+        Image.fromarray(np.full((64, 128, 3), 40 * i, np.uint8)).save(folder / f"{name}.png")
+        if text is not None:
+            (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+
+
+def test_image_batch_gives_trainable_images_with_filled_captions(node):
+    from comfyui_personalize.training.datasets import InstanceDataset
+    images = batch(2, channels=4)
+    out = run_node(node, images=images, **ARGS)
+    dataset = out.result[0]
+    assert isinstance(dataset, InstanceDataset) and len(dataset) == 2
+    assert dataset.captions == ("a photo of sks dog", "a photo of sks dog")
+    assert (dataset.resolution, dataset.bucketing, dataset.flip, dataset.caption_dropout) == (64, True, True, 0.1)
+    first = dataset.images[0]
+    assert first.shape == (64, 64, 3) and not first.is_inference()
+    alpha = images[0, ..., 3:]
+    torch.testing.assert_close(first, images[0, ..., :3] * alpha + (1 - alpha))  # composited on white
+    first.mul_(1.0)  # trainers may work in place outside inference mode
+    (torch.nn.Linear(3, 3)(first).sum()).backward()  # and through autograd
+    summary = out.ui.as_dict()["text"][0]
+    assert "2 images" in summary and "64x64: 2" in summary and "a photo of sks dog" in summary
+
+
+def test_folder_captions_win_and_batch_comes_first(node, input_dir):
+    write_folder(input_dir / "subject", {"b": "{identifier} on a sofa", "a": None})
+    out = run_node(node, images=batch(1), **dict(ARGS, folder="subject", caption="one {class}\ntwo\nthree",
+                                                  resolution=128))
+    dataset = out.result[0]
+    assert [tuple(image.shape) for image in dataset.images] == [(64, 64, 3), (64, 128, 3), (64, 128, 3)]
+    assert dataset.captions == ("one dog", "two", "sks on a sofa")  # a.png: template line 2; b.png: its file
+    assert not any(image.is_inference() for image in dataset.images)
+    summary = out.ui.as_dict()["text"][0]
+    assert "128x128: 1" in summary and "192x64: 2" in summary  # width x height: the 2:1 folder images' bucket
+
+
+def test_absolute_folder_with_all_caption_files_needs_no_template(node, tmp_path):
+    write_folder(tmp_path / "abs", {"x": "photo of {class}", "y": "another"})
+    dataset = run_node(node, **dict(ARGS, folder=str(tmp_path / "abs"), caption="", identifier="")).result[0]
+    assert dataset.captions == ("photo of dog", "another")
+
+
+@pytest.mark.parametrize("override,input_name", [
+    ({}, "images"),  # neither images nor folder
+    ({"images": "batch", "caption": "one\ntwo\nthree"}, "caption"),
+    ({"images": "batch", "identifier": "  "}, "identifier"),
+    ({"images": "batch", "class_noun": ""}, "class_noun"),
+    ({"folder": "does_not_exist"}, "folder"),
+    ({"images": "tiny"}, "images"),
+])
+def test_bad_inputs_name_the_input(node, input_dir, override, input_name):
+    from comfyui_personalize.training.errors import InputError
+    kwargs = dict(ARGS, **override)
+    if kwargs.get("images") == "batch":
+        kwargs["images"] = batch(2)  # three caption lines for two images
+    elif kwargs.get("images") == "tiny":
+        kwargs["images"] = batch(1, 48, 48)
+    with pytest.raises(InputError) as err:
+        run_node(node, **kwargs)
+    assert err.value.input_name == input_name

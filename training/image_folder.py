@@ -1,0 +1,77 @@
+"""Reading a folder of training images, each with an optional same-named .txt caption (kohya's layout)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MIN_SIDE = 64
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> float32 RGB [H, W, 3] in 0..1. Transparent pixels are composited on white: the colour a
+    file stores under alpha 0 is arbitrary (often black) and would otherwise be learned as part of the subject."""
+    if image.mode in _SIXTEEN_BIT_MODES:  # 16-bit grey: convert("RGB") would clip it to 8 bits at 255
+        grey = np.asarray(image, dtype=np.float32) / 65535.0
+        return np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1)
+    if image.has_transparency_data:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _read_image(path: str, input_name: str) -> torch.Tensor:
+    name = os.path.basename(path)
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)  # phones store portrait photos sideways plus a rotation tag
+            array = _to_rgb_array(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise InputError(input_name, f"cannot read {name}: {err}; replace or remove that file") from err
+    height, width = array.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise InputError(input_name, f"{name} is {width}x{height} px; use images of at least {MIN_SIDE} px a side")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _read_caption(image_path: str) -> str | None:
+    """The text of ``<stem>.txt`` next to the image, whitespace (newlines too) collapsed to single spaces;
+    None when there is no such file or it is blank, so the node's caption template applies."""
+    caption_path = os.path.splitext(image_path)[0] + ".txt"
+    if not os.path.isfile(caption_path):
+        return None
+    with open(caption_path, encoding="utf-8-sig", errors="replace") as f:
+        text = " ".join(f.read().split())
+    return text or None
+
+
+def load_image_folder(path, input_name: str = "folder") -> list[tuple[torch.Tensor, str | None]]:
+    """Every image directly in ``path`` (not sub-folders), sorted by file name, as (float RGB [H, W, 3] in 0..1,
+    caption from the same-named .txt file or None). Raises InputError naming ``input_name`` when the folder is
+    missing or has no images, or an image is unreadable or smaller than 64 px a side."""
+    folder = os.fspath(path)
+    if not os.path.exists(folder):
+        raise InputError(input_name, f"{folder} does not exist; give a folder of images")
+    if not os.path.isdir(folder):
+        raise InputError(input_name, f"{folder} is not a folder; give the folder that holds the images")
+    names = sorted(entry.name for entry in os.scandir(folder)
+                   if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise InputError(input_name, f"{folder} has no images; put {', '.join(IMAGE_EXTENSIONS)} files "
+                                     "directly in it (sub-folders are not read)")
+    items = []
+    for name in names:
+        image_path = os.path.join(folder, name)
+        items.append((_read_image(image_path, input_name), _read_caption(image_path)))
+    log.info("loaded %d images from %s (%d with caption files)", len(items), folder,
+             sum(caption is not None for _, caption in items))
+    return items
