@@ -1,0 +1,344 @@
+"""Personalize Prior-Preservation Dataset: the class images for DreamBooth's prior-preservation loss, generated
+with the connected model exactly as KSampler would make them and cached on disk; or a folder of the user's
+class images; or no images at all (the frozen model's own prediction is the class target)."""
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import comfy.k_diffusion.sampling as k_diffusion_sampling
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io, ui
+from torch import nn
+
+from ..training.datasets import PriorPreservation
+from ..training.errors import InputError
+from ..training.image_folder import load_image_folder
+from ..training.prior_cache import ClassImageCache, cache_key, image_to_pil, tensor_fingerprint
+from .types import Prior
+
+log = logging.getLogger(__name__)
+
+MODES = ("generate", "folder", "prior_prediction")
+CACHE_FOLDER = "personalize_class_images"
+CACHE_FORMAT = 1  # bump when the generation path changes, so old caches are not reused
+PREVIEW_COUNT = 4
+PREVIEW_SIZE = 512
+# Samplers that do not draw from the noise_sampler/seed themselves, outside k-diffusion's sample_* functions.
+_NOISE_FREE_SAMPLERS = ("ddim", "uni_pc", "uni_pc_bh2")
+
+
+def resolve_prompt(class_noun: str, class_prompt: str) -> str:
+    if class_prompt.strip():
+        return class_prompt.strip()
+    if not class_noun.strip():
+        raise InputError("class_noun", "is empty; name the class of your subject (e.g. 'dog', 'man', 'car') "
+                                       "or write a class_prompt")
+    return f"a photo of a {class_noun.strip()}"
+
+
+def batchable(sampler_name: str) -> bool:
+    """True when each image depends only on its own initial noise, so images can be sampled in batches and
+    image i is still what KSampler makes with seed + i. Ancestral/SDE samplers draw extra noise for the whole
+    batch from one seed, and dpm_adaptive's step-size control looks at the whole batch: those run one image
+    at a time. An unknown (custom) sampler counts as stochastic."""
+    if sampler_name in _NOISE_FREE_SAMPLERS:
+        return True
+    function = getattr(k_diffusion_sampling, f"sample_{sampler_name}", None)
+    return function is not None and "noise_sampler" not in inspect.signature(function).parameters
+
+
+# ---- fingerprints: what makes a cached image set belong to this MODEL/CLIP/VAE
+
+class _Walk:
+    """Walk patch values (tuples, dicts, weight-adapter objects, modules, functions) into named tensors and a
+    text description. Depth- and size-limited: a patch object may point back at its model."""
+
+    MAX_DEPTH, MAX_ITEMS = 6, 50_000
+
+    def __init__(self):
+        self.tensors: list[tuple[str, torch.Tensor]] = []
+        self.text: list[str] = []
+        self.items = 0
+
+    def __call__(self, value, prefix: str = "", depth: int = 0) -> None:
+        self.items += 1
+        if isinstance(value, torch.Tensor):
+            self.tensors.append((prefix, value))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            self.text.append(f"{prefix}={value!r}")
+        elif depth >= self.MAX_DEPTH or self.items > self.MAX_ITEMS:
+            self.text.append(f"{prefix}:{type(value).__qualname__}")
+        elif isinstance(value, nn.Module):
+            self.text.append(f"{prefix}:{type(value).__qualname__}")
+            self.tensors.extend((f"{prefix}.{k}", v) for k, v in value.state_dict(keep_vars=True).items())
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                self(item, f"{prefix}[{i}]", depth + 1)
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                self(value[k], f"{prefix}[{k}]", depth + 1)
+        elif inspect.isroutine(value):  # functions by name: their repr holds a memory address
+            self.text.append(f"{prefix}:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}")
+        else:
+            self.text.append(f"{prefix}:{type(value).__module__}.{type(value).__qualname__}")
+            for k, v in sorted(getattr(value, "__dict__", {}).items()):
+                self(v, f"{prefix}.{k}", depth + 1)
+
+
+def _unpatched_weights(module: nn.Module, patcher, prefix: str):
+    """The module's weights as they are without the patcher's patches: while a patched clone is loaded,
+    ComfyUI keeps the patched values in the shared module and the originals in ``patcher.backup``."""
+    backup = getattr(patcher, "backup", None) or {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        saved = backup.get(prefix + name)
+        yield name, saved.weight if saved is not None else tensor
+
+
+def patcher_fingerprint(module: nn.Module, patcher, prefix: str, extra: dict | None = None) -> str:
+    """Base weights + the patcher's weight patches (keys, strengths, patch tensors), object patches and
+    model options (sampling patches, wrappers) + ``extra``."""
+    walk = _Walk()
+    parts = {"patches": getattr(patcher, "patches", {}), "object_patches": getattr(patcher, "object_patches", {}),
+             "model_options": getattr(patcher, "model_options", {}),
+             "weight_wrapper_patches": getattr(patcher, "weight_wrapper_patches", {}), "extra": extra or {}}
+    walk(parts)
+    with torch.inference_mode():
+        base = tensor_fingerprint(_unpatched_weights(module, patcher, prefix))
+        return cache_key({"base": base, "patches": tensor_fingerprint(walk.tensors), "text": walk.text})
+
+
+def model_fingerprints(model, clip, vae) -> dict[str, str]:
+    return {
+        "model": patcher_fingerprint(model.model.diffusion_model, model, "diffusion_model."),
+        "clip": patcher_fingerprint(clip.cond_stage_model, clip.patcher, "", {"layer_idx": clip.layer_idx}),
+        "vae": patcher_fingerprint(vae.first_stage_model, getattr(vae, "patcher", None), ""),
+    }
+
+
+# ---- generation: the same calls as CLIPTextEncode -> EmptyLatentImage -> KSampler -> VAEDecode
+
+class _ImageProgress:
+    """One bar over all images in sampling-step units (so it moves during a batch), with the newest image as
+    preview. In the server the bar's hook also raises on Cancel, so Cancel stops within a batch."""
+
+    def __init__(self, total_images: int, done: int, steps: int, node_id: str | None):
+        self.steps = steps
+        self.bar = comfy.utils.ProgressBar(total_images * steps, node_id=node_id)
+        self.bar.update_absolute(done * steps)
+
+    def step_callback(self, done: int, batch: int):
+        def callback(step, _x0, _x, total_steps):
+            self.bar.update_absolute(done * self.steps + round(batch * self.steps * (step + 1) / total_steps))
+        return callback
+
+    def images_done(self, done: int, newest: torch.Tensor) -> None:
+        self.bar.update_absolute(done * self.steps, preview=("JPEG", image_to_pil(newest), PREVIEW_SIZE))
+
+
+def encode_prompt(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))  # CLIPTextEncode.encode
+
+
+def sample_images(model, vae, positive, negative, first: int, count: int, s: dict, callback=None) -> torch.Tensor:
+    """Images first .. first+count-1; image i from KSampler's noise for seed + i (batch of one)."""
+    h, w = s["height"] // 8, s["width"] // 8
+    one = comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, 4, h, w], device=mm.intermediate_device()))
+    noise = torch.cat([comfy.sample.prepare_noise(one, s["seed"] + i) for i in range(first, first + count)])
+    latent = one.repeat(count, *([1] * (one.dim() - 1)))
+    samples = comfy.sample.sample(model, noise, s["steps"], s["cfg"], s["sampler_name"], s["scheduler"], positive,
+                                  negative, latent, denoise=1.0, callback=callback,
+                                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=s["seed"] + first)
+    images = vae.decode(samples)
+    if images.dim() == 5:  # VAEDecode combines video-style batches
+        images = images.reshape(-1, *images.shape[-3:])
+    return images
+
+
+def generate_class_images(model, clip, vae, prompt: str, negative_prompt: str, settings: dict, count: int,
+                          batch_size: int, node_id: str | None) -> tuple[list[torch.Tensor], str]:
+    fingerprints = model_fingerprints(model, clip, vae)
+    key = cache_key({"format": CACHE_FORMAT, **fingerprints, "prompt": prompt,
+                     "negative_prompt": negative_prompt, **settings})
+    cache = ClassImageCache(Path(folder_paths.get_output_directory()) / CACHE_FOLDER, key, label=prompt)
+    cached = len(cache.existing())
+    to_make = max(0, count - cached)
+    if to_make:
+        cache.write_settings({"prompt": prompt, "negative_prompt": negative_prompt, **settings,
+                              "fingerprints": fingerprints})
+        positive, negative = encode_prompt(clip, prompt), encode_prompt(clip, negative_prompt)
+        step = batch_size if batchable(settings["sampler_name"]) else 1
+        progress = _ImageProgress(count, cached, settings["steps"], node_id)
+        done = cached
+        while done < count:
+            mm.throw_exception_if_processing_interrupted()  # Cancel: finished images stay on disk for next run
+            n = min(step, count - done)
+            images = sample_images(model, vae, positive, negative, done, n, settings,
+                                   progress.step_callback(done, n))
+            for j in range(n):
+                cache.save(done + j, images[j])
+            done += n
+            progress.images_done(done, images[-1])
+    message = (f"generated {to_make}, loaded {min(cached, count)} from cache at {cache.folder}"
+               if cached else f"generated {to_make} class images in {cache.folder}")
+    log.info("class images for %r: %s", prompt, message)
+    return cache.load(count), message
+
+
+# ---- the node
+
+def resolve_folder(folder: str) -> Path:
+    """A folder under the ComfyUI input directory, or an absolute path."""
+    if not folder.strip():
+        raise InputError("folder", "is empty; give a folder of class images (relative to ComfyUI's input "
+                                   "folder, or an absolute path)")
+    path = Path(folder.strip()).expanduser()
+    if path.is_absolute():
+        return path
+    root = Path(folder_paths.get_input_directory()).resolve()
+    resolved = (root / path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise InputError("folder", f"{folder!r} leaves the input folder {root}; give an absolute path instead")
+    return resolved
+
+
+def preview_batch(images: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Up to PREVIEW_COUNT images as one IMAGE batch, resized to the first image's size."""
+    if not images:
+        return torch.zeros(1, 64, 64, 3)
+    h, w = images[0].shape[:2]
+    out = [img if img.shape[:2] == (h, w) else
+           F.interpolate(img.movedim(-1, 0)[None], size=(h, w), mode="bilinear", antialias=True)[0].movedim(0, -1)
+           for img in images[:PREVIEW_COUNT]]
+    return torch.stack(out).clamp(0, 1)
+
+
+def _check_settings(num_class_images, prior_loss_weight, width, height, steps, cfg, sampler_name, scheduler,
+                    batch_size) -> None:
+    if num_class_images < 1:
+        raise InputError("num_class_images", f"must be at least 1, got {num_class_images}; DreamBooth uses "
+                                             "about 200 per subject image (diffusers' default is 100)")
+    if not prior_loss_weight > 0:
+        raise InputError("prior_loss_weight", f"must be positive, got {prior_loss_weight}")
+    for name, value in (("width", width), ("height", height)):
+        if value < 64 or value % 8:
+            raise InputError(name, f"must be a multiple of 8 and at least 64, got {value}")
+    if steps < 1:
+        raise InputError("steps", f"must be at least 1, got {steps}")
+    if not cfg >= 0:  # also refuses NaN
+        raise InputError("cfg", f"must not be negative, got {cfg}")
+    if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        raise InputError("sampler_name", f"unknown sampler {sampler_name!r}")
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        raise InputError("scheduler", f"unknown scheduler {scheduler!r}")
+    if batch_size < 1:
+        raise InputError("batch_size", f"must be at least 1, got {batch_size}")
+
+
+class PersonalizePriorDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PersonalizePriorDataset",
+            display_name="Personalize Prior-Preservation Dataset",
+            category="personalize/training",
+            description="Class images for DreamBooth prior preservation: generated with the connected model "
+                        "(cached on disk under output/personalize_class_images, so reruns are instant and a "
+                        "cancelled run resumes), taken from a folder, or none (prior_prediction: the frozen "
+                        "model's own prediction on the class prompt is the target).",
+            inputs=[
+                io.Combo.Input("mode", options=list(MODES), default="generate",
+                               tooltip="generate: sample class images with this model. folder: use your own "
+                                       "class images. prior_prediction: no images; the frozen model's "
+                                       "prediction for the class prompt is the target (ai-toolkit DOP, "
+                                       "OneTrainer prior prediction)."),
+                io.String.Input("class_noun", default="dog",
+                                tooltip="The class of your subject, e.g. dog, man, woman, car."),
+                io.String.Input("class_prompt", default="",
+                                tooltip="Empty: 'a photo of a {class_noun}'. Also the trainers' caption for the "
+                                        "class images."),
+                io.String.Input("negative_prompt", default="", multiline=True),
+                io.Int.Input("num_class_images", default=100, min=1, max=10000,
+                             tooltip="generate mode. The DreamBooth paper uses about 200 per subject image; "
+                                     "diffusers' default is 100. More than cached generates only the missing "
+                                     "ones; fewer uses the first N."),
+                io.Float.Input("prior_loss_weight", default=1.0, min=0.01, max=10.0, step=0.05,
+                               tooltip="DreamBooth's lambda: weight of the class loss (kohya/diffusers default 1)."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Int.Input("steps", default=30, min=1, max=1000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras"),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Image i uses seed + i (as KSampler with that seed). Fixed, so reruns "
+                                     "hit the cache."),
+                io.Int.Input("batch_size", default=4, min=1, max=64,
+                             tooltip="Images sampled together (not part of the cache key). Ancestral/SDE "
+                                     "samplers run one at a time so each image depends only on its seed."),
+                io.String.Input("folder", default="",
+                                tooltip="folder mode: a folder of class images, relative to ComfyUI's input "
+                                        "folder or absolute. All its images are used."),
+                io.Model.Input("model", optional=True, tooltip="generate mode: the model you will train."),
+                io.Clip.Input("clip", optional=True, tooltip="generate mode: its CLIP."),
+                io.Vae.Input("vae", optional=True, tooltip="generate mode: its VAE."),
+            ],
+            outputs=[
+                Prior.Output(display_name="prior"),
+                io.Image.Output(display_name="preview", tooltip=f"Up to {PREVIEW_COUNT} of the class images."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, mode="generate", folder="", **_kwargs):
+        """Folder mode re-runs when the folder's files change; the other modes depend on their inputs only."""
+        if mode != "folder":
+            return ""
+        try:
+            path = resolve_folder(folder)
+            return sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file())
+        except (InputError, OSError):
+            return float("nan")  # never equal to itself: run and report the problem
+
+    @classmethod
+    def execute(cls, mode, class_noun, class_prompt, negative_prompt, num_class_images, prior_loss_weight, width,
+                height, steps, cfg, sampler_name, scheduler, seed, batch_size, folder, model=None, clip=None,
+                vae=None) -> io.NodeOutput:
+        if mode not in MODES:
+            raise InputError("mode", f"must be one of {MODES}, got {mode!r}")
+        prompt = resolve_prompt(class_noun, class_prompt)
+        _check_settings(num_class_images, prior_loss_weight, width, height, steps, cfg, sampler_name, scheduler,
+                        batch_size)
+        if mode == "prior_prediction":
+            prior = PriorPreservation("prior_prediction", prompt, prior_loss_weight)
+            message = (f"prior_prediction: no class images needed; the frozen model's prediction for {prompt!r} "
+                       "is the class target")
+            log.info(message)
+            return io.NodeOutput(prior, preview_batch(()), ui=ui.PreviewText(message))
+        if mode == "folder":
+            path = resolve_folder(folder)
+            images = [image for image, _caption in load_image_folder(path, input_name="folder")]
+            message = f"loaded {len(images)} class images from {path}"
+            log.info(message)
+        else:
+            for name, value in (("model", model), ("clip", clip), ("vae", vae)):
+                if value is None:
+                    raise InputError(name, f"generate mode needs the {name} input connected (the checkpoint you "
+                                           "will train); or choose mode folder or prior_prediction")
+            settings = {"width": width, "height": height, "steps": steps, "cfg": float(cfg),
+                        "sampler_name": sampler_name, "scheduler": scheduler, "seed": seed}
+            images, message = generate_class_images(model, clip, vae, prompt, negative_prompt, settings,
+                                                    num_class_images, batch_size, cls.hidden.unique_id)
+        prior = PriorPreservation("class_images", prompt, prior_loss_weight, tuple(images))
+        return io.NodeOutput(prior, preview_batch(images), ui=ui.PreviewText(message))
+
+
+NODES = [PersonalizePriorDataset]

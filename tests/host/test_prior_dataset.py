@@ -1,0 +1,226 @@
+"""Prior-Preservation Dataset inside real ComfyUI: KSampler-identical class images, cached and resumable."""
+import numpy as np
+import pytest
+import torch
+from comfy_tiny import weights_hash
+from PIL import Image
+from test_train_lora import run_node
+
+pytestmark = pytest.mark.host
+
+ARGS = dict(mode="generate", class_noun="dog", class_prompt="", negative_prompt="blurry", num_class_images=3,
+            prior_loss_weight=1.0, width=64, height=64, steps=2, cfg=5.0, sampler_name="euler",
+            scheduler="normal", seed=11, batch_size=2, folder="")
+
+
+@pytest.fixture()
+def node(comfy):
+    from comfyui_personalize.nodes.prior_dataset import PersonalizePriorDataset
+    return PersonalizePriorDataset
+
+
+@pytest.fixture()
+def dirs(comfy, tmp_path):
+    """ComfyUI's output and input folders pointed at a fresh temp dir for the test."""
+    fp = comfy.folder_paths
+    old = fp.get_output_directory(), fp.get_input_directory()
+    (tmp_path / "output").mkdir()
+    (tmp_path / "input").mkdir()
+    fp.set_output_directory(str(tmp_path / "output"))
+    fp.set_input_directory(str(tmp_path / "input"))
+    yield tmp_path
+    fp.set_output_directory(old[0])
+    fp.set_input_directory(old[1])
+
+
+def cache_folders(dirs):
+    root = dirs / "output" / "personalize_class_images"
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def generate(node, tiny_sd15, **overrides):
+    model, clip, vae = tiny_sd15
+    return run_node(node, model=model, clip=clip, vae=vae, **dict(ARGS, **overrides)).result
+
+
+class SamplerCalls:
+    """Counts the images comfy.sample.sample is asked for; with ``fail`` set it refuses to sample at all."""
+
+    def __init__(self, monkeypatch, fail=False):
+        import comfy.sample
+        self.images, self.fail = [], fail
+        self.real = getattr(comfy.sample.sample, "real", comfy.sample.sample)  # not an earlier SamplerCalls
+        monkeypatch.setattr(comfy.sample, "sample", self)
+
+    def __call__(self, model, noise, *args, **kwargs):
+        if self.fail:
+            raise AssertionError("sampled although every image is cached")
+        self.images.append(noise.shape[0])
+        return self.real(model, noise, *args, **kwargs)
+
+
+def ksampler_image(comfy, tiny_sd15, seed):
+    """What KSampler + VAEDecode make from the same settings, batch of one."""
+    model, clip, vae = tiny_sd15
+    pos = comfy.nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0]
+    neg = comfy.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    with torch.inference_mode():
+        latent = comfy.nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        samples = comfy.nodes.common_ksampler(model, seed, 2, 5.0, "euler", "normal", pos, neg, latent)[0]
+        return comfy.nodes.VAEDecode().decode(vae, samples)[0][0].cpu()
+
+
+def test_generates_like_ksampler_caches_and_reloads_without_sampling(comfy, tiny_sd15, node, dirs, monkeypatch):
+    import comfy.model_management as mm
+    model, clip, vae = tiny_sd15
+    mm.unload_all_models()
+    before = [weights_hash(m) for m in (model.model, clip.cond_stage_model, vae.first_stage_model)]
+    calls = SamplerCalls(monkeypatch)
+    prior, preview = generate(node, tiny_sd15)
+    assert calls.images == [2, 1]  # batch_size 2
+    assert prior.mode == "class_images" and prior.class_prompt == "a photo of a dog" and prior.weight == 1.0
+    assert len(prior.images) == 3 and all(img.shape == (64, 64, 3) for img in prior.images)
+    assert preview.shape == (3, 64, 64, 3)
+    (folder,) = cache_folders(dirs)
+    assert folder.name.startswith("a_photo_of_a_dog_")
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "00002.png", "settings.json"]
+    # Image i is KSampler's image for seed + i (within 8-bit PNG rounding).
+    for i in (0, 1, 2):
+        torch.testing.assert_close(prior.images[i], ksampler_image(comfy, tiny_sd15, ARGS["seed"] + i),
+                                   rtol=0, atol=0.5 / 255 + 1e-4)
+    assert (prior.images[0] - prior.images[1]).abs().max() > 0.01  # seeds differ per image
+
+    SamplerCalls(monkeypatch, fail=True)
+    again, _ = generate(node, tiny_sd15)  # rerun: from disk only
+    assert all(torch.equal(a, b) for a, b in zip(again.images, prior.images))
+    fewer, preview = generate(node, tiny_sd15, num_class_images=2)
+    assert len(fewer.images) == 2 and torch.equal(fewer.images[1], prior.images[1])
+    assert preview.shape[0] == 2
+
+    calls = SamplerCalls(monkeypatch)
+    more, _ = generate(node, tiny_sd15, num_class_images=5)
+    assert calls.images == [2]  # only the two missing images
+    assert all(torch.equal(a, b) for a, b in zip(more.images[:3], prior.images))
+    assert len(cache_folders(dirs)) == 1
+
+    mm.unload_all_models()
+    assert [weights_hash(m) for m in (model.model, clip.cond_stage_model, vae.first_stage_model)] == before
+
+
+@pytest.mark.parametrize("sampler_name", ["euler", "euler_ancestral"])
+def test_interrupted_run_resumes_to_the_same_images(comfy, tiny_sd15, node, dirs, monkeypatch, sampler_name):
+    import comfy.model_management as mm
+    args = dict(sampler_name=sampler_name, num_class_images=3)
+    uninterrupted, _ = generate(node, tiny_sd15, **args)
+    for folder in cache_folders(dirs):  # start again from an empty cache
+        for p in folder.iterdir():
+            p.unlink()
+
+    checks = []
+
+    def cancel_on_second_batch():
+        checks.append(1)
+        if len(checks) == 2:
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", cancel_on_second_batch)
+    with pytest.raises(mm.InterruptProcessingException):
+        generate(node, tiny_sd15, **args)
+    (folder,) = cache_folders(dirs)
+    first_batch = 2 if sampler_name == "euler" else 1  # ancestral samplers run one image at a time
+    assert len(list(folder.glob("*.png"))) == first_batch
+    assert not list(folder.glob(".*"))  # no temp files left
+
+    monkeypatch.undo()
+    calls = SamplerCalls(monkeypatch)
+    resumed, _ = generate(node, tiny_sd15, **args)
+    assert sum(calls.images) == 3 - first_batch
+    assert all(torch.equal(a, b) for a, b in zip(resumed.images, uninterrupted.images))
+
+
+def test_cache_key_follows_prompt_and_patches(comfy, tiny_sd15, node, dirs):
+    import comfy.model_management as mm
+
+    from comfyui_personalize.nodes.prior_dataset import model_fingerprints
+    model, clip, vae = tiny_sd15
+    generate(node, tiny_sd15, num_class_images=1)
+    generate(node, tiny_sd15, num_class_images=1, class_noun="cat")
+    generate(node, tiny_sd15, num_class_images=1, class_prompt="a photo of a dog", negative_prompt="")
+    assert len(cache_folders(dirs)) == 3
+
+    base = model_fingerprints(model, clip, vae)
+    assert model_fingerprints(model.clone(), clip.clone(), vae) == base  # a clone is the same model
+    key = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    weight = model.model.state_dict()[key]
+    patched = model.clone()
+    assert patched.add_patches({key: ("diff", (0.01 * torch.randn_like(weight),))}) == [key]
+    assert model_fingerprints(patched, clip, vae)["model"] != base["model"]
+    weaker = model.clone()
+    weaker.add_patches({key: patched.patches[key][0][1]}, strength_patch=0.5)
+    assert model_fingerprints(weaker, clip, vae)["model"] not in (base["model"],
+                                                                 model_fingerprints(patched, clip, vae)["model"])
+    # While the patched clone is loaded its diff sits in the shared weights; the base fingerprint must not move.
+    mm.load_models_gpu([patched], force_full_load=True)
+    try:
+        assert model_fingerprints(model, clip, vae)["model"] == base["model"]
+    finally:
+        mm.unload_all_models()
+
+    clip_key = next(k for k in clip.cond_stage_model.state_dict() if k.endswith("q_proj.weight"))
+    patched_clip = clip.clone()
+    patched_clip.add_patches({clip_key: ("diff", (torch.ones_like(clip.cond_stage_model.state_dict()[clip_key]),))})
+    assert model_fingerprints(model, patched_clip, vae)["clip"] != base["clip"]
+    skip = clip.clone()
+    skip.clip_layer(-2)
+    assert model_fingerprints(model, skip, vae)["clip"] != base["clip"]
+
+
+def test_folder_mode_returns_the_folders_images(comfy, node, dirs):
+    folder = dirs / "input" / "class_dogs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), rng.integers(0, 256, (80, 64, 3), dtype=np.uint8)]
+    for i, array in enumerate(arrays):
+        Image.fromarray(array).save(folder / f"{i}.png")
+    args = dict(ARGS, mode="folder", folder="class_dogs", prior_loss_weight=0.5)
+    prior, preview = run_node(node, **args).result  # no model needed
+    assert prior.mode == "class_images" and prior.weight == 0.5 and len(prior.images) == 2
+    for image, array in zip(prior.images, arrays):
+        assert torch.equal(image, torch.from_numpy(array).float() / 255)
+    assert preview.shape == (2, 64, 64, 3)
+    assert run_node(node, **dict(args, folder=str(folder))).result[0].images[1].shape == (80, 64, 3)  # absolute
+
+
+def test_prior_prediction_needs_no_model(comfy, node, dirs):
+    prior, preview = run_node(node, **dict(ARGS, mode="prior_prediction", class_noun="cat")).result
+    assert prior.mode == "prior_prediction" and prior.images == () and prior.class_prompt == "a photo of a cat"
+    assert preview.shape == (1, 64, 64, 3)
+    assert not cache_folders(dirs)
+
+
+@pytest.mark.parametrize("override,input_name", [
+    ({"num_class_images": 0}, "num_class_images"),
+    ({"class_noun": "  "}, "class_noun"),
+    ({"width": 60}, "width"),
+    ({"prior_loss_weight": 0.0}, "prior_loss_weight"),
+    ({"mode": "folder", "folder": ""}, "folder"),
+    ({"mode": "folder", "folder": "../outside"}, "folder"),
+    ({"mode": "folder", "folder": "missing"}, "folder"),
+])
+def test_bad_inputs_name_the_input(comfy, tiny_sd15, node, dirs, override, input_name):
+    from comfyui_personalize.training.errors import InputError
+    with pytest.raises(InputError) as err:
+        generate(node, tiny_sd15, **override)
+    assert err.value.input_name == input_name
+    assert not cache_folders(dirs)
+
+
+def test_generate_without_model_names_the_missing_input(comfy, tiny_sd15, node, dirs):
+    from comfyui_personalize.training.errors import InputError
+    model, clip, vae = tiny_sd15
+    for missing in ("model", "clip", "vae"):
+        inputs = {"model": model, "clip": clip, "vae": vae}
+        del inputs[missing]
+        with pytest.raises(InputError) as err:
+            run_node(node, **ARGS, **inputs)
+        assert err.value.input_name == missing
