@@ -202,6 +202,15 @@ class ComfyHost:
             for mod, w in swapped:
                 mod._parameters["weight"] = w
 
+    @contextmanager
+    def nhwc_inputs(self) -> Iterator[None]:
+        """Feed the UNet NHWC inputs (for trainers whose own conv weights are NHWC)."""
+        self._channels_last = True
+        try:
+            yield
+        finally:
+            self._channels_last = False
+
     def task(self) -> DiffusionTask:
         dm = self.diffusion_model
         # The UNet runs each block's layers itself (forward_timestep_embed), so checkpoint the layers.

@@ -72,9 +72,11 @@ class TrainingSession:
         return data
 
     def run(self, data, params: Sequence, attach: Sequence[ContextManager], text_trains: bool,
-            frozen: Callable[[], ContextManager] | None = None,
-            save: Callable[[int], None] | None = None) -> list[float]:
-        """Train with ``attach`` entered (adapter hooks, tokenizer overrides); ``save(step)`` every save_every."""
+            frozen: Callable[[], ContextManager] | None = None, save: Callable[[int], None] | None = None,
+            channels_last: bool = True, nhwc_inputs: bool = False) -> list[float]:
+        """Train with ``attach`` entered (adapter hooks, swapped weights); ``save(step)`` every save_every.
+        ``channels_last`` swaps the host's conv weights for NHWC copies on CUDA; a trainer that brings its own
+        NHWC weights asks for ``nhwc_inputs`` only."""
         host, opts, cfg = self.host, self.options, self.cfg
         progress = TrainingProgress(cfg.steps, self.node_id)
         prompt = opts.sample_prompt or data.buckets[0].captions[0]
@@ -92,8 +94,10 @@ class TrainingSession:
                 stack.enter_context(ctx)
             if text_trains:
                 stack.enter_context(host.text_encoder_autograd())
-            if host.model.load_device.type == "cuda":
+            if host.model.load_device.type == "cuda" and channels_last:
                 stack.enter_context(host.channels_last())
+            elif nhwc_inputs:
+                stack.enter_context(host.nhwc_inputs())
             return train(host.task(), data, params, cfg, on_step, frozen=frozen)
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -64,9 +64,9 @@ def resolve_output_path(folder: str | os.PathLike, subfolder: str, name: str, ex
     return path
 
 
-def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
-                            metadata: Mapping[str, str] | None = None) -> Path:
-    """Write to a temporary file beside ``path`` and rename it into place: no half-written file survives."""
+def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place: no half-written file
+    survives a crash, a full disk or a cancel."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
     except OSError as e:
         raise InputError("subfolder", f"cannot write in {path.parent}: {e.strerror or e}") from e
     try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal file permissions
@@ -86,6 +86,12 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    return write_atomic(path, lambda tmp: save_file(dict(tensors), tmp,
+                                                    metadata=dict(metadata) if metadata else None))
 
 
 def lora_metadata(*, base_model: str, rank: int, alpha: float, learning_rate: float, steps: int,

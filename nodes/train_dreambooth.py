@@ -1,0 +1,86 @@
+"""Personalize Train DreamBooth: full fine-tune of the UNet (optionally the text encoder) with prior preservation."""
+from __future__ import annotations
+
+import logging
+
+import comfy.sd
+import torch
+from comfy_api.latest import io
+
+from ..training.errors import InputError
+from ..training.full_finetune import FullFineTune, diff_state_dict
+from ..training.lora import TrainedLoRA
+from ..training.trainer import ParamGroup
+from .session import TrainingSession, common_inputs
+
+log = logging.getLogger(__name__)
+
+
+class PersonalizeTrainDreamBooth(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PersonalizeTrainDreamBooth",
+            display_name="Personalize Train DreamBooth",
+            category="personalize/training",
+            description="DreamBooth: fine-tunes every UNet weight (and optionally the text encoder) on the subject, "
+                        "with class-specific prior preservation when a prior is connected. Returns the tuned "
+                        "MODEL/CLIP and the weight difference (saves as a checkpoint or a diff file).",
+            inputs=common_inputs(learning_rate=5e-6, steps=800) + [
+                io.Boolean.Input("train_text_encoder", default=False,
+                                 tooltip="Also fine-tune the text encoder (more memory; its own learning rate)."),
+                io.Float.Input("text_encoder_lr", default=2e-6, min=1e-9, max=1.0, step=1e-7, round=False),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+                     io.LoraModel.Output(display_name="weight_diff",
+                                         tooltip="trained - original for every weight; Save LoRA writes it as a "
+                                                 "diff file that LoraLoader applies."),
+                     io.LossMap.Output(display_name="loss")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, seed, dtype, gradient_checkpointing,
+                train_text_encoder, text_encoder_lr, prior=None, options=None) -> io.NodeOutput:
+        if train_text_encoder and not text_encoder_lr > 0:
+            raise InputError("text_encoder_lr", f"must be positive, got {text_encoder_lr}")
+        if prior is not None and prior.mode == "prior_prediction":
+            raise InputError("prior", "prior_prediction needs the frozen model next to the trained one, which a full "
+                                      "fine-tune would have to copy; generate class images instead (mode generate)")
+        session = TrainingSession(model, clip, vae, dataset, prior, options,
+                                  dict(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                                       dtype=dtype, gradient_checkpointing=gradient_checkpointing),
+                                  cls.hidden.unique_id)
+        host = session.host
+        with torch.inference_mode(False), torch.enable_grad():
+            data = session.data(text_trains=train_text_encoder)
+            device = host.model.load_device
+            # Copies of the weights as loaded (with any upstream LoRA merged), in fp32: the master weights.
+            unet = FullFineTune(host.diffusion_model, device, channels_last=device.type == "cuda")
+            te = FullFineTune(host.clip.cond_stage_model, device) if train_text_encoder else None
+            host.compute_dtype = torch.float32  # fp32 master weights; bf16/fp16 compute comes from autocast
+            groups = [ParamGroup(list(unet.parameters()), learning_rate)]
+            if te is not None:
+                groups.append(ParamGroup(list(te.parameters()), text_encoder_lr))
+            attach = [unet.swapped_in()] + ([te.swapped_in()] if te is not None else [])
+            losses = session.run(data, groups, attach, text_trains=train_text_encoder, channels_last=False,
+                                 nhwc_inputs=device.type == "cuda")
+        save_dtype = torch.float16 if host.model.model.get_dtype() == torch.float16 else torch.float32
+        diff = diff_state_dict(unet.deltas(save_dtype), "diffusion_model.")
+        if te is not None:
+            diff.update({k: v for k, v in diff_state_dict(te.deltas(save_dtype), "text_encoders.").items()
+                         if k.endswith(".diff") or k.endswith(".diff_b")})
+        meta = {"personalize.method": "dreambooth", "personalize.steps": str(steps),
+                "personalize.learning_rate": str(learning_rate), "personalize.base_model": host.family,
+                "personalize.prior": prior.mode if prior else "none",
+                "personalize.class_prompt": prior.class_prompt if prior else "",
+                "personalize.captions": "; ".join(sorted(set(dataset.captions)))[:2000],
+                "personalize.final_loss": f"{losses[-1]:.6g}"}
+        weight_diff = TrainedLoRA(diff, meta)
+        out_model, out_clip = comfy.sd.load_lora_for_models(model, clip if te else None, weight_diff, 1.0, 1.0)
+        log.info("DreamBooth: tuned %d UNet tensors%s; loss %.4f -> %.4f", len(unet.weights),
+                 f" and {len(te.weights)} text-encoder tensors" if te else "", losses[0], losses[-1])
+        return io.NodeOutput(out_model, out_clip if te else clip, weight_diff, {"loss": losses})
+
+
+NODES = [PersonalizeTrainDreamBooth]

@@ -1,0 +1,74 @@
+"""Full fine-tuning (DreamBooth) without touching the host's weights.
+
+Every parameter of the trained module gets a trainable fp32 copy (the master weights: DreamBooth's learning
+rates of ~5e-6 are below bf16/fp16 resolution, so updates to half-precision weights would round away). The
+copies are put into the modules' parameter slots only while ``swapped_in()`` runs and the host's own tensors
+are put back afterwards. The result is the difference to the starting weights, which ComfyUI applies as
+``diff`` patches (the same thing a ``.diff`` LoRA file does)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class FullFineTune(nn.Module):
+    """Trainable copies of every parameter under ``root``. ``channels_last``: 4-D weights are stored NHWC (the
+    layout cuDNN's half-precision convolutions want), values unchanged."""
+
+    def __init__(self, root: nn.Module, device: torch.device | str, channels_last: bool = False):
+        super().__init__()
+        self._slots: list[tuple[nn.Module, str, str]] = []
+        copies, start = {}, {}
+        with torch.no_grad():
+            for module_name, module in root.named_modules():
+                for pname, p in module._parameters.items():
+                    if p is None:
+                        continue
+                    name = f"{module_name}.{pname}" if module_name else pname
+                    w = p.detach().to(device, torch.float32, copy=True)
+                    if channels_last and w.dim() == 4:
+                        w = w.contiguous(memory_format=torch.channels_last)
+                    copies[name.replace(".", "/")] = nn.Parameter(w)
+                    start[name] = p.detach().to("cpu", copy=True)  # kept in the host's dtype
+                    self._slots.append((module, pname, name))
+        self.weights = nn.ParameterDict(copies)
+        self._start = start
+
+    def named_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for _, _, name in self._slots:
+            yield name, self.weights[name.replace(".", "/")]
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        originals = []
+        try:
+            for module, pname, name in self._slots:
+                originals.append((module, pname, module._parameters[pname]))
+                module._parameters[pname] = self.weights[name.replace(".", "/")]
+            yield
+        finally:
+            for module, pname, original in originals:
+                module._parameters[pname] = original
+
+    @torch.no_grad()
+    def deltas(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """{parameter name: trained - start}, contiguous on the CPU, in ``dtype``."""
+        return {name: (w.float().cpu() - self._start[name].float()).to(dtype).contiguous()
+                for name, w in self.named_weights()}
+
+
+def diff_state_dict(deltas: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """ComfyUI's generic diff format: ``<prefix><module>.diff`` for a weight, ``.diff_b`` for a bias, other
+    parameters as ``<prefix><name>.diff``. LoraLoader applies it as ``weight += strength * diff``."""
+    out = {}
+    for name, d in deltas.items():
+        if name.endswith(".weight"):
+            out[f"{prefix}{name[:-len('.weight')]}.diff"] = d
+        elif name.endswith(".bias"):
+            out[f"{prefix}{name[:-len('.bias')]}.diff_b"] = d
+        else:
+            out[f"{prefix}{name}.diff"] = d
+    return out
