@@ -1,5 +1,7 @@
 """GPU check: the CUDA-graph training step computes what the eager step computes (same seed, same losses and
-adapter weights), on a small ComfyUI UNet. Exit code 1 on mismatch.
+adapter weights), on a small ComfyUI UNet: plain, and with every objective option on (prior preservation,
+caption dropout, flips, cosine schedule with warm-up, accumulation, EMA, min-SNR, offset noise). Exit code 1 on
+mismatch.
 
 Usage: python bench/check_cuda_graph.py COMFYUI_DIR
 """
@@ -10,8 +12,9 @@ import torch  # noqa: E402
 import train_lora as tl  # noqa: E402  (builds ComfyUI models the way the benchmark does)
 
 from comfyui_personalize.nodes.comfy_adapter import ComfyHost  # noqa: E402
-from comfyui_personalize.training.batches import TrainingData  # noqa: E402
+from comfyui_personalize.training.batches import LatentBucket, TrainingData  # noqa: E402
 from comfyui_personalize.training.lora import LoRANetwork  # noqa: E402
+from comfyui_personalize.training.objective import Objective  # noqa: E402
 from comfyui_personalize.training.task import Conditioning  # noqa: E402
 from comfyui_personalize.training.trainer import TrainConfig, train  # noqa: E402
 
@@ -26,15 +29,29 @@ import logging  # noqa: E402
 warnings = []
 logging.getLogger("comfyui_personalize.training.cuda_graph").addHandler(
     type("Keep", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
+class_latents = torch.randn(6, 4, tl.LAT, tl.LAT, generator=g)
+
+
+def everything_on() -> TrainingData:
+    bucket = LatentBucket(latents, [""] * 4, (64, 64), flipped=latents.flip(-1),
+                          class_latents=class_latents, cond=cond,
+                          empty_cond=Conditioning(torch.zeros(1, 77, 768)), class_cond=Conditioning(cond.context[:1]))
+    return TrainingData([bucket], None, caption_dropout=0.3, prior="class_images", prior_weight=0.7)
+
+
+OPTIONS = dict(lr_schedule="cosine", warmup_steps=3, gradient_accumulation=2, ema_decay=0.9,
+               objective=Objective(min_snr_gamma=5.0, noise_offset=0.1, timestep_min=20, timestep_max=980))
 failed = False
-for dtype in ("auto", "bf16"):  # fp16 weights: fp16 with loss scaling, and bf16 autocast
+for dtype, name, make_data, options in [("auto", "plain", lambda: TrainingData.encoded(latents, cond), {}),
+                                        ("bf16", "plain", lambda: TrainingData.encoded(latents, cond), {}),
+                                        ("auto", "all options", everything_on, OPTIONS)]:
     results = {}
     for graphed in (False, True):
         net = LoRANetwork(host.unet_lora_targets("attention"), 4, 4, seed=0).to(dev)
         with net.attached():
-            losses = train(host.task(), TrainingData.encoded(latents, cond), list(net.parameters()),
+            losses = train(host.task(), make_data(), list(net.parameters()),
                            TrainConfig(steps=12, learning_rate=1e-3, batch_size=2, cuda_graph=graphed,
-                                       report_every=4, dtype=dtype))
+                                       report_every=4, dtype=dtype, **options))
         results[graphed] = (losses, {k: v.detach().clone() for k, v in net.state_dict().items()})
     (le, we), (lg, wg) = results[False], results[True]
     worst = max((we[k] - wg[k]).abs().max().item() for k in we)
@@ -42,8 +59,8 @@ for dtype in ("auto", "bf16"):  # fp16 weights: fp16 with loss scaling, and bf16
     if torch.cuda.is_available() and warnings:  # the graph run silently fell back to eager steps
         print("capture failed:", warnings)
         ok = False
-    print(dtype, "eager", [round(v, 5) for v in le])
-    print(dtype, "graph", [round(v, 5) for v in lg])
-    print(dtype, "max adapter difference", worst, "OK" if ok else "MISMATCH")
+    print(dtype, name, "eager", [round(v, 5) for v in le])
+    print(dtype, name, "graph", [round(v, 5) for v in lg])
+    print(dtype, name, "max adapter difference", worst, "OK" if ok else "MISMATCH")
     failed |= not ok
 sys.exit(1 if failed else 0)
