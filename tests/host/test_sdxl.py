@@ -52,3 +52,63 @@ def test_sdxl_trains_through_the_adm_vector(tiny_sdxl):
         zero_y = host.predict(x, t, Conditioning(on_dev.context, torch.zeros_like(on_dev.y)))
     assert len(losses) == 3 and any(a.up.abs().sum() > 0 for a in net.adapters.values())
     assert (with_y - zero_y).abs().max() > 1e-4  # the size/pooled vector reaches the model
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_clip(comfy):
+    """An SDXL CLIP (CLIP-L + CLIP-G, ComfyUI's own classes and tokenizers) at toy size."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    from comfy.supported_models_base import ClipTarget
+    from comfy_tiny import TINY_CLIP, randomise
+
+    tiny_g = dict(TINY_CLIP, hidden_size=1280, projection_dim=1280, eos_token_id=49407, pad_token_id=0,
+                  num_hidden_layers=3)
+
+    class TinySDXLClip(comfy.sdxl_clip.SDXLClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, model_options=model_options,
+                                                     textmodel_json_config=dict(TINY_CLIP, num_hidden_layers=3))
+            self.clip_g = comfy.sd1_clip.SDClipModel(
+                layer="hidden", layer_idx=-2, device=device, dtype=dtype, textmodel_json_config=tiny_g,
+                special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
+                return_projected_pooled=True, model_options={**model_options, "model_name": "clip_g"})
+            self.dtypes = {dtype}
+
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(target=ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClip))
+    randomise(clip.cond_stage_model, 5)
+    return clip
+
+
+def test_sdxl_textual_inversion_learns_clip_l_and_clip_g(comfy, tiny_sdxl, tiny_sdxl_clip, tiny_sd15):
+    import copy
+
+    from test_train_lora import dataset, run_node
+
+    from comfyui_personalize.nodes.save_embedding import PersonalizeSaveEmbedding
+    from comfyui_personalize.nodes.train_embedding import PersonalizeTrainTextualInversion
+    vae = tiny_sd15[2]
+    out_clip, embedding, loss = run_node(
+        PersonalizeTrainTextualInversion, model=tiny_sdxl, clip=tiny_sdxl_clip, vae=vae, dataset=dataset(),
+        steps=2, learning_rate=1e-2, batch_size=1, seed=0, dtype="auto", gradient_checkpointing=False, token="zwx",
+        init_word="dog", num_vectors=3).result
+    assert {k: tuple(v.shape) for k, v in embedding.items()} == {"clip_l": (3, 768), "clip_g": (3, 1280)}
+    run_node(PersonalizeSaveEmbedding, embedding=embedding, name="zwx_xl", subfolder="", if_exists="overwrite")
+    stock = tiny_sdxl_clip.clone()
+    stock.tokenizer = copy.copy(tiny_sdxl_clip.tokenizer)
+    for attr in ("clip_l", "clip_g"):
+        tok = copy.copy(getattr(tiny_sdxl_clip.tokenizer, attr))
+        tok.embedding_directory = comfy.folder_paths.get_folder_paths("embeddings")
+        setattr(stock.tokenizer, attr, tok)
+
+    def encode(clip, text):
+        cond, extra = comfy.nodes.CLIPTextEncode().encode(clip, text)[0][0]
+        return cond, extra["pooled_output"]
+
+    ours, stock_out = encode(out_clip, "a photo of embedding:zwx dog"), encode(stock, "a photo of embedding:zwx_xl dog")
+    for a, b in zip(ours, stock_out):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -65,7 +65,8 @@ def test_pivotal_lora_and_embedding_load_in_stock_nodes(comfy, tiny_sd15, nodes)
     _, train_pivotal, save_embedding, save_lora = nodes
     model, clip, vae = tiny_sd15
     out_model, out_clip, lora, embedding, loss = run_node(
-        train_pivotal, model=model, clip=clip, vae=vae, dataset=dataset(caption="a photo of qwv dog"), embedding_lr=5e-2, rank=4, alpha=4.0,
+        train_pivotal, model=model, clip=clip, vae=vae, dataset=dataset(caption="a photo of qwv dog"),
+        embedding_lr=5e-2, rank=4, alpha=4.0,
         targets="attention", **dict(ARGS, token="qwv", learning_rate=1e-2)).result
     assert len(loss["loss"]) == 3 and any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("up.weight"))
     run_node(save_embedding, embedding=embedding, name="", subfolder="", if_exists="overwrite")
