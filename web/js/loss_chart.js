@@ -4,7 +4,8 @@
 import { app } from "../../../scripts/app.js"; // served at /extensions/<pack>/js/
 import { api } from "../../../scripts/api.js";
 
-const TRAINERS = new Set(["PersonalizeTrainLoRA"]);
+const TRAINERS = new Set(["PersonalizeTrainLoRA", "PersonalizeTrainDreamBooth", "PersonalizeTrainTextualInversion",
+  "PersonalizeTrainPivotal"]);
 const CHART_HEIGHT = 110;
 const curves = new Map(); // node id -> {losses: number[], step, total}
 
