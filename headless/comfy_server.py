@@ -281,8 +281,11 @@ def _is_widget(spec: list) -> bool:
 
 
 def _has_control(name: str, spec: list) -> bool:
+    """The frontend's rule: the input's own control_after_generate, else an INT named seed/noise_seed has one."""
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return bool(opts.get("control_after_generate")) or (spec[0] == "INT" and name in ("seed", "noise_seed"))
+    if opts.get("control_after_generate") is not None:
+        return bool(opts["control_after_generate"])
+    return spec[0] == "INT" and name in ("seed", "noise_seed")
 
 
 def _default(spec: list) -> tuple[bool, object]:
@@ -366,11 +369,12 @@ def ui_workflow_to_api(workflow: dict, object_info: dict) -> dict:
 def cpu_overrides(api_prompt: dict) -> dict:
     """A copy of an API prompt made cheap enough for a CPU smoke run.
 
-    Every input named ``steps`` becomes 2 (sampler and trainer steps alike), ``width``/``height`` become 64 and
-    ``batch_size`` becomes 1 (latent batch and trainer batch alike). Linked inputs (``[node, slot]``) are left
-    alone. Example workflows keep realistic values for users; the server tests run them through this.
+    Every input named ``steps`` becomes 2 (sampler, class-image and trainer steps alike), ``width``/``height``
+    and the dataset's ``resolution`` become 64, ``batch_size`` becomes 1 (latent batch and trainer batch alike)
+    and ``num_class_images`` becomes 2. Linked inputs (``[node, slot]``) are left alone. Example workflows keep
+    realistic values for users; the server tests run them through this.
     """
-    fixed = {"steps": 2, "width": 64, "height": 64, "batch_size": 1}
+    fixed = {"steps": 2, "width": 64, "height": 64, "resolution": 64, "batch_size": 1, "num_class_images": 2}
     out = copy.deepcopy(api_prompt)
     for node in out.values():
         for name, value in node.get("inputs", {}).items():

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,9 @@ COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", "/opt/comfyui-host"))
 CACHE_DIR = Path(os.environ.get("PERSONALIZE_CACHE_DIR", Path.home() / ".cache" / "comfyui-personalize"))
 TINY_CKPT = "personalize_tiny_sd15.safetensors"
 PROMPT_TIMEOUT_S = 600
+# save node -> the models/ subfolder it writes to
+SAVED_TO = {"PersonalizeSaveLoRA": "loras", "PersonalizeSaveEmbedding": "embeddings",
+            "PersonalizeSaveCheckpoint": "checkpoints"}
 
 
 def write_subject_png(path: Path) -> None:
@@ -54,6 +58,55 @@ def _prepare(server, path: Path) -> dict:
     return cpu_overrides(use_tiny_inputs(prompt, TINY_CKPT, server.input_dir, write_subject_png))
 
 
+@dataclass
+class WorkflowRun:
+    prompt: dict  # the API prompt as queued
+    entry: dict  # its /history entry
+    new_files: dict  # models/ subfolder -> the .safetensors files that appeared there during the run
+
+
+def _model_files(server) -> dict:
+    return {folder: set((server.models_dir / folder).rglob("*.safetensors")) for folder in SAVED_TO.values()}
+
+
+def _run_workflow(server, path: Path) -> WorkflowRun:
+    prompt = _prepare(server, path)
+    before = _model_files(server)
+    started = time.monotonic()
+    entry = server.wait(server.queue(prompt), timeout=PROMPT_TIMEOUT_S)
+    log.info("%s ran in %.1f s", path.name, time.monotonic() - started)
+    after = _model_files(server)
+    return WorkflowRun(prompt, entry, {folder: sorted(after[folder] - before[folder]) for folder in after})
+
+
+@pytest.fixture(scope="session")
+def run_workflow(comfy_server):
+    """Queue an example workflow once per session (the checkpoint test reuses the DreamBooth run)."""
+    runs = {}
+
+    def run(path: Path) -> WorkflowRun:
+        if path not in runs:
+            runs[path] = _run_workflow(comfy_server, path)
+        return runs[path]
+    return run
+
+
+def _assert_success(server, entry: dict) -> None:
+    detail = f"{execution_errors(entry)}\n--- log ---\n{server.log_tail()}"
+    assert entry["status"].get("status_str") == "success", detail
+
+
+def _assert_saved_images(server, prompt: dict, entry: dict) -> None:
+    outputs = entry.get("outputs", {})
+    saves = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"]
+    assert saves, "the workflow has no SaveImage node"
+    for node_id in saves:
+        images = outputs.get(node_id, {}).get("images", [])
+        assert images, f"SaveImage {node_id} produced no image: {outputs.get(node_id)}"
+        for img in images:
+            assert (server.output_dir / img["subfolder"] / img["filename"]).is_file(), img
+
+
 def _check_lora_file(path: Path) -> None:
     from safetensors import safe_open
 
@@ -69,30 +122,81 @@ def _check_lora_file(path: Path) -> None:
         assert {m + s for s in suffixes} <= set(keys), m
 
 
+def _check_embedding_file(path: Path, prompt: dict) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    vectors = next(n["inputs"]["num_vectors"] for n in prompt.values()
+                   if n["class_type"] in ("PersonalizeTrainTextualInversion", "PersonalizeTrainPivotal"))
+    tensors = load_file(str(path))
+    assert set(tensors) == {"clip_l"}, sorted(tensors)  # SD1.5: one text encoder, CLIP-L (768 wide)
+    assert tensors["clip_l"].shape == (vectors, 768) and torch.isfinite(tensors["clip_l"]).all()
+
+
+def _check_checkpoint_file(path: Path, base: Path) -> None:
+    """The UNet of the saved checkpoint is the base's, trained: same keys, some tensors changed."""
+    from safetensors import safe_open
+
+    prefix = "model.diffusion_model."
+    with safe_open(str(path), "pt") as saved, safe_open(str(base), "pt") as original:
+        unet = sorted(k for k in saved.keys() if k.startswith(prefix))
+        assert unet == sorted(k for k in original.keys() if k.startswith(prefix))
+        changed = [k for k in unet if not saved.get_tensor(k).float().equal(original.get_tensor(k).float())]
+    assert changed, f"{path}: the UNet equals the base checkpoint's; the training was not saved"
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_example_workflow_runs(comfy_server, path):
-    prompt = _prepare(comfy_server, path)
-    loras = comfy_server.models_dir / "loras"
-    before = set(loras.rglob("*.safetensors"))
-    started = time.monotonic()
-    entry = comfy_server.wait(comfy_server.queue(prompt), timeout=PROMPT_TIMEOUT_S)
-    log.info("%s ran in %.1f s", path.name, time.monotonic() - started)
-    detail = f"{execution_errors(entry)}\n--- log ---\n{comfy_server.log_tail()}"
-    assert entry["status"].get("status_str") == "success", detail
-
-    outputs = entry.get("outputs", {})
-    for node_id, node in prompt.items():
-        if node["class_type"] == "SaveImage":
-            images = outputs.get(node_id, {}).get("images", [])
-            assert images, f"SaveImage {node_id} produced no image: {outputs.get(node_id)}"
-            for img in images:
-                assert (comfy_server.output_dir / img["subfolder"] / img["filename"]).is_file(), img
-    saves = [n for n in prompt.values() if n["class_type"] == "PersonalizeSaveLoRA"]
-    new = sorted(set(loras.rglob("*.safetensors")) - before)
-    assert len(new) >= len(saves), f"expected {len(saves)} new LoRA file(s) in {loras}, got {new}"
-    for f in new:
+def test_example_workflow_runs(comfy_server, run_workflow, path):
+    run = run_workflow(path)
+    _assert_success(comfy_server, run.entry)
+    _assert_saved_images(comfy_server, run.prompt, run.entry)
+    for save_node, folder in SAVED_TO.items():
+        expected = sum(n["class_type"] == save_node for n in run.prompt.values())
+        new = run.new_files[folder]
+        assert len(new) == expected, f"{save_node}: expected {expected} new file(s) in models/{folder}, got {new}"
+    for f in run.new_files["loras"]:
         _check_lora_file(f)
+    for f in run.new_files["embeddings"]:
+        _check_embedding_file(f, run.prompt)
+    for f in run.new_files["checkpoints"]:
+        _check_checkpoint_file(f, comfy_server.models_dir / "checkpoints" / TINY_CKPT)
+
+
+def _sample_prompt(ckpt_name: str, text: str, prefix: str) -> dict:
+    """Stock nodes only: load a checkpoint and sample one 64 px image in 2 steps."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 0, "steps": 2, "cfg": 7.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+
+
+@pytest.mark.server
+def test_dreambooth_checkpoint_loads_in_stock_loader(comfy_server, run_workflow):
+    run = run_workflow(ROOT / "example_workflows" / "dreambooth_prior_preservation.json")
+    _assert_success(comfy_server, run.entry)
+    (saved,) = run.new_files["checkpoints"]
+    name = saved.relative_to(comfy_server.models_dir / "checkpoints").as_posix()
+    prompt = _sample_prompt(name, "a photo of a dog", "personalize/reloaded_dreambooth")
+    entry = comfy_server.wait(comfy_server.queue(prompt), timeout=PROMPT_TIMEOUT_S)
+    _assert_success(comfy_server, entry)
+    _assert_saved_images(comfy_server, prompt, entry)
+
+
+def _widgets(prompt: dict, class_type: str) -> dict:
+    inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == class_type)
+    return {k: v for k, v in inputs.items() if not isinstance(v, list)}
+
+
+def _node_id(prompt: dict, class_type: str) -> str:
+    return next(node_id for node_id, n in prompt.items() if n["class_type"] == class_type)
 
 
 @pytest.mark.server
@@ -100,13 +204,36 @@ def test_train_node_widgets_map_with_server_schema(comfy_server):
     """The converter against the real schema: the seed's control value must not shift dtype & co."""
     path = ROOT / "example_workflows" / "train_lora_then_sample.json"
     prompt = ui_workflow_to_api(json.loads(path.read_text()), comfy_server.object_info())
+    assert _widgets(prompt, "PersonalizeTrainLoRA") == {
+        "steps": 500, "learning_rate": 0.0001, "batch_size": 1, "seed": 0, "dtype": "auto",
+        "gradient_checkpointing": False, "rank": 8, "alpha": 8.0, "targets": "attention",
+        "train_text_encoder": False, "resume_from": "none"}
+    assert _widgets(prompt, "PersonalizeInstanceDataset") == {
+        "folder": "", "caption": "a photo of {identifier} {class}", "identifier": "otte", "class_noun": "dog",
+        "resolution": 512, "bucketing": True, "flip": False, "caption_dropout": 0.0}
     train = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PersonalizeTrainLoRA")
-    assert {k: v for k, v in train.items() if not isinstance(v, list)} == {
-        "caption": "a photo of zwx person", "steps": 500, "learning_rate": 0.0001, "rank": 8, "alpha": 8.0,
-        "targets": "attention", "train_text_encoder": False, "batch_size": 1, "seed": 0, "dtype": "auto",
-        "gradient_checkpointing": False}
+    assert train["dataset"] == [_node_id(prompt, "PersonalizeInstanceDataset"), 0]
+    assert train["options"] == [_node_id(prompt, "PersonalizeTrainingOptions"), 0]
     sampler = next(n["inputs"] for n in prompt.values() if n["class_type"] == "KSampler")
     assert (sampler["seed"], sampler["steps"], sampler["sampler_name"], sampler["denoise"]) == (42, 20, "euler", 1)
+
+
+@pytest.mark.server
+def test_dreambooth_strings_wired_into_widget_inputs(comfy_server):
+    """Identifier outputs drive widget inputs (dataset identifier, class prompt, sampling prompt); the prior's
+    seed has no control widget, so batch_size and folder keep their places."""
+    path = ROOT / "example_workflows" / "dreambooth_prior_preservation.json"
+    prompt = ui_workflow_to_api(json.loads(path.read_text()), comfy_server.object_info())
+    ident = _node_id(prompt, "PersonalizeIdentifier")
+    assert prompt[_node_id(prompt, "PersonalizeInstanceDataset")]["inputs"]["identifier"] == [ident, 0]
+    prior = prompt[_node_id(prompt, "PersonalizePriorDataset")]["inputs"]
+    assert prior["class_prompt"] == [ident, 2]
+    assert (prior["mode"], prior["seed"], prior["batch_size"], prior["folder"]) == ("generate", 0, 4, "")
+    positive = next(n["inputs"] for n in prompt.values() if n["_meta"]["title"] == "Positive")
+    assert positive["text"] == [ident, 1]
+    train = prompt[_node_id(prompt, "PersonalizeTrainDreamBooth")]["inputs"]
+    assert train["prior"] == [_node_id(prompt, "PersonalizePriorDataset"), 0]
+    assert _widgets(prompt, "PersonalizeIdentifier") == {"class_noun": "dog", "identifier": "", "seed": 0}
 
 
 # ---------------------------------------------------------------- plain: converter and overrides
@@ -179,6 +306,15 @@ def test_ui_workflow_to_api_fills_missing_widget_values_like_the_frontend():
     assert api["1"]["inputs"] == {"prefix": "ComfyUI", "kind": "png"}
 
 
+def test_ui_workflow_to_api_seed_without_control_widget():
+    """A seed whose schema says control_after_generate=False has no control value after it (the frontend adds
+    none), so a following boolean is a real widget value, not a control to skip."""
+    info = {"Gen": {"input": {"required": {"seed": ["INT", {"control_after_generate": False}],
+                                           "flag": ["BOOLEAN", {}], "n": ["INT", {}]}}}}
+    api = ui_workflow_to_api({"nodes": [_node(1, "Gen", widgets=[5, True, 3])], "links": []}, info)
+    assert api["1"]["inputs"] == {"seed": 5, "flag": True, "n": 3}
+
+
 def test_ui_workflow_to_api_rejects_unknown_node():
     wf = {"nodes": [_node(1, "NotInstalled", widgets=[])], "links": []}
     with pytest.raises(ValueError, match="NotInstalled"):
@@ -188,11 +324,15 @@ def test_ui_workflow_to_api_rejects_unknown_node():
 def test_cpu_overrides_shrinks_without_touching_links_or_input():
     api = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 768, "batch_size": 4}},
            "2": {"class_type": "KSampler", "inputs": {"steps": 30, "cfg": 7, "latent_image": ["1", 0]}},
-           "3": {"class_type": "X", "inputs": {"steps": ["2", 0]}}}
+           "3": {"class_type": "X", "inputs": {"steps": ["2", 0]}},
+           "4": {"class_type": "Dataset", "inputs": {"resolution": 1024, "flip": True}},
+           "5": {"class_type": "Prior", "inputs": {"num_class_images": 200, "steps": 30, "cfg": 7.0}}}
     out = cpu_overrides(api)
     assert out["1"]["inputs"] == {"width": 64, "height": 64, "batch_size": 1}
     assert out["2"]["inputs"] == {"steps": 2, "cfg": 7, "latent_image": ["1", 0]}
     assert out["3"]["inputs"] == {"steps": ["2", 0]}
+    assert out["4"]["inputs"] == {"resolution": 64, "flip": True}
+    assert out["5"]["inputs"] == {"num_class_images": 2, "steps": 2, "cfg": 7.0}
     assert api["1"]["inputs"]["width"] == 512 and api["2"]["inputs"]["steps"] == 30
 
 
