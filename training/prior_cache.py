@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .files import write_atomic
 
 SETTINGS_FILE = "settings.json"
 # Values read from each tensor by tensor_fingerprint (evenly spaced over the flattened tensor).
@@ -61,22 +61,6 @@ def slugify(text: str, max_length: int = 48) -> str:
     return slug or "class"
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """``write(temp_path)`` into a hidden temp file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal file permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def image_to_pil(image: torch.Tensor) -> Image.Image:
     """Float RGB [H, W, 3] in 0..1 -> 8-bit PIL image (rounded, so a PNG round trip is within 0.5/255)."""
     if image.dim() != 3 or image.shape[-1] != 3:
@@ -109,7 +93,7 @@ class ClassImageCache:
     def save(self, index: int, image: torch.Tensor) -> Path:
         path = self.path(index)
         pil = image_to_pil(image)
-        _write_atomic(path, lambda tmp: pil.save(tmp, format="PNG", compress_level=4))
+        write_atomic(path, lambda tmp: pil.save(tmp, format="PNG", compress_level=4))
         return path
 
     def load(self, count: int) -> list[torch.Tensor]:
@@ -128,7 +112,7 @@ class ClassImageCache:
         """``settings.json``: what generated these images, for people browsing the folder."""
         path = self.folder / SETTINGS_FILE
         text = json.dumps({"key": self.key, **settings}, indent=2, sort_keys=True, allow_nan=False)
-        _write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+        write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
         return path
 
     def read_settings(self) -> dict | None:

@@ -2,7 +2,7 @@
 import types
 
 import pytest
-import torch
+from test_train_lora import run_node
 
 pytestmark = pytest.mark.host
 
@@ -18,17 +18,6 @@ def sdxl_clip(comfy):
     """Only the tokenizer of an SDXL CLIP is used: ComfyUI's SDXLTokenizer needs its files, no weights."""
     import comfy.sdxl_clip
     return types.SimpleNamespace(tokenizer=comfy.sdxl_clip.SDXLTokenizer())
-
-
-def run_node(node_cls, **kwargs):
-    """Execute a V3 node the way ComfyUI's executor does (class clone, inference mode)."""
-    from comfy_api.latest import io
-
-    cls = node_cls.PREPARE_CLASS_CLONE({"unique_id": "7"}) if hasattr(node_cls, "PREPARE_CLASS_CLONE") else node_cls
-    with torch.inference_mode():
-        out = cls.execute(**kwargs)
-    assert isinstance(out, io.NodeOutput)
-    return out
 
 
 def prompt_token_ids(sd_tokenizer, text):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from comfyui_personalize.training.errors import InputError
 from comfyui_personalize.training.prior_cache import (
     SETTINGS_FILE,
     ClassImageCache,
@@ -113,7 +114,7 @@ def test_failed_write_leaves_no_temp_and_keeps_the_old_file(tmp_path, monkeypatc
 
     from PIL import Image
     monkeypatch.setattr(Image.Image, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="disk full"):  # named clearly, not a bare OSError
         cache.save(0, random_image(5))
     assert cache.path(0).read_bytes() == before
     assert sorted(p.name for p in cache.folder.iterdir()) == ["00000.png"]
