@@ -163,6 +163,11 @@ class ComfyHost:
         swapped = make_autograd_safe(self.diffusion_model)
         if with_text_encoder:
             swapped += make_autograd_safe(self.clip.cond_stage_model)
+            # Encoding every step must not go through ComfyUI's loader: asking it to load the CLIP again may
+            # make it free memory by moving the UNet (and the weights a step uses) off the GPU mid-training.
+            # The override lives on our clone only.
+            patcher = self.clip.patcher
+            self.clip.load_model = lambda *args, **kwargs: patcher
         log.debug("made %d inference-mode tensors usable by autograd", swapped)
 
     @contextmanager

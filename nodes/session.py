@@ -2,6 +2,7 @@
 show progress (bar, loss events, preview samples), save every N steps, and hand back the losses."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import ExitStack
 from typing import Callable, ContextManager, Sequence
@@ -73,17 +74,24 @@ class TrainingSession:
 
     def run(self, data, params: Sequence, attach: Sequence[ContextManager], text_trains: bool,
             frozen: Callable[[], ContextManager] | None = None, save: Callable[[int], None] | None = None,
-            channels_last: bool = True, nhwc_inputs: bool = False) -> list[float]:
+            channels_last: bool = True, nhwc_inputs: bool = False, previews: bool = True) -> list[float]:
         """Train with ``attach`` entered (adapter hooks, swapped weights); ``save(step)`` every save_every.
         ``channels_last`` swaps the host's conv weights for NHWC copies on CUDA; a trainer that brings its own
-        NHWC weights asks for ``nhwc_inputs`` only."""
+        NHWC weights asks for ``nhwc_inputs`` only. ``previews``: whether preview samples are possible."""
         host, opts, cfg = self.host, self.options, self.cfg
         progress = TrainingProgress(cfg.steps, self.node_id)
         prompt = opts.sample_prompt or data.buckets[0].captions[0]
+        sample_every = opts.sample_every if previews else 0
+        if opts.sample_every and not previews:
+            log.warning("preview samples are not available for this trainer; training without them")
+        if sample_every:
+            # Sampling goes through ComfyUI's loader, which may move weights to make room; a CUDA graph would
+            # keep reading the old addresses, so the steps run eagerly.
+            cfg = dataclasses.replace(cfg, cuda_graph=False)
 
         def on_step(step: int, losses: list[float]) -> None:
             preview = None
-            if opts.sample_every and (step % opts.sample_every == 0 or step == cfg.steps):
+            if sample_every and (step % sample_every == 0 or step == cfg.steps):
                 preview = self.sample(prompt, data.buckets[0].size, seed=cfg.seed)
             progress(step, losses, preview)
             if save is not None and opts.save_every and step % opts.save_every == 0 and step < cfg.steps:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import logging
 
 import comfy.sd
+import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..training.errors import InputError
+from ..training.files import resolve_output_path, save_safetensors_atomic
 from ..training.full_finetune import FullFineTune, diff_state_dict
 from ..training.lora import TrainedLoRA
 from ..training.trainer import ParamGroup
@@ -63,13 +65,27 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
             if te is not None:
                 groups.append(ParamGroup(list(te.parameters()), text_encoder_lr))
             attach = [unet.swapped_in()] + ([te.swapped_in()] if te is not None else [])
-            losses = session.run(data, groups, attach, text_trains=train_text_encoder, channels_last=False,
-                                 nhwc_inputs=device.type == "cuda")
-        save_dtype = torch.float16 if host.model.model.get_dtype() == torch.float16 else torch.float32
-        diff = diff_state_dict(unet.deltas(save_dtype), "diffusion_model.")
-        if te is not None:
-            diff.update({k: v for k, v in diff_state_dict(te.deltas(save_dtype), "text_encoders.").items()
-                         if k.endswith(".diff") or k.endswith(".diff_b")})
+            save_dtype = torch.float16 if host.model.model.get_dtype() == torch.float16 else torch.float32
+
+            def weight_diff() -> dict[str, torch.Tensor]:
+                diff = diff_state_dict(unet.deltas(save_dtype), "diffusion_model.")
+                if te is not None:  # ComfyUI's CLIP key map names weights (and their biases) only
+                    te_deltas = {n: d for n, d in te.deltas(save_dtype).items() if n.endswith((".weight", ".bias"))}
+                    diff.update(diff_state_dict(te_deltas, "text_encoders."))
+                return diff
+
+            def save(step: int) -> None:  # the weight difference so far, as a diff file LoraLoader applies
+                folder = folder_paths.get_folder_paths("loras")[0]
+                path = resolve_output_path(folder, "personalize_checkpoints", f"dreambooth_step{step:05d}",
+                                           ".safetensors", "increment")
+                save_safetensors_atomic(weight_diff(), path, {"personalize.method": "dreambooth",
+                                                              "personalize.step": str(step)})
+
+            # No previews: sampling may make ComfyUI move the UNet's modules, and with them the swapped-in
+            # trainable weights, to another device.
+            losses = session.run(data, groups, attach, text_trains=train_text_encoder, save=save,
+                                 channels_last=False, nhwc_inputs=device.type == "cuda", previews=False)
+        diff = weight_diff()
         meta = {"personalize.method": "dreambooth", "personalize.steps": str(steps),
                 "personalize.learning_rate": str(learning_rate), "personalize.base_model": host.family,
                 "personalize.prior": prior.mode if prior else "none",
