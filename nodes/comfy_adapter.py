@@ -143,8 +143,8 @@ class ComfyHost:
         """CLIPTextEncode's path (clip skip, embeddings, weights), plus SDXL's size/crop vector."""
         if self.clip is None:
             raise InputError("clip", "connect the CLIP that belongs to this checkpoint")
-        items = []
-        for caption in captions:
+        encoded = {}
+        for caption in dict.fromkeys(captions):  # a batch often repeats one caption: encode each once
             if caption not in self._tokens or not self.cache_tokens:  # text training encodes every step
                 self._tokens[caption] = self.clip.tokenize(caption)
             cond, pooled = self.clip.encode_from_tokens(self._tokens[caption], return_pooled=True)
@@ -153,8 +153,8 @@ class ComfyHost:
                 h, w = size
                 y = self.model.model.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
                                                 target_width=w, target_height=h)
-            items.append(Conditioning(cond, y))
-        return Conditioning.cat(items)
+            encoded[caption] = Conditioning(cond, y)
+        return Conditioning.cat([encoded[c] for c in captions])
 
     # ---- training
     def load_for_training(self, with_text_encoder: bool) -> None:
@@ -190,22 +190,23 @@ class ComfyHost:
     def channels_last(self) -> Iterator[None]:
         """Run the UNet's convolutions in NHWC, the layout cuDNN's fp16/bf16 kernels use: without it every conv
         converts its input and output (about a fifth of a batch-1 step's GPU time on an H100). Conv weights
-        are swapped for NHWC copies of the same values and swapped back when the block ends."""
-        swapped = []
+        are re-laid out in place (same values, same Parameter objects; the NCHW storage is not kept, so no
+        second copy of the conv weights) and laid out back when the block ends."""
+        relaid = []
         try:
             with torch.inference_mode(False), torch.no_grad():
                 for mod in self.diffusion_model.modules():
                     w = mod._parameters.get("weight") if isinstance(mod, nn.Conv2d) else None
-                    if w is not None and w.dim() == 4:
-                        mod._parameters["weight"] = nn.Parameter(w.contiguous(memory_format=torch.channels_last),
-                                                                 requires_grad=False)
-                        swapped.append((mod, w))
+                    if w is not None and w.dim() == 4 and not _made_in_inference_mode(w):
+                        w.data = w.data.contiguous(memory_format=torch.channels_last)
+                        relaid.append(w)
             self._channels_last = True
             yield
         finally:
             self._channels_last = False
-            for mod, w in swapped:
-                mod._parameters["weight"] = w
+            with torch.no_grad():
+                for w in relaid:
+                    w.data = w.data.contiguous()
 
     @contextmanager
     def nhwc_inputs(self) -> Iterator[None]:
@@ -218,9 +219,15 @@ class ComfyHost:
 
     def task(self) -> DiffusionTask:
         dm = self.diffusion_model
-        # The UNet runs each block's layers itself (forward_timestep_embed), so checkpoint the layers.
-        blocks = [layer for block in (*dm.input_blocks, dm.middle_block, *dm.output_blocks) for layer in block
-                  if isinstance(layer, (ResBlock, SpatialTransformer))]
+        # The UNet runs each block's layers itself (forward_timestep_embed), so checkpoint the layers: each ResBlock
+        # and each transformer block (SDXL stacks up to 10 in one SpatialTransformer; recomputing the stack at
+        # once would hold all their activations together).
+        blocks = []
+        for layer in (layer for block in (*dm.input_blocks, dm.middle_block, *dm.output_blocks) for layer in block):
+            if isinstance(layer, ResBlock):
+                blocks.append(layer)
+            elif isinstance(layer, SpatialTransformer):
+                blocks.extend(layer.transformer_blocks)
         return DiffusionTask(self.predict, self.schedule, self.model.load_device, self.compute_dtype, blocks)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -86,8 +86,10 @@ def test_generates_like_ksampler_caches_and_reloads_without_sampling(comfy, tiny
     assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "00002.png", "settings.json"]
     # Image i is KSampler's image for seed + i (within 8-bit PNG rounding).
     for i in (0, 1, 2):
+        # On a GPU a batch of 2 runs other kernels than a batch of 1: equal up to rounding, not to the bit.
+        atol = 0.5 / 255 + 1e-4 if tiny_sd15[0].load_device.type == "cpu" else 0.03
         torch.testing.assert_close(prior.images[i], ksampler_image(comfy, tiny_sd15, ARGS["seed"] + i),
-                                   rtol=0, atol=0.5 / 255 + 1e-4)
+                                   rtol=0, atol=atol)
     assert (prior.images[0] - prior.images[1]).abs().max() > 0.01  # seeds differ per image
 
     SamplerCalls(monkeypatch, fail=True)
