@@ -29,12 +29,16 @@ def cache_key(settings: Mapping[str, object]) -> str:
 
 
 def _sample_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().reshape(-1)
-    n = flat.numel()
-    if n == 0 or flat.device.type == "meta":
+    n = tensor.numel()
+    if n == 0 or tensor.device.type == "meta":
         return b""
     index = torch.linspace(0, n - 1, min(n, SAMPLES_PER_TENSOR), dtype=torch.float64).round().long()
-    sample = flat[index.to(flat.device)].cpu()
+    try:
+        sample = tensor.detach().reshape(-1)[index.to(tensor.device)].cpu()
+    except RuntimeError:
+        # A Parameter that ComfyUI moved between devices under inference mode can refuse views ("inference
+        # tensors do not track version counter"); a full copy reads it (slower, so only as the fallback).
+        sample = tensor.data.to("cpu", copy=True).reshape(-1)[index]
     try:
         return sample.numpy().tobytes()
     except TypeError:  # bfloat16 / float8 have no numpy dtype; float32 holds them exactly

@@ -145,6 +145,7 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
     ema = [p.detach().clone() for p in flat] if cfg.ema_decay > 0 else None
 
+    scheduled = cfg.lr_schedule != "constant" or cfg.warmup_steps > 0  # else the lr never changes
     accum, bs = cfg.gradient_accumulation, cfg.batch_size
     sampler = BucketBatchSampler([b.latents.shape[0] for b in buckets], bs, cfg.seed)
     plan = [[sampler.next() for _ in range(accum)] for _ in range(cfg.steps)]  # fixed by the seed
@@ -197,21 +198,27 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
             target = torch.cat([target[:bs], prior_target.float()])
         with autocast():
             pred = task.predict(x_t, t, cond)
-        weights = obj.sample_weights(schedule.alphas_cumprod[t], schedule.prediction)
-        loss = prior_preservation_loss(per_sample_mse(pred, target), weights, bs, data.prior_weight) / accum
+        if data.prior is None and obj.min_snr_gamma <= 0:  # the plain case in fewer kernels (small batches)
+            loss = F.mse_loss(pred.float(), target)
+        else:
+            weights = obj.sample_weights(schedule.alphas_cumprod[t], schedule.prediction)
+            loss = prior_preservation_loss(per_sample_mse(pred, target), weights, bs, data.prior_weight)
+        if accum > 1:
+            loss = loss / accum
         scaler.scale(loss).backward()
         return loss.detach()
 
     def step(i: int | None = None) -> None:
         """One optimiser step; ``i`` (the host's step index) is None when recorded into a CUDA graph."""
-        if graphed:
+        if graphed and scheduled:
             factor = lr_factor(step_counter, cfg.steps, cfg.lr_schedule, cfg.warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"].copy_(base * factor.view(()))
-        total = torch.zeros((), device=device)
+        total = None
         for k in range(accum):
             bucket_id, host_rows = (0, None) if i is None else plan[i][k]
-            total = total + micro_step(k, bucket_id, None if data.cached else host_rows)
+            loss = micro_step(k, bucket_id, None if data.cached else host_rows)
+            total = loss if total is None else total + loss
         if cfg.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(flat, cfg.max_grad_norm, foreach=on_gpu or None)
@@ -233,7 +240,7 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
         side.wait_stream(torch.cuda.current_stream(device))  # the data copies above ran on the default stream
     with gradient_checkpointing(task.checkpoint_blocks, cfg.gradient_checkpointing):
         for i in range(cfg.steps):
-            if not graphed:
+            if not graphed and scheduled:
                 factor = float(lr_factor(torch.tensor(i), cfg.steps, cfg.lr_schedule, cfg.warmup_steps))
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
