@@ -2,9 +2,9 @@
 
 Every parameter of the trained module gets a trainable fp32 copy (the master weights: DreamBooth's learning
 rates of ~5e-6 are below bf16/fp16 resolution, so updates to half-precision weights would round away). The
-copies are put into the modules' parameter slots only while ``swapped_in()`` runs and the host's own tensors
-are put back afterwards. The result is the difference to the starting weights, which ComfyUI applies as
-``diff`` patches (the same thing a ``.diff`` LoRA file does)."""
+copies are put into the modules' parameter slots only while ``swapped_in()`` runs and the host's weights are
+put back afterwards (from CPU copies, so the GPU holds one UNet while training, not two). The result is the
+difference to the starting weights, which ComfyUI applies as ``diff`` patches (what a ``.diff`` LoRA file does)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -43,15 +43,22 @@ class FullFineTune(nn.Module):
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
-        originals = []
+        """Our copies in the modules' slots for the block. The host's tensors are not kept meanwhile (on a GPU
+        that frees a whole second UNet): they are put back from the CPU copies taken at construction, the same
+        values on the same device, when the block ends, also on an error or Cancel."""
+        placed = []
         try:
             for module, pname, name in self._slots:
-                originals.append((module, pname, module._parameters[pname]))
+                original = module._parameters[pname]
+                placed.append((module, pname, name, original.device, original.requires_grad))
                 module._parameters[pname] = self.weights[name.replace(".", "/")]
+                del original
             yield
         finally:
-            for module, pname, original in originals:
-                module._parameters[pname] = original
+            with torch.no_grad():
+                for module, pname, name, device, requires_grad in placed:
+                    module._parameters[pname] = nn.Parameter(self._start[name].to(device, copy=True),
+                                                             requires_grad=requires_grad)
 
     @torch.no_grad()
     def deltas(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
