@@ -40,6 +40,9 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--comfyui", required=True, help="ComfyUI source folder")
 ap.add_argument("--cases", default="db_prior,ti,sdxl_lora")
 ap.add_argument("--impls", default="ours,diffusers")
+ap.add_argument("--ckpt", choices=("both", "on", "off"), default="both", help="gradient checkpointing rows to run")
+ap.add_argument("--memory-cap-gib", type=float, default=None,
+                help="cap the allocator (set_per_process_memory_fraction): does it train on a card this size")
 ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
 ap.add_argument("--warmup", type=int, default=None, help="steps of the runs subtracted (default 5; 1 with --tiny)")
 ap.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU smoke run of the same code")
@@ -331,6 +334,9 @@ IMPL_INFO = {("db_prior", "ours"): dict(DB_INFO), ("db_prior", "diffusers"): dic
 if dev != "cuda":
     for info in IMPL_INFO.values():
         info["precision"] = "fp32 (CPU smoke run)"
+if args.memory_cap_gib and dev == "cuda":
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total)
 started = time.perf_counter()
 impls = set(filter(None, args.impls.split(",")))
 unknown = [c for c in filter(None, args.cases.split(",")) if c not in CASES] + sorted(impls - {"ours", "diffusers"})
@@ -338,7 +344,7 @@ if unknown:
     ap.error(f"unknown case or impl: {unknown}; cases are {list(CASES)}, impls ours and diffusers")
 for case in filter(None, args.cases.split(",")):
     for impl, batch, checkpointing, build in CASES[case]:
-        if impl in impls:
+        if impl in impls and args.ckpt in ("both", "on" if checkpointing else "off"):
             measure(case, impl, batch, checkpointing, build, per_instance=2 if case == "db_prior" else 1,
                     **IMPL_INFO[(case, impl)])
 

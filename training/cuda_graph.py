@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def capture(step: Callable[[], None], generator: torch.Generator) -> torch.cuda.CUDAGraph | None:
     """Record one call of ``step``; None (with a warning) if something in it cannot be captured.
 
-    Nothing runs while recording: parameters and the step counter are untouched until the first replay.
+    Nothing runs while recording: parameters and the step counter are untouched until the first replay. After a
+    failure ``generator`` stays registered with the abandoned graph; the caller must not draw from it again.
     """
     graph = torch.cuda.CUDAGraph()
     graph.register_generator_state(generator)  # replays advance our seeded generator, not the global one

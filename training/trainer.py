@@ -247,7 +247,14 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
             if side is not None and i == _GRAPH_WARMUP_STEPS:
                 torch.cuda.current_stream(device).wait_stream(side)
                 side = None
+                # The warm-up's freed blocks stay cached in the general pool, which the graph's private pool
+                # cannot use: hand them back first, or a run near the memory limit fails at capture.
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
                 graph = cuda_graph.capture(step, generator)
+                if graph is None:  # a failed capture leaves the generator bound to it: continue on a fresh one
+                    generator = torch.Generator(device=device).manual_seed(cfg.seed + i)
+                    torch.cuda.empty_cache()
             if graph is not None:
                 graph.replay()
             else:
