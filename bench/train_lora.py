@@ -40,20 +40,13 @@ comfy.options.enable_args_parsing()
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.supported_models  # noqa: E402
+import shapes  # noqa: E402  (bench/, next to this file)
 
 from comfyui_personalize.headless.tiny import randomise_weights  # noqa: E402
 
 LAT = args.res // 8
 RANK = 8
-SD15 = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-            adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-            use_linear_in_transformer=False, context_dim=768, num_heads=8, num_head_channels=-1,
-            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_resblock=False,
-            use_temporal_attention=False)
-if args.tiny:
-    SD15.update(model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
-                transformer_depth_output=[1, 1, 1, 1], num_heads=2)
+SD15 = shapes.sd15(args.tiny)
 rows: list[dict] = []
 
 

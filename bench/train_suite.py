@@ -70,7 +70,8 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.supported_models  # noqa: E402
-import suite_peers  # noqa: E402  (bench/, next to this file)
+import shapes  # noqa: E402  (bench/, next to this file)
+import suite_peers  # noqa: E402
 
 from comfyui_personalize.nodes.embeddings import (  # noqa: E402
     clip_with_embeddings,
@@ -91,26 +92,10 @@ from comfyui_personalize.training.lora import LoRANetwork  # noqa: E402
 from comfyui_personalize.training.task import Conditioning  # noqa: E402
 from comfyui_personalize.training.trainer import ParamGroup  # noqa: E402
 
-# The UNet configs ComfyUI's model detection gives SD1.5 and SDXL checkpoints.
-SD15 = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-            adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-            use_linear_in_transformer=False, context_dim=768, num_heads=8, num_head_channels=-1,
-            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_resblock=False,
-            use_temporal_attention=False)
-SDXL = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-            num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320,
-            num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4],
-            transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
-            transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
-            use_temporal_resblock=False)
+SD15, SDXL = shapes.sd15(args.tiny), shapes.sdxl(args.tiny)
 CLIP_OVERRIDES: dict = {}  # keys of comfy/sd1_clip_config.json (CLIP-L) changed for --tiny
 SD15_LAT, SDXL_LAT = 64, 128
 if args.tiny:
-    SD15.update(model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
-                transformer_depth_output=[1, 1, 1, 1], num_heads=2)
-    SDXL.update(model_channels=32, num_res_blocks=[1, 1], transformer_depth=[0, 1], channel_mult=[1, 2],
-                transformer_depth_middle=1, num_head_channels=16, transformer_depth_output=[0, 0, 1, 1])
     CLIP_OVERRIDES = dict(num_hidden_layers=2, intermediate_size=128, num_attention_heads=4)
     SD15_LAT, SDXL_LAT = 8, 16
 RANK = 8
