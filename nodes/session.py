@@ -9,12 +9,14 @@ from typing import Callable, ContextManager, Sequence
 
 import comfy.sample
 import comfy.utils
+import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..training.data import build_training_data
 from ..training.datasets import InstanceDataset, PriorPreservation
 from ..training.errors import InputError
+from ..training.files import resolve_output_path, save_safetensors_atomic
 from ..training.objective import LR_SCHEDULES
 from ..training.options import TrainOptions
 from ..training.trainer import DTYPES, TrainConfig, train
@@ -45,6 +47,13 @@ def common_inputs(learning_rate: float, steps: int = 500) -> list:
                        tooltip="auto: the weights' own dtype on GPU (fp16 with loss scaling), fp32 on CPU."),
         io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less memory, about 25% slower."),
     ]
+
+
+def save_intermediate(kind: str, stem: str, tensors: dict, metadata: dict) -> None:
+    """A result so far, as ``models/<kind>/personalize_checkpoints/<stem>.safetensors`` (never overwriting)."""
+    folder = folder_paths.get_folder_paths(kind)[0]
+    path = resolve_output_path(folder, "personalize_checkpoints", stem, ".safetensors", "increment")
+    save_safetensors_atomic(tensors, path, metadata)
 
 
 class TrainingSession:

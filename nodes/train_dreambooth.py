@@ -4,16 +4,14 @@ from __future__ import annotations
 import logging
 
 import comfy.sd
-import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..training.errors import InputError
-from ..training.files import resolve_output_path, save_safetensors_atomic
 from ..training.full_finetune import FullFineTune, diff_state_dict
 from ..training.lora import TrainedLoRA
 from ..training.trainer import ParamGroup
-from .session import TrainingSession, common_inputs
+from .session import TrainingSession, common_inputs, save_intermediate
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +73,8 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
                 return diff
 
             def save(step: int) -> None:  # the weight difference so far, as a diff file LoraLoader applies
-                folder = folder_paths.get_folder_paths("loras")[0]
-                path = resolve_output_path(folder, "personalize_checkpoints", f"dreambooth_step{step:05d}",
-                                           ".safetensors", "increment")
-                save_safetensors_atomic(weight_diff(), path, {"personalize.method": "dreambooth",
-                                                              "personalize.step": str(step)})
+                save_intermediate("loras", f"dreambooth_step{step:05d}", weight_diff(),
+                                  {"personalize.method": "dreambooth", "personalize.step": str(step)})
 
             # No previews: sampling may make ComfyUI move the UNet's modules, and with them the swapped-in
             # trainable weights, to another device.

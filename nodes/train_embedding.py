@@ -18,11 +18,11 @@ from ..training.embedding import (
     with_embedding_syntax,
 )
 from ..training.errors import InputError
-from ..training.files import lora_metadata, resolve_output_path, save_safetensors_atomic
+from ..training.files import lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from ..training.trainer import ParamGroup
 from .embeddings import clip_with_embeddings, init_ids, text_encoders, token_table
-from .session import TrainingSession, common_inputs
+from .session import TrainingSession, common_inputs, save_intermediate
 from .types import Embedding
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,8 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
             net.to(host.model.load_device)
 
         def save(step: int) -> None:
-            folder = folder_paths.get_folder_paths("embeddings")[0]
-            path = resolve_output_path(folder, "personalize_checkpoints", f"{token}_step{step:05d}", ".safetensors",
-                                       "increment")
-            save_safetensors_atomic(inversion.file_tensors(), path, {"personalize.token": token})
+            save_intermediate("embeddings", f"{token}_step{step:05d}", inversion.file_tensors(),
+                              {"personalize.token": token})
 
         losses = session.run(data, groups or params, [net.attached()] if net is not None else [], text_trains=True,
                              frozen=net.disabled if net is not None else None, save=save)

@@ -10,9 +10,9 @@ from comfy_api.latest import io
 from safetensors.torch import load_file
 
 from ..training.errors import InputError
-from ..training.files import lora_metadata, resolve_output_path, save_safetensors_atomic
+from ..training.files import lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
-from .session import TrainingSession, common_inputs
+from .session import TrainingSession, common_inputs, save_intermediate
 
 log = logging.getLogger(__name__)
 NONE = "none"
@@ -96,11 +96,9 @@ class PersonalizeTrainLoRA(io.ComfyNode):
                 return TrainedLoRA(tensors, meta)
 
             def save(step: int) -> None:
-                folder = folder_paths.get_folder_paths("loras")[0]
-                path = resolve_output_path(folder, "personalize_checkpoints", f"lora_step{step:05d}", ".safetensors",
-                                           "increment")
                 lora = make_lora(step)
-                save_safetensors_atomic({k: v.half() for k, v in lora.items()}, path, lora.metadata)
+                save_intermediate("loras", f"lora_step{step:05d}", {k: v.half() for k, v in lora.items()},
+                                  lora.metadata)
 
             losses = session.run(data, [p for n in nets for p in n.parameters()], [n.attached() for n in nets],
                                  text_trains=te_net is not None, frozen=lambda: _all_disabled(nets), save=save)
