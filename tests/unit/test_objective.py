@@ -196,3 +196,22 @@ def test_bad_objective_names_the_input(objective, name):
     with pytest.raises(InputError) as e:
         objective.validate()
     assert e.value.input_name == name
+
+
+def test_prior_with_the_text_side_training_encodes_the_class_prompt_every_step(host):
+    """Uncached path (text encoder trains): captions, "" and the class prompt are encoded in one call per step."""
+    latents, class_latents = _latents(host), _latents(host, n=3, seed=5)
+    size = (latents.shape[-2] * 8, latents.shape[-1] * 8)
+    calls = []
+
+    def encode(captions, s):
+        calls.append(list(captions))
+        return host.encode_text(captions)
+
+    bucket = LatentBucket(latents, [CAPTION] * 2, size, class_latents=class_latents)
+    data = TrainingData([bucket], encode, caption_dropout=0.5, prior="class_images", class_prompt=CLASS)
+    record = []
+    _run(host, data, steps=2, record=record)
+    assert calls == [[CAPTION, CAPTION, "", CLASS]] * 2
+    class_ctx = host.encode_text([CLASS]).context[0]
+    assert all(torch.allclose(c, class_ctx) for _, _, ctx in record for c in ctx[2:])
