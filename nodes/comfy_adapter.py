@@ -200,10 +200,9 @@ class ComfyHost:
                     if w is not None and w.dim() == 4 and not _made_in_inference_mode(w):
                         w.data = w.data.contiguous(memory_format=torch.channels_last)
                         relaid.append(w)
-            self._channels_last = True
-            yield
+            with self.nhwc_inputs():
+                yield
         finally:
-            self._channels_last = False
             with torch.no_grad():
                 for w in relaid:
                     w.data = w.data.contiguous()
