@@ -43,6 +43,7 @@ ap.add_argument("--impls", default="ours,diffusers")
 ap.add_argument("--ckpt", choices=("both", "on", "off"), default="both", help="gradient checkpointing rows to run")
 ap.add_argument("--memory-cap-gib", type=float, default=None,
                 help="cap the allocator (set_per_process_memory_fraction): does it train on a card this size")
+ap.add_argument("--no-cuda-graph", action="store_true", help="run our steps eagerly (no CUDA graph)")
 ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
 ap.add_argument("--warmup", type=int, default=None, help="steps of the runs subtracted (default 5; 1 with --tiny)")
 ap.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU smoke run of the same code")
@@ -188,7 +189,7 @@ def session(model, clip, learning_rate: float, batch: int, checkpointing: bool) 
 def run_session(s: TrainingSession, data: TrainingData, params, attach, **kw):
     """``run(steps)``: TrainingSession.run for that many steps (a fresh optimiser and CUDA graph each call)."""
     def run(steps: int) -> None:
-        s.cfg = dataclasses.replace(s.cfg, steps=steps)
+        s.cfg = dataclasses.replace(s.cfg, steps=steps, cuda_graph=not args.no_cuda_graph)
         s.run(data, params, attach(), **kw)
 
     return run

@@ -36,7 +36,8 @@ class DiffusersHost:
     def task(self) -> DiffusionTask:
         u = self.unet
         blocks: Sequence[nn.Module] = [*u.down_blocks, u.mid_block, *u.up_blocks]
-        return DiffusionTask(self.predict, self.schedule, self.device, next(u.parameters()).dtype, blocks)
+        return DiffusionTask(self.predict, self.schedule, self.device, next(u.parameters()).dtype, blocks,
+                             [u, self.text_encoder])
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.unet(x_t, t, encoder_hidden_states=cond.context).sample

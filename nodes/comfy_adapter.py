@@ -227,7 +227,9 @@ class ComfyHost:
                 blocks.append(layer)
             elif isinstance(layer, SpatialTransformer):
                 blocks.extend(layer.transformer_blocks)
-        return DiffusionTask(self.predict, self.schedule, self.model.load_device, self.compute_dtype, blocks)
+        frozen = [dm] + ([self.clip.cond_stage_model] if self.clip is not None else [])
+        return DiffusionTask(self.predict, self.schedule, self.model.load_device, self.compute_dtype, blocks,
+                             frozen)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         dt = self.compute_dtype

@@ -20,6 +20,7 @@ def capture(step: Callable[[], None], generator: torch.Generator) -> torch.cuda.
     Nothing runs while recording: parameters and the step counter are untouched until the first replay. After a
     failure ``generator`` stays registered with the abandoned graph; the caller must not draw from it again.
     """
+    reserved = torch.cuda.memory_reserved()
     graph = torch.cuda.CUDAGraph()
     graph.register_generator_state(generator)  # replays advance our seeded generator, not the global one
     try:
@@ -29,4 +30,6 @@ def capture(step: Callable[[], None], generator: torch.Generator) -> torch.cuda.
         log.warning("training step could not be captured as a CUDA graph (%s); continuing without it", e)
         torch.cuda.synchronize()
         return None
+    log.info("captured the training step as a CUDA graph (its memory pool: %.2f GiB)",
+             (torch.cuda.memory_reserved() - reserved) / 2**30)
     return graph

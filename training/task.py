@@ -65,10 +65,12 @@ class Conditioning:
 @dataclass
 class DiffusionTask:
     """``predict(x_t, t, cond)`` returns the raw model output (eps or v, per ``schedule.prediction``) for
-    integer timesteps ``t``. ``checkpoint_blocks`` are the modules gradient checkpointing may wrap."""
+    integer timesteps ``t``. ``checkpoint_blocks`` are the modules gradient checkpointing may wrap.
+    ``frozen_modules`` are the host's networks: none of their parameters gets a gradient unless it is trained."""
 
     predict: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
     schedule: NoiseSchedule
     device: torch.device
     weight_dtype: torch.dtype = torch.float32
     checkpoint_blocks: Sequence[nn.Module] = field(default_factory=tuple)
+    frozen_modules: Sequence[nn.Module] = field(default_factory=tuple)

@@ -238,7 +238,8 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
     side = torch.cuda.Stream(device) if graphed else None  # warm-up before capture runs on a side stream
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))  # the data copies above ran on the default stream
-    with gradient_checkpointing(task.checkpoint_blocks, cfg.gradient_checkpointing):
+    with gradient_checkpointing(task.checkpoint_blocks, cfg.gradient_checkpointing), \
+            gradients_only_for(task.frozen_modules, flat):
         for i in range(cfg.steps):
             if not graphed and scheduled:
                 factor = float(lr_factor(torch.tensor(i), cfg.steps, cfg.lr_schedule, cfg.warmup_steps))
@@ -270,6 +271,24 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
         with torch.no_grad():
             torch._foreach_copy_(flat, ema)
     return losses
+
+
+@contextmanager
+def gradients_only_for(modules: Sequence[nn.Module], trained: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Switch ``requires_grad`` off for every parameter of ``modules`` that is not trained, for the block.
+
+    Hosts build their networks with trainable Parameters (ComfyUI does, outside inference mode). Left on,
+    backward computes and keeps a gradient for every frozen weight: a second copy of the UNet in memory
+    and about a third more backward work."""
+    keep = {id(p) for p in trained}
+    switched = {id(p): p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in keep}
+    for p in switched.values():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in switched.values():
+            p.requires_grad_(True)
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ def _run(host, data, steps=1, net=None, record=None, **overrides):
             record.append((x_t.detach().clone(), t.clone(), cond.context.detach().clone()))
             return inner(x_t, t, cond)
 
-        task = DiffusionTask(predict, task.schedule, task.device, task.weight_dtype, task.checkpoint_blocks)
+        task = DiffusionTask(predict, task.schedule, task.device, task.weight_dtype, task.checkpoint_blocks,
+                             task.frozen_modules)
     cfg = TrainConfig(**{"steps": steps, "learning_rate": 1e-3, "batch_size": 2, "seed": 0, **overrides})
     with net.attached():
         losses = train(task, data, list(net.parameters()), cfg, frozen=net.disabled)

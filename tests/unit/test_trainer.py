@@ -84,6 +84,28 @@ def test_text_encoder_lora_receives_gradients(host):
     assert all(a.up.abs().sum() > 0 for a in unet_net.adapters.values())
 
 
+def test_host_weights_get_no_gradient_even_when_built_trainable(host):
+    """Hosts (ComfyUI) build their UNet with requires_grad=True: training a LoRA must not compute or keep
+    gradients for those frozen weights (a second UNet in memory), and the flags come back afterwards."""
+    latents, _ = _data(host)
+    host.unet.requires_grad_(True)
+    try:
+        seen = []
+        net, _ = _train(host, latents, steps=2, cuda_graph=False)
+        hook = host.unet.register_forward_hook(
+            lambda *_: seen.append(sum(p.requires_grad for p in host.unet.parameters())))
+        try:
+            _train(host, latents, steps=1, net=net)
+        finally:
+            hook.remove()
+        assert seen and seen[0] == 0  # nothing of the host requires grad while training
+        assert all(p.grad is None for p in host.unet.parameters())
+        assert all(p.requires_grad for p in host.unet.parameters())  # restored
+        assert all(a.up.abs().sum() > 0 for a in net.adapters.values())  # the LoRA itself trained
+    finally:
+        host.unet.requires_grad_(False)
+
+
 def test_progress_sees_every_step_and_can_cancel(host):
     latents, cond = _data(host)
     seen = []
