@@ -1,0 +1,128 @@
+"""ComfyUI side of the attention edits: block keys, batch chunks, timing by sigma and chained patches.
+
+Every edit goes through ModelPatcher hooks on a clone (``set_model_attn1/attn2_patch``, ``_replace``,
+``_output_patch``); the math lives in ``attention/``. A replace patch calls whatever replace was already on that
+key (IPAdapter and others) or ComfyUI's fused ``optimized_attention``, so patches chain and the fused kernel
+stays in use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import comfy.ldm.modules.attention as comfy_attention
+import torch
+from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ..training.errors import InputError
+
+COND, UNCOND = 0, 1
+APPLY_TO = {"cond": (COND,), "uncond": (UNCOND,), "both": (COND, UNCOND)}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One transformer block of the UNet and its ComfyUI patch key ``(name, id, index)``."""
+
+    key: tuple[str, int, int]
+    module: BasicTransformerBlock
+
+
+def require_unet(model, input_name: str = "model") -> UNetModel:
+    unet = getattr(model.model, "diffusion_model", None)
+    if not isinstance(unet, UNetModel):
+        kind = type(model.model).__name__
+        raise InputError(input_name, f"attention control works on SD1.x, SD2.x and SDXL UNets; this model is a "
+                                     f"{kind} ({type(unet).__name__}), whose attention has no such hooks")
+    return unet
+
+
+def transformer_blocks(model) -> list[Block]:
+    """Every BasicTransformerBlock with the key ComfyUI's UNet gives it, enumerated from the loaded model."""
+    unet = require_unet(model)
+    groups = [("input", i, b) for i, b in enumerate(unet.input_blocks)] + [("middle", 0, unet.middle_block)]
+    groups += [("output", i, b) for i, b in enumerate(unet.output_blocks)]
+    found = []
+    for name, number, block in groups:
+        for layer in block:
+            if isinstance(layer, SpatialTransformer):
+                found += [Block((name, number, j), tb) for j, tb in enumerate(layer.transformer_blocks)]
+    if not found:
+        raise InputError("model", "this UNet has no cross-attention transformer blocks to edit")
+    return found
+
+
+def percent_window(model, start: float, end: float, names: tuple[str, str]) -> tuple[float, float]:
+    """(sigma_high, sigma_low) for a start/end fraction of sampling, through the model's own schedule."""
+    if not 0.0 <= start <= end <= 1.0:
+        raise InputError(names[0], f"the window must satisfy 0 <= {names[0]} <= {names[1]} <= 1 "
+                                   f"(got {start} and {end})")
+    sampling = model.get_model_object("model_sampling")
+    return float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
+
+
+def in_window(extra_options: dict, window: tuple[float, float]) -> bool:
+    sigmas = extra_options.get("sigmas")
+    if sigmas is None:
+        return True
+    sigma = float(sigmas.max())
+    return window[1] <= sigma <= window[0]
+
+
+def chunks(extra_options: dict, batch: int) -> Iterator[tuple[int, slice]]:
+    """(cond_or_uncond id, rows) of each chunk the sampler batched together: 0 = positive, 1 = negative,
+    others = extra conds of custom guiders. Never by position: ComfyUI orders them as it likes."""
+    kinds = extra_options.get("cond_or_uncond") or [COND]
+    size = batch // len(kinds)
+    for i, kind in enumerate(kinds):
+        yield kind, slice(i * size, (i + 1) * size)
+
+
+def fused_attention(extra_options: dict, previous: Callable | None = None):
+    """(q, k, v) -> out on the host's kernel: the replace patch already on this key, else optimized_attention."""
+    if previous is not None:
+        return lambda q, k, v: previous(q, k, v, extra_options)
+    heads = extra_options["n_heads"]
+    precision = extra_options.get("attn_precision")
+    return lambda q, k, v: comfy_attention.optimized_attention(q, k, v, heads, attn_precision=precision,
+                                                               transformer_options=extra_options)
+
+
+def masked_attention(extra_options: dict):
+    """Fused attention with an additive logit bias [B, 1, Nk] (every backend takes float masks)."""
+    heads = extra_options["n_heads"]
+    precision = extra_options.get("attn_precision")
+    return lambda q, k, v, mask: comfy_attention.optimized_attention_masked(
+        q, k, v, heads, mask=mask, attn_precision=precision, transformer_options=extra_options)
+
+
+def existing_replace(model, kind: str, key: tuple[str, int, int]) -> Callable | None:
+    """The replace patch ComfyUI would use for this key now (3-part key first, then the 2-part one)."""
+    table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    return table.get(key) or table.get(key[:2])
+
+
+def set_replace(model, kind: str, block: Block, make: Callable[[Callable | None], Callable]) -> None:
+    """Install ``make(previous)`` as the ``kind`` ("attn1"/"attn2") replace of ``block`` on ``model`` (a clone)."""
+    previous = existing_replace(model, kind, block.key)
+    setter = model.set_model_attn1_replace if kind == "attn1" else model.set_model_attn2_replace
+    setter(make(previous), *block.key)
+
+
+def downscale(extra_options: dict) -> int:
+    """How many times smaller than the latent this block's feature map is (1, 2, 4, 8)."""
+    latent = extra_options.get("original_shape")
+    here = extra_options.get("activations_shape")
+    if not latent or not here:
+        return 1
+    return max(1, round(latent[-1] / here[-1]))
+
+
+def paired_rows(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and target rows of a chunk laid out as [src0, tgt0, src1, tgt1, ...] (the paired batch)."""
+    idx = torch.arange(rows.start, rows.stop)
+    if len(idx) % 2:
+        raise InputError("latent", "the paired source/target batch lost its pairing (odd batch); feed the "
+                                   "LATENT from the P2P node straight into the sampler")
+    return idx[0::2], idx[1::2]

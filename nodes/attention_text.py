@@ -1,0 +1,93 @@
+"""Prompts for the attention nodes: token positions from ComfyUI's tokenizer, conditioning, the paired batch."""
+from __future__ import annotations
+
+import torch
+
+from ..attention.tokens import PromptTokens
+from ..training.errors import InputError
+
+CHUNK = 77
+
+
+def _first_encoder(tokens: dict) -> list:
+    # Every encoder of a CLIP (SDXL: l and g) tokenizes the same text with the same BPE, so positions agree.
+    return tokens["l"] if "l" in tokens else next(iter(tokens.values()))
+
+
+def _require(clip) -> None:
+    if clip is None or getattr(clip, "tokenizer", None) is None:
+        raise InputError("clip", "is missing; connect the CLIP output of the checkpoint loader")
+
+
+def prompt_tokens(clip, text: str) -> PromptTokens:
+    """The prompt's token ids per 77-token chunk; word id 0 marks BOS/EOS/padding (never matched)."""
+    _require(clip)
+    chunks = _first_encoder(clip.tokenize(text, return_word_ids=True))
+    ids, content = [], []
+    for chunk in chunks:
+        if len(chunk) != CHUNK:
+            raise InputError("clip", f"this tokenizer makes chunks of {len(chunk)} tokens, not {CHUNK}; "
+                                     "attention control supports CLIP text encoders (SD1.x, SD2.x, SDXL)")
+        # An embedding's vector is a tensor token: give it an id no real token has.
+        ids.append(tuple(t if isinstance(t, int) else -1 for t, _w, _word in chunk))
+        content.append(tuple(word != 0 for _t, _w, word in chunk))
+    return PromptTokens.from_chunks(ids, content)
+
+
+def word_tokenizer(clip):
+    """word -> its content token ids, tokenized alone the way the prompt's words are."""
+    _require(clip)
+
+    def ids(word: str) -> list[int]:
+        chunk = _first_encoder(clip.tokenize(word, return_word_ids=True))[0]
+        return [t if isinstance(t, int) else -1 for t, _w, w in chunk if w != 0]
+    return ids
+
+
+def words_with_positions(clip, text: str, tokens: PromptTokens, input_name: str) -> list[tuple[list[int], list[int]]]:
+    """(token ids, global positions) of each space-separated word, in order (CLIP's BPE splits at spaces, so a
+    word tokenized alone gives the tokens it has in the prompt)."""
+    ids_of = word_tokenizer(clip)
+    content = list(zip(tokens.content_ids(), tokens.content_positions()))
+    out, at = [], 0
+    for word in text.split():
+        ids = ids_of(word)
+        if [i for i, _ in content[at:at + len(ids)]] != ids:
+            raise InputError(input_name, f"could not place the word '{word}' in the tokenized prompt; remove "
+                                         "weights in parentheses and embedding: names for word swaps")
+        out.append((ids, [p for _, p in content[at:at + len(ids)]]))
+        at += len(ids)
+    return out
+
+
+def encode(clip, text: str) -> list:
+    """CLIPTextEncode's output for ``text``."""
+    _require(clip)
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def paired_conditioning(source: list, target: list) -> list:
+    """One conditioning whose batch is [source, target] (pooled output too): ComfyUI repeats it over the latent
+    batch, so latent rows [src0, tgt0, src1, tgt1, ...] each get their prompt."""
+    (c_src, o_src), (c_tgt, o_tgt) = source[0], target[0]
+    if c_src.shape[1] != c_tgt.shape[1]:
+        raise InputError("target", f"the source prompt has {c_src.shape[1] // CHUNK} chunks of 77 tokens and the "
+                                   f"target {c_tgt.shape[1] // CHUNK}; make their lengths similar")
+    extra = dict(o_src)
+    if o_src.get("pooled_output") is not None and o_tgt.get("pooled_output") is not None:
+        extra["pooled_output"] = torch.cat([o_src["pooled_output"], o_tgt["pooled_output"]])
+    return [[torch.cat([c_src, c_tgt]), extra]]
+
+
+def paired_latent(latent: dict) -> dict:
+    """Each latent twice in a row, with the same batch_index so both get the same initial noise."""
+    samples = latent["samples"]
+    n = samples.shape[0]
+    out = {k: v for k, v in latent.items() if k not in ("samples", "batch_index", "noise_mask")}
+    index = latent.get("batch_index") or list(range(n))
+    out["samples"] = samples.repeat_interleave(2, dim=0)
+    out["batch_index"] = [i for i in index for _ in range(2)]
+    if latent.get("noise_mask") is not None:
+        mask = latent["noise_mask"]
+        out["noise_mask"] = mask.repeat_interleave(2, dim=0) if mask.shape[0] == n else mask
+    return out

@@ -1,0 +1,172 @@
+"""Personalize Dual-Path Attention Blend: out = a Block(soft prompt, W + dW) + (1 - a) Block(hard prompt, W),
+inside each attention layer on the fused kernel (no second UNet pass). The math is ``attention/dual_path.py``;
+here: which LoRA factors belong to which block, and the hooks (pre-projection stash, replace, output add)."""
+from __future__ import annotations
+
+import logging
+
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..attention.dual_path import AttentionDeltas, LowRankDelta, cross_blend, self_blend
+from ..training.errors import InputError
+from .attention_hooks import (
+    COND,
+    Block,
+    chunks,
+    fused_attention,
+    in_window,
+    percent_window,
+    set_replace,
+    transformer_blocks,
+)
+from .attention_reweight import window_inputs
+from .comfy_adapter import ComfyHost
+
+log = logging.getLogger(__name__)
+PATHS = ("cross", "self+cross")
+_X, _CTX, _OUT = "personalize_dual_x", "personalize_dual_ctx", "personalize_dual_out"
+_PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
+
+
+def block_deltas(model, lora: dict, attn: str) -> dict[tuple, AttentionDeltas]:
+    """Per block key, the LoRA's low-rank factors on ``attn`` ("attn1"/"attn2") q/k/v/out (kohya keys)."""
+    names = ComfyHost(model, None, None).unet_lora_targets("attention")  # kohya name -> module, our one map
+    by_module = {id(m): n for n, m in names.items()}
+    found = {}
+    for block in transformer_blocks(model):
+        parts = {}
+        for path, proj in _PROJ.items():
+            name = by_module.get(id(block.module.get_submodule(f"{attn}.{path}")))
+            down, up = lora.get(f"{name}.lora_down.weight"), lora.get(f"{name}.lora_up.weight")
+            if name is not None and down is not None and up is not None:
+                alpha = lora.get(f"{name}.alpha")
+                rank = down.shape[0]
+                parts[proj] = LowRankDelta.from_weights(down.float().flatten(1), up.float().flatten(1),
+                                                        float(alpha) if alpha is not None else rank)
+        if parts:
+            found[block.key] = AttentionDeltas(**parts)
+    return found
+
+
+def _cond_rows(extra_options: dict, batch: int) -> list[slice]:
+    return [rows for kind, rows in chunks(extra_options, batch) if kind == COND]
+
+
+def stash_patch(n, context, value, extra_options):
+    """attn1/attn2_patch: keep the block's pre-projection input and context for the replace of this call."""
+    extra_options[_X], extra_options[_CTX] = n, context
+    return n, context, value
+
+
+def add_delta_out(n, extra_options):
+    """attn1/attn2_output_patch: add a * dOut(soft attention) that the replace left for this call."""
+    delta = extra_options.pop(_OUT, None)
+    return n if delta is None else n + delta
+
+
+class _Blend:
+    def __init__(self, block: Block, deltas: AttentionDeltas, hard: torch.Tensor | None, a: float,
+                 window: tuple[float, float]):
+        self.block, self.deltas, self.hard, self.a, self.window = block, deltas, hard, a, window
+
+    def a_now(self, extra_options) -> float:
+        return self.a if in_window(extra_options, self.window) else 1.0  # outside the window: the tuned path
+
+    def cross(self, previous):
+        def replace(q, k, v, extra_options):
+            attend, a = fused_attention(extra_options, previous), self.a_now(extra_options)
+            k_h, v_h = k, v
+            if a < 1.0:
+                attn = self.block.module.attn2
+                hard = self.hard.to(q.device, q.dtype)
+                if k.shape[1] % hard.shape[1]:
+                    raise InputError("hard", "the hard prompt's length differs from the soft prompt's; use the "
+                                             "same prompt with the learned token replaced by one word")
+                hard = hard.repeat(1, k.shape[1] // hard.shape[1], 1)
+                k_h, v_h = k.clone(), v.clone()
+                for rows in _cond_rows(extra_options, q.shape[0]):
+                    ctx = hard.expand(rows.stop - rows.start, -1, -1)
+                    k_h[rows], v_h[rows] = attn.to_k(ctx), attn.to_v(ctx)
+            out, delta = cross_blend(attend, q, k, v, k_h, v_h, extra_options.get(_X), extra_options.get(_CTX),
+                                     self.deltas, a)
+            if delta is not None:
+                extra_options[_OUT] = delta
+            return out
+        return replace
+
+    def self(self, previous):
+        def replace(q, k, v, extra_options):
+            attend = fused_attention(extra_options, previous)
+            out, delta = self_blend(attend, q, k, v, extra_options.get(_X), self.deltas, self.a_now(extra_options))
+            if delta is not None:
+                extra_options[_OUT] = delta
+            return out
+        return replace
+
+
+class PersonalizeDualPathBlend(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        loras = ["none"] + folder_paths.get_filename_list("loras")
+        return io.Schema(
+            node_id="PersonalizeDualPathBlend",
+            display_name="Personalize Dual-Path Attention Blend",
+            category="personalize/attention",
+            description="Keeps the model's prior while personalising: each attention layer mixes a * (soft prompt "
+                        "with the learned token, weights + LoRA) and (1 - a) * (hard prompt with a real word, base "
+                        "weights). Sample with the soft prompt as positive.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("hard", tooltip="The same prompt with the learned token replaced by the "
+                                                      "nearest real word (e.g. 'a photo of a dog')."),
+                io.Combo.Input("lora_name", options=loras, default="none",
+                               tooltip="Attention LoRA file (models/loras); or connect a trained LORA below."),
+                io.Float.Input("a_blend", default=0.7, min=0.0, max=1.0, step=0.01,
+                               tooltip="1 = only the personalised path, 0 = only the base model."),
+                io.Combo.Input("paths", options=list(PATHS), default="cross",
+                               tooltip="cross: blend cross-attention only; self+cross: self-attention too."),
+                *window_inputs(),
+                io.LoraModel.Input("lora", optional=True),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, hard, lora_name, a_blend, paths, start_percent, end_percent,
+                lora=None) -> io.NodeOutput:
+        if lora is None and lora_name == "none":
+            raise InputError("lora_name", "pick an attention LoRA file or connect a trained LORA")
+        if lora is None:
+            path = folder_paths.get_full_path("loras", lora_name)
+            if path is None:
+                raise InputError("lora_name", f"'{lora_name}' is not in models/loras")
+            lora = comfy.utils.load_torch_file(path, safe_load=True)
+        if paths not in PATHS:
+            raise InputError("paths", f"must be one of {', '.join(PATHS)}")
+        if not hard or hard[0][0] is None:
+            raise InputError("hard", "connect the hard prompt's CONDITIONING")
+        window = percent_window(model, start_percent, end_percent, ("start_percent", "end_percent"))
+        blocks = {b.key: b for b in transformer_blocks(model)}
+        m = model.clone()
+        hard_ctx = hard[0][0][:1].detach()
+        applied = 0
+        for attn in ("attn2",) + (("attn1",) if paths == "self+cross" else ()):
+            deltas = block_deltas(model, lora, attn)
+            for key, d in deltas.items():
+                blend = _Blend(blocks[key], d, hard_ctx, a_blend, window)
+                set_replace(m, attn, blocks[key], blend.cross if attn == "attn2" else blend.self)
+            if deltas:
+                (m.set_model_attn2_patch if attn == "attn2" else m.set_model_attn1_patch)(stash_patch)
+                (m.set_model_attn2_output_patch if attn == "attn2" else m.set_model_attn1_output_patch)(add_delta_out)
+            applied += len(deltas)
+        if not applied:
+            raise InputError("lora_name", "the LoRA has no attention (q/k/v/out) factors for this model's blocks; "
+                                          "train it with attention targets on this model family")
+        log.info("dual-path blend on %d attention layers (a=%.2f)", applied, a_blend)
+        return io.NodeOutput(m)
+
+
+NODES = [PersonalizeDualPathBlend]

@@ -1,0 +1,146 @@
+"""Personalize P2P: prompt-to-prompt word swap / refinement in one sampling run (source and edited image)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy.patcher_extension import WrappersMP
+from comfy_api.latest import io
+
+from ..attention.align import refine_mapper, swap_mapper
+from ..attention.local_blend import LocalBlend
+from ..attention.tokens import parse_word_weights, token_weights, word_positions
+from ..training.errors import InputError
+from .attention_hooks import percent_window, transformer_blocks
+from .attention_reweight import window_inputs
+from .attention_text import (
+    encode,
+    paired_conditioning,
+    paired_latent,
+    prompt_tokens,
+    word_tokenizer,
+    words_with_positions,
+)
+from .p2p_patches import BlendRecorder, CrossPlan, install, p2p_cross_replace, p2p_self_replace
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "swap", "refine")
+SELF_MAX_DOWNSCALE = 4  # the paper injects self-attention maps of <= 16x16 at 512 px: latent / 4 and smaller
+
+
+def _warn_stochastic(executor, *args, **kwargs):
+    """Ancestral and SDE samplers add fresh noise per image each step, so the pair drifts apart."""
+    name = getattr(getattr(executor.class_obj, "sampler_function", None), "__name__", "")
+    if "ancestral" in name or "sde" in name:
+        log.warning("P2P with %s: this sampler adds new noise to each image every step, so the edited image "
+                    "loses the source's layout; use euler, dpmpp_2m, ddim, uni_pc or another deterministic one",
+                    name.removeprefix("sample_"))
+    return executor(*args, **kwargs)
+
+
+def _max_downscale(model) -> int:
+    return 2 ** (len(model.model.diffusion_model.channel_mult) - 1)
+
+
+class PersonalizeP2P(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PersonalizeP2P",
+            display_name="Personalize P2P (Prompt-to-Prompt)",
+            category="personalize/attention",
+            description="Edits an image by editing its prompt while keeping the layout: the edited image attends "
+                        "with the source image's attention maps. One sampling run makes both (the LATENT output "
+                        "holds source, edited pairs with shared noise). Use a deterministic sampler.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("source", multiline=True, default="a photo of a cat riding a bicycle"),
+                io.String.Input("target", multiline=True, default="a photo of a dog riding a bicycle"),
+                io.Latent.Input("latent", tooltip="The empty latent (any batch size)."),
+                io.Combo.Input("mode", options=list(MODES), default="auto",
+                               tooltip="swap: same number of words, some replaced. refine: words added or "
+                                       "removed (global token alignment). auto: swap when word counts match."),
+                *window_inputs(0.0, 0.8, "cross_"),
+                io.String.Input("word_windows", default="",
+                                tooltip="Per target word, the fraction of steps its maps are injected, e.g. "
+                                        "'dog:0.4' (fewer steps = more freedom for that word's shape)."),
+                *window_inputs(0.0, 0.4, "self_"),
+                io.String.Input("reweight", default="", tooltip="word:weight of target words, e.g. 'fluffy:2'."),
+                io.String.Input("blend_words", default="",
+                                tooltip="Local blend: words (of the source and/or target) whose region may "
+                                        "change; everything else stays as in the source image. Empty = off."),
+                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("blend_start_percent", default=0.2, min=0.0, max=1.0, step=0.01),
+            ],
+            outputs=[io.Model.Output(), io.Conditioning.Output(display_name="positive"),
+                     io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, source, target, latent, mode, cross_start_percent, cross_end_percent,
+                word_windows, self_start_percent, self_end_percent, reweight, blend_words, blend_threshold,
+                blend_start_percent) -> io.NodeOutput:
+        if mode not in MODES:
+            raise InputError("mode", f"must be one of {', '.join(MODES)}")
+        blocks = transformer_blocks(model)
+        cross = percent_window(model, cross_start_percent, cross_end_percent,
+                               ("cross_start_percent", "cross_end_percent"))
+        self_window = percent_window(model, self_start_percent, self_end_percent,
+                                     ("self_start_percent", "self_end_percent"))
+        src, tgt = prompt_tokens(clip, source), prompt_tokens(clip, target)
+        if src.length != tgt.length:
+            raise InputError("target", "the source and target prompts tokenize to a different number of 77-token "
+                                       "chunks; make their lengths similar")
+        ids_of = word_tokenizer(clip)
+        words_src, words_tgt = source.split(), target.split()
+        if mode == "swap" or (mode == "auto" and len(words_src) == len(words_tgt)):
+            mapper = swap_mapper(words_with_positions(clip, source, src, "source"),
+                                 words_with_positions(clip, target, tgt, "target"), src.length)
+            alphas = torch.ones(tgt.length)
+        else:
+            mapper, alphas = refine_mapper(src, tgt)
+        equalizer = torch.ones(tgt.length)
+        if reweight.strip():
+            weighted = parse_word_weights(reweight, "reweight")
+            equalizer = token_weights(tgt.length, word_positions(tgt, [w for w, _ in weighted], ids_of, "reweight"),
+                                      dict(weighted))
+        token_windows = {}
+        if word_windows.strip():
+            sampling = model.get_model_object("model_sampling")
+            for word, end in parse_word_weights(word_windows, "word_windows"):
+                w = (cross[0], float(sampling.percent_to_sigma(min(max(end, 0.0), 1.0))))
+                for pos in word_positions(tgt, [word], ids_of, "word_windows")[word]:
+                    token_windows[pos] = w
+        plan = CrossPlan(mapper.float(), alphas.float(), equalizer.float(), cross, token_windows)
+        recorder = None
+        if blend_words.strip():
+            recorder = cls._blend(model, src, tgt, blend_words, ids_of, blend_threshold, blend_start_percent)
+        m = model.clone()
+        install(m, blocks, "attn2", p2p_cross_replace(plan, recorder))
+        if self_end_percent > self_start_percent:
+            install(m, blocks, "attn1", p2p_self_replace(self_window, min(SELF_MAX_DOWNSCALE, _max_downscale(m))))
+        if recorder is not None:
+            m.set_model_sampler_post_cfg_function(recorder.post_cfg)
+        m.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, "personalize_p2p", _warn_stochastic)
+        positive = paired_conditioning(encode(clip, source), encode(clip, target))
+        return io.NodeOutput(m, positive, paired_latent(latent))
+
+    @staticmethod
+    def _blend(model, src, tgt, blend_words, ids_of, threshold, start_percent) -> BlendRecorder:
+        words = [w.strip() for w in blend_words.replace("\n", ",").split(",") if w.strip()]
+        src_pos, tgt_pos = [], []
+        for word in words:
+            ids = ids_of(word)
+            found_src, found_tgt = src.find(ids), tgt.find(ids)
+            if not found_src and not found_tgt:
+                raise InputError("blend_words", f"'{word}' is in neither the source nor the target prompt")
+            src_pos += found_src
+            tgt_pos += found_tgt
+        local = LocalBlend(torch.tensor(src_pos, dtype=torch.long), torch.tensor(tgt_pos, dtype=torch.long),
+                           threshold)
+        start = float(model.get_model_object("model_sampling").percent_to_sigma(start_percent))
+        return BlendRecorder(local, min(4, _max_downscale(model)), start)
+
+
+NODES = [PersonalizeP2P]

@@ -1,0 +1,186 @@
+"""Attention nodes on a tiny ComfyUI model: patches on clones, chaining, pairing and the identities."""
+import pytest
+import torch
+from comfy_tiny import TINY_SDXL, tiny_unet_patcher
+from test_train_lora import run_node
+
+from comfyui_personalize.training.errors import InputError
+
+pytestmark = pytest.mark.host
+PROMPT = "a photo of a red car on a street"
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy):
+    from comfyui_personalize.nodes.attention_maps import PersonalizeAttentionMaps
+    from comfyui_personalize.nodes.attention_reweight import PersonalizeAttentionReweight
+    from comfyui_personalize.nodes.dual_path import PersonalizeDualPathBlend
+    from comfyui_personalize.nodes.p2p import PersonalizeP2P
+    return dict(reweight=PersonalizeAttentionReweight, p2p=PersonalizeP2P, dual=PersonalizeDualPathBlend,
+                maps=PersonalizeAttentionMaps)
+
+
+def empty_latent(n=1, size=8):
+    return {"samples": torch.zeros(n, 4, size, size)}
+
+
+def sample(comfy, model, positive, latent, clip=None, seed=3, steps=4, sampler="euler", cfg=5.0):
+    neg = comfy.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    with torch.inference_mode():
+        return comfy.nodes.common_ksampler(model, seed, steps, cfg, sampler, "normal", positive, neg, latent)[0][
+            "samples"]
+
+
+def encode(comfy, clip, text):
+    return comfy.nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def reweight(nodes, model, clip, words, mode="value", **kw):
+    args = dict(model=model, clip=clip, text=PROMPT, words=words, mode=mode, apply_to="cond", start_percent=0.0,
+                end_percent=1.0, latent=empty_latent())
+    return run_node(nodes["reweight"], **{**args, **kw}).result
+
+
+def p2p(nodes, model, clip, source, target, **kw):
+    args = dict(model=model, clip=clip, source=source, target=target, latent=empty_latent(), mode="auto",
+                cross_start_percent=0.0, cross_end_percent=0.8, word_windows="", self_start_percent=0.0,
+                self_end_percent=0.4, reweight="", blend_words="", blend_threshold=0.3, blend_start_percent=0.2)
+    return run_node(nodes["p2p"], **{**args, **kw}).result
+
+
+def test_reweight_one_is_identity_and_other_weights_change_the_image(comfy, tiny_sd15, nodes):
+    model, clip, _ = tiny_sd15
+    options_before = repr(model.model_options)
+    plain = sample(comfy, model, encode(comfy, clip, PROMPT), empty_latent(), clip)
+    for mode in ("value", "renormalized"):
+        m, positive, _ = reweight(nodes, model, clip, "red:1.0, street:1", mode=mode)
+        torch.testing.assert_close(sample(comfy, m, positive, empty_latent(), clip), plain, atol=1e-5, rtol=1e-5)
+        m2, _, _ = reweight(nodes, model, clip, "red:3", mode=mode)
+        assert (sample(comfy, m2, positive, empty_latent(), clip) - plain).abs().max() > 1e-3
+    m0, positive, _ = reweight(nodes, model, clip, "red:0")
+    m0x, _, _ = reweight(nodes, model, clip, "red:0, car:0")
+    assert (sample(comfy, m0, positive, empty_latent(), clip) - sample(comfy, m0x, positive, empty_latent(), clip)
+            ).abs().max() > 1e-4  # 0 removes a word: removing another one as well changes the image again
+    assert repr(model.model_options) == options_before  # the input MODEL carries no patch
+
+
+def test_reweight_window_outside_sampling_is_identity(comfy, tiny_sd15, nodes):
+    model, clip, _ = tiny_sd15
+    plain = sample(comfy, model, encode(comfy, clip, PROMPT), empty_latent(), clip)
+    m, positive, _ = reweight(nodes, model, clip, "red:5", start_percent=1.0, end_percent=1.0)
+    torch.testing.assert_close(sample(comfy, m, positive, empty_latent(), clip), plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("override, input_name", [
+    (dict(words="blue:2"), "words"), (dict(words="red:lots"), "words"), (dict(words="red"), "words"),
+    (dict(start_percent=0.8, end_percent=0.2), "start_percent"), (dict(words="red:-1", mode="renormalized"), "words"),
+])
+def test_reweight_bad_inputs_name_the_input(comfy, tiny_sd15, nodes, override, input_name):
+    model, clip, _ = tiny_sd15
+    with pytest.raises(InputError) as e:
+        reweight(nodes, model, clip, **{"words": "red:2", **override})
+    assert e.value.input_name == input_name
+
+
+def test_p2p_identical_prompts_give_identical_pairs_and_the_plain_image(comfy, tiny_sd15, nodes):
+    model, clip, _ = tiny_sd15
+    m, positive, latent = p2p(nodes, model, clip, PROMPT, PROMPT)
+    assert latent["samples"].shape[0] == 2 and latent["batch_index"] == [0, 0]
+    pair = sample(comfy, m, positive, latent, clip)
+    torch.testing.assert_close(pair[1], pair[0], atol=1e-5, rtol=1e-5)
+    plain = sample(comfy, model, encode(comfy, clip, PROMPT), empty_latent(), clip)
+    # batch 2 vs batch 1 changes the float summation order a little; the pairing itself is exact (above)
+    torch.testing.assert_close(pair[:1], plain, atol=2e-3, rtol=1e-3)
+
+
+def test_p2p_without_injection_is_plain_sampling_of_each_prompt(comfy, tiny_sd15, nodes):
+    """Windows closed: the pair is exactly source and target sampled alone with the same noise."""
+    model, clip, _ = tiny_sd15
+    target = PROMPT.replace("car", "bus")
+    m, positive, latent = p2p(nodes, model, clip, PROMPT, target, cross_end_percent=0.0, self_end_percent=0.0)
+    pair = sample(comfy, m, positive, latent, clip)
+    torch.testing.assert_close(pair[1:], sample(comfy, model, encode(comfy, clip, target), empty_latent(), clip),
+                               atol=2e-3, rtol=1e-3)
+    edited, _, _ = p2p(nodes, model, clip, PROMPT, target)
+    pair_edited = sample(comfy, edited, positive, latent, clip)
+    torch.testing.assert_close(pair_edited[0], pair[0], atol=1e-5, rtol=1e-5)  # the source row is untouched
+    assert (pair_edited[1] - pair[1]).abs().max() > 1e-3  # injection changes the edited image
+
+
+def test_p2p_refine_and_local_blend_run_and_keep_the_source(comfy, tiny_sd15, nodes):
+    model, clip, _ = tiny_sd15
+    m, positive, latent = p2p(nodes, model, clip, "a photo of a car", "a photo of a red car", mode="refine",
+                              blend_words="car", blend_threshold=0.5, reweight="red:2")
+    pair = sample(comfy, m, positive, latent, clip)
+    assert torch.isfinite(pair).all() and (pair[1] - pair[0]).abs().max() > 0
+
+
+def test_p2p_bad_inputs(comfy, tiny_sd15, nodes):
+    model, clip, _ = tiny_sd15
+    with pytest.raises(InputError) as e:
+        p2p(nodes, model, clip, "a photo of a car", "a photo of a red car", mode="swap")
+    assert e.value.input_name == "target" and "refine" in str(e.value)
+    with pytest.raises(InputError) as e:
+        p2p(nodes, model, clip, PROMPT, PROMPT, self_start_percent=0.5, self_end_percent=0.1)
+    assert e.value.input_name == "self_start_percent"
+    with pytest.raises(InputError) as e:
+        p2p(nodes, model, clip, PROMPT, PROMPT, blend_words="giraffe")
+    assert e.value.input_name == "blend_words"
+
+
+def test_patches_chain_with_an_existing_replace(comfy, tiny_sd15, nodes):
+    """A replace already on the model (IPAdapter-style) keeps running under ours."""
+    import comfy.ldm.modules.attention as attention
+
+    from comfyui_personalize.nodes.attention_hooks import transformer_blocks
+    model, clip, _ = tiny_sd15
+    calls = []
+
+    def theirs(q, k, v, extra_options):
+        calls.append(extra_options["block"])
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    base = model.clone()
+    for b in transformer_blocks(base):
+        base.set_model_attn2_replace(theirs, *b.key)
+    m, positive, latent = p2p(nodes, base, clip, PROMPT, PROMPT.replace("red", "blue"))
+    sample(comfy, m, positive, latent, clip, steps=2)
+    assert len(calls) >= len(transformer_blocks(base)) * 2
+    table = base.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert all(fn is theirs for fn in table.values())  # the input clone kept its own patches
+
+
+def test_sdxl_shaped_model_runs_p2p_with_pooled_output(comfy, tiny_sd15, nodes):
+    import comfy.supported_models as supported
+    _, clip, _ = tiny_sd15
+    model = tiny_unet_patcher(supported.SDXL, TINY_SDXL, seed=4)
+    m, _, latent = p2p(nodes, model, clip, PROMPT, PROMPT.replace("red", "blue"))
+    ctx = torch.randn(1, 77, 2048)  # SDXL-shaped paired conditioning (the tiny CLIP is SD1-sized)
+    positive = [[torch.cat([ctx, ctx * 0.5]), {"pooled_output": torch.randn(2, 1280)}]]
+    neg = [[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280)}]]
+    with torch.inference_mode():
+        out = comfy.nodes.common_ksampler(m, 1, 2, 5.0, "euler", "normal", positive, neg, latent)[0]["samples"]
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+def test_non_unet_model_is_refused(comfy):
+    import types
+
+    from comfyui_personalize.nodes.attention_hooks import require_unet
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
+    with pytest.raises(InputError) as e:
+        require_unet(fake)
+    assert e.value.input_name == "model" and "Linear" in str(e.value)
+
+
+def test_attention_maps_are_images_of_the_words(comfy, tiny_sd15, nodes):
+    model, clip, _ = tiny_sd15
+    latent = {"samples": torch.randn(1, 4, 8, 8)}
+    maps = run_node(nodes["maps"], model=model, clip=clip, text=PROMPT, words="red, street", latent=latent,
+                    resolution="all", at_percent=0.5, seed=0).result[0]
+    assert maps.shape == (2, 64, 64, 3) and 0 <= maps.min() and maps.max() <= 1
+    assert not torch.allclose(maps[0], maps[1])
+    with pytest.raises(InputError) as e:
+        run_node(nodes["maps"], model=model, clip=clip, text=PROMPT, words="giraffe", latent=latent,
+                 resolution="all", at_percent=0.5, seed=0)
+    assert e.value.input_name == "words"
