@@ -184,3 +184,49 @@ def test_attention_maps_are_images_of_the_words(comfy, tiny_sd15, nodes):
         run_node(nodes["maps"], model=model, clip=clip, text=PROMPT, words="giraffe", latent=latent,
                  resolution="all", at_percent=0.5, seed=0)
     assert e.value.input_name == "words"
+
+
+def attention_lora(model, seed=5, scale=0.1):
+    """A kohya-key LoRA on every attention projection with non-zero factors (as our trainer writes them)."""
+    from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, lin in ComfyHost(model, None, None).unet_lora_targets("attention").items():
+        sd[f"{name}.lora_down.weight"] = torch.randn(2, lin.in_features, generator=g) * scale
+        sd[f"{name}.lora_up.weight"] = torch.randn(lin.out_features, 2, generator=g) * scale
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    return sd
+
+
+def dual(nodes, model, hard, lora, a, paths="self+cross"):
+    return run_node(nodes["dual"], model=model, hard=hard, lora_name="none", a_blend=a, paths=paths,
+                    start_percent=0.0, end_percent=1.0, lora=lora).result[0]
+
+
+def test_dual_path_ends_are_the_lora_model_and_the_base_model(comfy, tiny_sd15, nodes):
+    model, clip, _ = tiny_sd15
+    lora = attention_lora(model)
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    import comfy.sd as comfy_sd
+    with torch.inference_mode():
+        with_lora, _ = comfy_sd.load_lora_for_models(model, None, lora, 1.0, 0.0)  # what LoraLoader does
+    full = sample(comfy, dual(nodes, model, hard, lora, 1.0), soft, empty_latent(), clip)
+    stock = sample(comfy, with_lora, soft, empty_latent(), clip)
+    assert (stock - sample(comfy, model, soft, empty_latent(), clip)).abs().max() > 1.0  # the LoRA matters
+    # (sample values here reach ~35: compare relatively; LoRA merged into W vs added beside it differ by rounding)
+    torch.testing.assert_close(full, stock, atol=5e-3, rtol=1e-3)
+    # a = 0: the positive rows attend with the hard prompt through the base weights (negative rows keep their
+    # own prompt, through W + dW, which is the design: only the positive prompt has a hard version)
+    base_cond = dual(nodes, model, hard, lora, 0.0)
+    mid = sample(comfy, dual(nodes, model, hard, lora, 0.5), soft, empty_latent(), clip)
+    assert (mid - full).abs().max() > 1e-3
+    none = sample(comfy, base_cond, soft, empty_latent(), clip, cfg=1.0)
+    torch.testing.assert_close(none, sample(comfy, model, hard, empty_latent(), clip, cfg=1.0), atol=5e-3, rtol=1e-3)
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})
+
+
+def test_dual_path_needs_a_lora(comfy, tiny_sd15, nodes):
+    model, clip, _ = tiny_sd15
+    with pytest.raises(InputError) as e:
+        dual(nodes, model, encode(comfy, clip, "a dog"), None, 0.5)
+    assert e.value.input_name == "lora_name"
