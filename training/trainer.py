@@ -281,7 +281,9 @@ def gradients_only_for(modules: Sequence[nn.Module], trained: Sequence[nn.Parame
     backward computes and keeps a gradient for every frozen weight: a second copy of the UNet in memory
     and about a third more backward work."""
     keep = {id(p) for p in trained}
-    switched = {id(p): p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in keep}
+    # Inference-mode tensors never reach autograd (and their flag cannot be set back outside inference mode).
+    switched = {id(p): p for m in modules for p in m.parameters()
+                if p.requires_grad and id(p) not in keep and not p.is_inference()}
     for p in switched.values():
         p.requires_grad_(False)
     try:

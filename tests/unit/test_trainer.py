@@ -156,3 +156,14 @@ def test_cached_conditioning_trains_like_encoding_every_step(host):
     _, cached = _train(host, latents, steps=4)
     _, encoded = _train(host, latents, data=_dataset(host, latents, cached=False), steps=4)
     assert cached == pytest.approx(encoded, rel=1e-6)
+
+
+def test_gradients_only_for_leaves_inference_tensors_alone():
+    """ComfyUI makes weights inside inference mode; their flags cannot be restored outside it, so skip them."""
+    from comfyui_personalize.training.trainer import gradients_only_for
+    with torch.inference_mode():
+        made_there = torch.nn.Linear(2, 2)
+    normal = torch.nn.Linear(2, 2)
+    with gradients_only_for([made_there, normal], []):
+        assert not normal.weight.requires_grad
+    assert normal.weight.requires_grad and made_there.weight.requires_grad
