@@ -1,4 +1,2 @@
-"""Host-agnostic attention edits on (q, k, v) tensors (reweight, prompt-to-prompt, dual-path blend).
-
-Planned (issue 4); nothing here imports ComfyUI.
-"""
+"""Host-agnostic attention edits on (q, k, v) tensors: reweighting, prompt-to-prompt mappers and V-side
+edits, local blend, the dual-path blend. Nothing here imports ComfyUI."""

@@ -49,10 +49,21 @@ from comfyui_personalize.attention import reference  # noqa: E402
 from comfyui_personalize.attention.align import swap_mapper  # noqa: E402
 from comfyui_personalize.attention.dual_path import AttentionDeltas, LowRankDelta  # noqa: E402
 from comfyui_personalize.nodes import dual_path as dual  # noqa: E402
-from comfyui_personalize.nodes.attention_hooks import COND, chunks, paired_rows, set_replace, \
-    transformer_blocks  # noqa: E402
-from comfyui_personalize.nodes.p2p_patches import CrossPlan, install, p2p_cross_replace, p2p_self_replace, \
-    renormalized_replace, value_reweight_patch  # noqa: E402
+from comfyui_personalize.nodes.attention_hooks import (
+    COND,
+    chunks,
+    paired_rows,
+    set_replace,
+    transformer_blocks,  # noqa: E402
+)
+from comfyui_personalize.nodes.p2p_patches import (
+    CrossPlan,
+    install,
+    p2p_cross_replace,
+    p2p_self_replace,
+    renormalized_replace,  # noqa: E402
+    value_reweight_patch,
+)
 
 FAMILIES = {"sd15": (comfy.supported_models.SD15, shapes.sd15(args.tiny), 64, 768, None),
             "sdxl": (comfy.supported_models.SDXL, shapes.sdxl(args.tiny), 128, 2048, 2816 - 1536)}

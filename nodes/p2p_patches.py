@@ -13,7 +13,17 @@ import torch
 
 from ..attention import edits
 from ..attention.local_blend import LocalBlend, blend
-from .attention_hooks import COND, Block, chunks, fused_attention, in_window, masked_attention, paired_rows, set_replace
+from .attention_hooks import (
+    COND,
+    Block,
+    chunks,
+    downscale,
+    fused_attention,
+    in_window,
+    masked_attention,
+    paired_rows,
+    set_replace,
+)
 
 Window = tuple[float, float]  # (sigma_high, sigma_low)
 
@@ -85,7 +95,7 @@ class BlendRecorder:
 
     def record(self, q, k, extra_options: dict) -> None:
         shape = extra_options.get("activations_shape")
-        if shape is None or _downscale(extra_options) != self.downscale:
+        if shape is None or downscale(extra_options) != self.downscale:
             return
         sigmas = extra_options.get("sigmas")
         sigma = float(sigmas.max()) if sigmas is not None else 0.0
@@ -143,7 +153,7 @@ def p2p_self_replace(window: Window, max_downscale_ratio: float):
     def make(previous):
         def replace(q, k, v, extra_options):
             attend = fused_attention(extra_options, previous)
-            if not in_window(extra_options, window) or _downscale(extra_options) < max_downscale_ratio:
+            if not in_window(extra_options, window) or downscale(extra_options) < max_downscale_ratio:
                 return attend(q, k, v)
             targets = torch.cat([paired_rows(rows)[1] for kind, rows in chunks(extra_options, q.shape[0])
                                  if kind == COND]).to(q.device)
@@ -152,11 +162,6 @@ def p2p_self_replace(window: Window, max_downscale_ratio: float):
             return attend(q, k, v)
         return replace
     return make
-
-
-def _downscale(extra_options: dict) -> float:
-    latent, here = extra_options.get("original_shape"), extra_options.get("activations_shape")
-    return latent[-1] / here[-1] if latent and here else 1.0
 
 
 def install(model, blocks: list[Block], kind: str, make) -> None:
