@@ -49,19 +49,19 @@ from comfyui_personalize.attention import reference  # noqa: E402
 from comfyui_personalize.attention.align import swap_mapper  # noqa: E402
 from comfyui_personalize.attention.dual_path import AttentionDeltas, LowRankDelta  # noqa: E402
 from comfyui_personalize.nodes import dual_path as dual  # noqa: E402
-from comfyui_personalize.nodes.attention_hooks import (
+from comfyui_personalize.nodes.attention_hooks import (  # noqa: E402
     COND,
     chunks,
     paired_rows,
     set_replace,
-    transformer_blocks,  # noqa: E402
+    transformer_blocks,
 )
-from comfyui_personalize.nodes.p2p_patches import (
+from comfyui_personalize.nodes.p2p_patches import (  # noqa: E402
     CrossPlan,
     install,
     p2p_cross_replace,
     p2p_self_replace,
-    renormalized_replace,  # noqa: E402
+    renormalized_replace,
     value_reweight_patch,
 )
 
