@@ -1,9 +1,19 @@
-"""Source -> target token mappers for prompt-to-prompt (the paper's ``seq_aligner``, on context rows).
+"""Source -> target token mappers for prompt-to-prompt, on context rows (the paper's ``seq_aligner``).
 
-A mapper M [source rows, target rows] says which source tokens' attention a target token takes:
-the edited map is A_src @ M (see ``edits.py``). Word swap spreads a replaced word's tokens over its
-replacement; refinement aligns the token sequences globally (Needleman-Wunsch, gap 0, match 1, mismatch -1)
-and gives inserted tokens alpha 0, so they keep their own attention.
+A mapper M [source rows, target rows] says which source tokens' attention each target token takes: the edited
+cross-attention of the target is ``A_src @ (M * alpha[None, :])``, with ``1 - alpha`` of the target's own map
+(``edits.py``). Word swap pairs the prompts word by word and spreads a replaced word's tokens over its
+replacement; refinement aligns the token sequences globally (Needleman-Wunsch) and gives inserted tokens
+alpha 0, so they keep their own attention.
+
+Deliberate differences from google/prompt-to-prompt ``seq_aligner.py``:
+* Word swap: after the last replaced word the original maps target row j from source row j, dropping the shift
+  a replacement with a different token count introduced (so the target's EOS takes a source padding row, or a
+  source word's attention). Here every unpaired row keeps the running offset, chunk by chunk.
+* Refinement: the original maps the target rows after its EOS from the same source row (n -> n); when the source
+  is longer those are source content tokens. Here target padding takes source padding in order (EOS -> EOS,
+  first pad -> first pad, ...); target rows left without a source row get alpha 0.
+* Several 77-token chunks: the original handles one; here both mappers work on every chunk.
 """
 from __future__ import annotations
 
@@ -12,92 +22,149 @@ from typing import Sequence
 import torch
 
 from ..training.errors import InputError
-from .tokens import PromptTokens
+from .tokens import CHUNK_LENGTH, PromptTokens
 
 Word = tuple[Sequence[int], Sequence[int]]  # (token ids, context rows) of one space-separated word
-_LEFT, _UP, _DIAG = 1, 2, 3
 
-
-def swap_mapper(source: Sequence[Word], target: Sequence[Word], length: int) -> torch.Tensor:
-    """Word swap (``get_replacement_mapper_``): the prompts have the same number of words; a word with as many
-    tokens as its replacement maps token to token, otherwise each source token spreads 1/len(target tokens)
-    over the replacement. All other rows (BOS, EOS, padding) pair up in order, keeping the offset a length
-    change introduces. (The original maps the rows after the last replaced word to themselves, j -> j, even
-    when a length change shifted them; we keep the shift.)"""
-    if len(source) != len(target):
-        raise InputError("target", f"a word swap needs the same number of words ({len(source)} in the source, "
-                                   f"{len(target)} in the target); use mode 'refine' to add or remove words")
-    m = torch.zeros(length, length)
-    used_src, used_tgt = set(), set()
-    for (_, rows_s), (_, rows_t) in zip(source, target):
-        if len(rows_s) == len(rows_t):
-            m[list(rows_s), list(rows_t)] = 1.0
-        else:
-            m[torch.tensor(rows_s)[:, None], torch.tensor(rows_t)[None, :]] = 1.0 / len(rows_t)
-        used_src.update(rows_s)
-        used_tgt.update(rows_t)
-    rest_s = [i for i in range(length) if i not in used_src]
-    rest_t = [j for j in range(length) if j not in used_tgt]
-    for i, j in zip(rest_s, rest_t):
-        m[i, j] = 1.0
-    return m
+# The paper's ScoreParams(gap=0, match=1, mismatch=-1): a substituted token costs more than a gap, so differing
+# tokens become an insertion plus a deletion, i.e. inserted target tokens keep their own attention.
+GAP, MATCH, MISMATCH = 0, 1, -1
+_LEFT, _UP, _DIAG = 1, 2, 3  # traceback moves: consume a target token / a source token / both
 
 
 def global_align(x: Sequence[int], y: Sequence[int]) -> list[int]:
-    """For each token of ``y``, the index of the ``x`` token aligned to it, or -1 (inserted). Scores and
-    tie-breaking as the paper's ``global_align``: gap 0, match 1, mismatch -1; left, then up, then diagonal."""
+    """Needleman-Wunsch alignment of token sequences: for each token of ``y``, the index of the ``x`` token
+    aligned to it, or -1 where ``y`` inserts a token. Ties are broken as in the paper (left, then up, then
+    diagonal), which with repeated tokens aligns to the earliest equal source token."""
     n, k = len(x), len(y)
     score = [[0] * (k + 1) for _ in range(n + 1)]
-    trace = [[_UP] * (k + 1) for _ in range(n + 1)]
-    trace[0] = [_LEFT] * (k + 1)
+    move = [[_UP] * (k + 1) for _ in range(n + 1)]
+    for j in range(k + 1):
+        score[0][j], move[0][j] = j * GAP, _LEFT
     for i in range(1, n + 1):
+        score[i][0] = i * GAP
         for j in range(1, k + 1):
-            left, up = score[i][j - 1], score[i - 1][j]
-            diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
+            left = score[i][j - 1] + GAP
+            up = score[i - 1][j] + GAP
+            diag = score[i - 1][j - 1] + (MATCH if x[i - 1] == y[j - 1] else MISMATCH)
             best = max(left, up, diag)
             score[i][j] = best
-            trace[i][j] = _LEFT if best == left else _UP if best == up else _DIAG
-    mapped = [-1] * k
+            move[i][j] = _LEFT if best == left else _UP if best == up else _DIAG
+    y_to_x = [-1] * k
     i, j = n, k
     while i > 0 or j > 0:
-        step = trace[i][j]
+        step = move[i][j]
         if step == _DIAG:
             i, j = i - 1, j - 1
-            mapped[j] = i
+            y_to_x[j] = i
         elif step == _LEFT:
             j -= 1
         else:
             i -= 1
-    return mapped
+    return y_to_x
 
 
-def _chunk_rows(tokens: PromptTokens, chunk: int) -> list[int]:
-    """The rows of one 77-chunk that take part in the alignment: BOS, the content and the EOS after it."""
-    rows = range(chunk * 77, (chunk + 1) * 77)
-    content = [r for r in rows if tokens.content[r]]
-    last = content[-1] + 1 if content else rows[0] + 1
-    return list(range(rows[0], min(last + 1, rows[-1] + 1)))
+def _check_length(length: int) -> None:
+    if length <= 0 or length % CHUNK_LENGTH:
+        raise ValueError(f"a context of {length} rows is not a whole number of {CHUNK_LENGTH}-token chunks")
+
+
+def _word_rows(word: Word, length: int, used: set[int]) -> list[int]:
+    """The word's rows, checked: the caller built them, so a mismatch is a bug, not a user error."""
+    ids, rows = word
+    rows = [int(r) for r in rows]
+    if len(ids) != len(rows):
+        raise ValueError(f"a word has {len(ids)} token ids but {len(rows)} rows")
+    if any(not 0 <= r < length for r in rows) or used.intersection(rows) or len(set(rows)) != len(rows):
+        raise ValueError(f"word rows {rows} are outside the context of {length} rows or given twice")
+    used.update(rows)
+    return rows
+
+
+def swap_mapper(source_words: Sequence[Word], target_words: Sequence[Word], length: int) -> torch.Tensor:
+    """Word swap (``get_replacement_mapper_``): float32 [length, length], rows = source rows, columns = target rows.
+
+    The i-th source word maps onto the i-th target word: token to token when both have as many tokens
+    (unchanged words map diagonally), otherwise every source token spreads 1/len(target word) over each target
+    token, so each source row still sums to 1. All other rows (BOS, EOS, padding) pair up in order within each
+    77-token chunk, keeping the offset earlier length changes introduced. Target rows left over at the end of a
+    chunk (when the source's words take more tokens) get an empty column: they receive no source attention,
+    as in the paper."""
+    _check_length(length)
+    if len(source_words) != len(target_words):
+        raise InputError("target", f"a word swap needs as many words as the source ({len(source_words)} "
+                                   f"in the source, {len(target_words)} in the target); replace words one for "
+                                   "one, or use mode 'refine' to add or remove words")
+    mapper = torch.zeros(length, length, dtype=torch.float32)
+    used_source: set[int] = set()
+    used_target: set[int] = set()
+    for source_word, target_word in zip(source_words, target_words):
+        rows_s = _word_rows(source_word, length, used_source)
+        rows_t = _word_rows(target_word, length, used_target)
+        if not rows_s or not rows_t:
+            continue  # nothing to carry over; the rows stay out of the in-order pairing below
+        if len(rows_s) == len(rows_t):
+            mapper[rows_s, rows_t] = 1.0
+        else:
+            mapper[torch.tensor(rows_s)[:, None], torch.tensor(rows_t)[None, :]] = 1.0 / len(rows_t)
+    for start in range(0, length, CHUNK_LENGTH):
+        # Chunk by chunk, so a chunk's BOS always meets the other prompt's BOS of the same chunk.
+        chunk = range(start, start + CHUNK_LENGTH)
+        rest_s = [r for r in chunk if r not in used_source]
+        rest_t = [r for r in chunk if r not in used_target]
+        for i, j in zip(rest_s, rest_t):
+            mapper[i, j] = 1.0
+    return mapper
+
+
+def _split_chunk(tokens: PromptTokens, chunk: int) -> tuple[list[int], list[int]]:
+    """(rows to align: the chunk's first row (BOS) through its last content token, rows after: EOS, padding)."""
+    start = chunk * CHUNK_LENGTH
+    content = [p for p, f in enumerate(tokens.content_mask[chunk]) if f]
+    end = (content[-1] if content else 0) + 1  # an empty chunk still aligns its BOS
+    return list(range(start, start + end)), list(range(start + end, start + CHUNK_LENGTH))
 
 
 def refine_mapper(source: PromptTokens, target: PromptTokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mapper [Ls, Lt] of 0/1, alphas [Lt]): refinement (``get_mapper``) chunk by chunk. Rows after each
-    chunk's EOS (padding) map to themselves with alpha 1."""
-    if source.length != target.length:
-        raise InputError("target", "the source and target prompts tokenize to a different number of 77-token "
-                                   "chunks; make their lengths similar")
-    length = target.length
-    m, alphas = torch.zeros(length, length), torch.ones(length)
-    covered = set()
-    for chunk in range(length // 77):
-        rows_s, rows_t = _chunk_rows(source, chunk), _chunk_rows(target, chunk)
-        aligned = global_align([source.ids[r] for r in rows_s], [target.ids[r] for r in rows_t])
-        for j, i in enumerate(aligned):
-            if i >= 0:
-                m[rows_s[i], rows_t[j]] = 1.0
+    """Refinement (``get_mapper``): (mapper float32 [Ls, Lt] of 0/1, alphas float32 [Lt]).
+
+    Chunk by chunk, BOS and content are aligned globally (gap 0, match 1, mismatch -1);
+    ``mapper[w, n] = 1`` iff target row n is aligned to source row w, and ``alphas[n] = 0`` where the target
+    inserts a token (it keeps its own attention). Rows after the content (EOS, padding) map one to one in
+    order; target rows left without a source row get alpha 0."""
+    if source.n_chunks != target.n_chunks:
+        raise InputError("target", f"the source prompt tokenizes to {source.n_chunks} chunks of 77 tokens and "
+                                   f"the target to {target.n_chunks}; make the prompts similar in length "
+                                   "(shorten the longer one or lengthen the shorter one)")
+    mapper = torch.zeros(source.length, target.length, dtype=torch.float32)
+    alphas = torch.ones(target.length, dtype=torch.float32)
+    source_ids, target_ids = source.ids, target.ids
+    for chunk in range(target.n_chunks):
+        head_s, tail_s = _split_chunk(source, chunk)
+        head_t, tail_t = _split_chunk(target, chunk)
+        y_to_x = global_align([source_ids[r] for r in head_s], [target_ids[r] for r in head_t])
+        for n, w in enumerate(y_to_x):
+            if w < 0:
+                alphas[head_t[n]] = 0.0
             else:
-                alphas[rows_t[j]] = 0.0
-        covered.update(rows_t)
-    for j in range(length):
-        if j not in covered:
-            m[j, j] = 1.0
-    return m, alphas
+                mapper[head_s[w], head_t[n]] = 1.0
+        for k, row_t in enumerate(tail_t):
+            if k < len(tail_s):
+                mapper[tail_s[k], row_t] = 1.0
+            else:
+                alphas[row_t] = 0.0
+    return mapper, alphas
+
+
+def auto_mapper(source: PromptTokens, target: PromptTokens, source_words: Sequence[Word],
+                target_words: Sequence[Word]) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(mapper, alphas, "swap" | "refine"): a word swap when the prompts have as many words (the paper's
+    choice for replacements), a refinement otherwise (words added or removed)."""
+    if len(source_words) == len(target_words):
+        if source.n_chunks != target.n_chunks:
+            raise InputError("target", f"the source prompt tokenizes to {source.n_chunks} chunks of 77 tokens "
+                                       f"and the target to {target.n_chunks}; make the prompts similar in length")
+        return (swap_mapper(source_words, target_words, target.length),
+                torch.ones(target.length, dtype=torch.float32), "swap")
+    mapper, alphas = refine_mapper(source, target)
+    return mapper, alphas, "refine"

@@ -1,75 +1,152 @@
-"""Dual-path attention blend: out = a Block(x, soft context, W + dW) + (1 - a) Block(x, hard context, W).
+"""Dual-path attention blend (DATE-style prior preservation), on the host's fused attention kernel.
 
-Block = to_out(attention(to_q(x), to_k(c), to_v(c))). ``to_out`` is affine, so
+Per attention layer, with LoRA deltas dW on the q/k/v/out projections and a in [0, 1]:
+
+    out = a Block(x, soft context, W + dW) + (1 - a) Block(x, hard context, W)
+    Block(x, c, W) = to_out(attention(to_q(x), to_k(c), to_v(c)))
+
+``to_out`` is affine and a + (1 - a) = 1, so its bias is counted once and one ``to_out`` call serves both paths:
+
     out = to_out(a attn_soft + (1 - a) attn_hard) + a dOut(attn_soft)
-and one ``to_out`` call serves both paths: the host's block runs it, these functions return the blended
-attention and the delta to add after it. Everything is differentiable (fast tuning trains through it).
+    attn_soft = attention(q + dQ(x), k_soft + dK(c_soft), v_soft + dV(c_soft))
+    attn_hard = attention(q, k_hard, v_hard)
+
+The host (a ComfyUI attention replace) receives q, k, v already projected with the base weights, [B, N,
+heads * dim_head], not head-split; it passes the stashed pre-projection ``x`` / soft context for the deltas, runs
+``to_out`` on the first result and adds the second after it. ``attention`` is the host's fused kernel with the
+heads bound, ``(q, k, v) -> [B, Nq, heads * dim_head]``, so no attention map is materialised. Everything is
+differentiable: fast tuning trains the deltas and the learned token through these same functions.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
+from ..training.errors import InputError
+
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Blend = Union[float, torch.Tensor]
 
 
 @dataclass
 class LowRankDelta:
-    """scale * up(down(x)): a LoRA factor pair, down [r, in], up [out, r]."""
+    """A LoRA pair on one projection: ``delta(x) = scale * (x @ down.T) @ up.T``, down [r, in], up [out, r]."""
 
     down: torch.Tensor
     up: torch.Tensor
     scale: float
 
     @classmethod
-    def from_weights(cls, down: torch.Tensor, up: torch.Tensor, alpha: float) -> "LowRankDelta":
-        return cls(down, up, alpha / down.shape[0])  # kohya: scale = alpha / rank
+    def from_weights(cls, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None) -> "LowRankDelta":
+        """Kohya convention: scale = alpha / rank (alpha missing = rank, scale 1)."""
+        rank = down.shape[0]
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != rank:
+            raise ValueError(f"LoRA factors must be down [r, in] and up [out, r]; got {tuple(down.shape)} and "
+                             f"{tuple(up.shape)}")
+        return cls(down, up, (rank if alpha is None else float(alpha)) / rank)
+
+    @property
+    def in_features(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"LoRA delta expects {self.in_features} input features, the layer gives {x.shape[-1]}")
+        # cast the small factors, not x: the product stays in the host's dtype; .to keeps autograd to down/up
         down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
-        return torch.matmul(torch.matmul(x, down.t()), up.t()) * self.scale
+        return (x @ down.t() * self.scale) @ up.t()  # scale on the rank-r intermediate: cheapest place
 
 
 @dataclass
 class AttentionDeltas:
-    """LoRA deltas of one attention layer's projections; None = no delta there."""
+    """LoRA deltas of one attention layer's projections; None = no delta on that projection."""
 
     q: LowRankDelta | None = None
     k: LowRankDelta | None = None
     v: LowRankDelta | None = None
     out: LowRankDelta | None = None
 
+    @property
+    def changes_attention(self) -> bool:
+        """True when a delta reaches the attention inputs (q, k or v), i.e. the soft attention differs."""
+        return self.q is not None or self.k is not None or self.v is not None
 
-def _plus(t: torch.Tensor, delta: LowRankDelta | None, x: torch.Tensor | None) -> torch.Tensor:
+
+def check_blend(a: Blend, batch: int, input_name: str = "a_blend") -> Blend:
+    """A float in [0, 1], or a tensor: 0-d or one value per sample [B]. Tensor values are not range-checked
+    (that would synchronise the device on every layer)."""
+    if isinstance(a, torch.Tensor):
+        if a.dim() > 1 or (a.dim() == 1 and a.shape[0] != batch):
+            raise InputError(input_name, f"give one blend value or one per sample ({batch}); got shape "
+                                         f"{tuple(a.shape)}")
+        return a
+    a = float(a)
+    if math.isnan(a) or not 0.0 <= a <= 1.0:
+        raise InputError(input_name, f"must be between 0 (base model only) and 1 (personalised path only); got {a}")
+    return a
+
+
+def _plus(t: torch.Tensor, delta: LowRankDelta | None, source: torch.Tensor | None, what: str) -> torch.Tensor:
     if delta is None:
         return t
-    if x is None:
-        raise ValueError("a delta on this projection needs the projection's input")
-    return t + delta(x)
+    if source is None:
+        raise ValueError(f"a LoRA delta on {what} needs its pre-projection input; the host did not pass it")
+    return t + delta(source).to(t.dtype)
 
 
-def _blend(attention: Attention, q, k_soft, v_soft, k_hard, v_hard, x, context, deltas: AttentionDeltas,
-           a: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if a <= 0.0:
+def _weight(a: Blend, like: torch.Tensor) -> Blend:
+    """a as a multiplier of [B, N, C] tensors: per-sample values broadcast over tokens and channels."""
+    if isinstance(a, torch.Tensor):
+        a = a.to(like.device, like.dtype)
+        return a.view(-1, 1, 1) if a.dim() == 1 else a
+    return a
+
+
+def _blend(attention: Attention, q: torch.Tensor, k_soft: torch.Tensor, v_soft: torch.Tensor,
+           k_hard: torch.Tensor, v_hard: torch.Tensor, x: torch.Tensor | None, context_soft: torch.Tensor | None,
+           deltas: AttentionDeltas, a: Blend) -> tuple[torch.Tensor, torch.Tensor | None]:
+    a = check_blend(a, q.shape[0])
+    fixed = not isinstance(a, torch.Tensor)
+    if fixed and a == 0.0:  # base block on the hard context only: no deltas at all
         return attention(q, k_hard, v_hard), None
-    soft = attention(_plus(q, deltas.q, x), _plus(k_soft, deltas.k, context), _plus(v_soft, deltas.v, context))
-    delta_out = None if deltas.out is None else a * deltas.out(soft)
-    if a >= 1.0:
+    soft = attention(_plus(q, deltas.q, x, "to_q"), _plus(k_soft, deltas.k, context_soft, "to_k"),
+                     _plus(v_soft, deltas.v, context_soft, "to_v"))
+    w = _weight(a, soft)
+    delta_out = None
+    if deltas.out is not None:
+        d = deltas.out(soft).to(soft.dtype)
+        delta_out = d if fixed and a == 1.0 else w * d
+    if fixed and a == 1.0:
         return soft, delta_out
-    return a * soft + (1.0 - a) * attention(q, k_hard, v_hard), delta_out
+    same_inputs = not deltas.changes_attention and k_soft is k_hard and v_soft is v_hard
+    hard = soft if same_inputs else attention(q, k_hard, v_hard)  # self-attention without q/k/v deltas: one call
+    return w * soft + (1.0 - w) * hard, delta_out
 
 
 def cross_blend(attention: Attention, q: torch.Tensor, k_soft: torch.Tensor, v_soft: torch.Tensor,
                 k_hard: torch.Tensor, v_hard: torch.Tensor, x: torch.Tensor | None, context_soft: torch.Tensor | None,
-                deltas: AttentionDeltas, a: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cross-attention: (blended attention before to_out, a dOut(attn_soft) to add after to_out, or None).
-    q = to_q(x), k/v_soft from the soft context, k/v_hard from the hard context, all with the base weights."""
+                deltas: AttentionDeltas, a: Blend) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-attention (attn2) blend.
+
+    q = to_q(x), k/v_soft = to_k/to_v(context_soft), k/v_hard = to_k/to_v(hard context), all with the base
+    weights, [B, N, heads * dim_head]. ``x`` / ``context_soft`` are the pre-projection inputs the q / k, v deltas
+    read (may be None where that delta is None). ``a``: float in [0, 1], or a tensor, 0-d or per sample [B]
+    (rows with a = 1 then still pay for the hard attention). Returns (blended attention to pass through to_out,
+    a * dOut(attn_soft) to add after to_out, or None when there is no out delta or a = 0).
+    Fast paths for a float: a == 1 runs only the soft attention, a == 0 only the hard one.
+    """
     return _blend(attention, q, k_soft, v_soft, k_hard, v_hard, x, context_soft, deltas, a)
 
 
 def self_blend(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor | None,
-               deltas: AttentionDeltas, a: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Self-attention: both paths read x; the soft one through W + dW."""
+               deltas: AttentionDeltas, a: Blend) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Self-attention (attn1) blend: both paths read x; the soft one through W + dW. Same returns as cross_blend.
+    Without q/k/v deltas the two attentions are equal and computed once."""
     return _blend(attention, q, k, v, k, v, x, x, deltas, a)

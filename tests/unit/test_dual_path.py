@@ -1,85 +1,202 @@
-"""Dual-path blend: a=1 is the LoRA block, a=0 the base block, in between the formula; gradients flow."""
+"""Dual-path blend against explicit blocks: a=1 is the block with merged LoRA weights on the soft context, a=0
+the base block on the hard context, in between a * Block_soft(W + dW) + (1 - a) * Block_hard(W)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from comfyui_personalize.attention.dual_path import AttentionDeltas, LowRankDelta, cross_blend, self_blend
+from comfyui_personalize.training.errors import InputError
 
-HEADS, C, CTX, R = 2, 16, 12, 4
+HEADS, C, CTX_DIM, CTX, R = 2, 16, 8, 5, 3
 
 
 def sdpa(q, k, v):
+    """The host's fused kernel stand-in: [B, N, heads * dim] in and out."""
     b, n, c = q.shape
-    split = lambda t: t.view(b, t.shape[1], HEADS, c // HEADS).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.reshape(b, t.shape[1], HEADS, c // HEADS).transpose(1, 2)
     return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, c)
+
+
+class CountingAttention:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, q, k, v):
+        self.calls += 1
+        return sdpa(q, k, v)
 
 
 class Block(nn.Module):
     def __init__(self, ctx_dim):
         super().__init__()
-        torch.manual_seed(0)
         self.to_q, self.to_k = nn.Linear(C, C, bias=False), nn.Linear(ctx_dim, C, bias=False)
         self.to_v, self.to_out = nn.Linear(ctx_dim, C, bias=False), nn.Linear(C, C)
 
-    def forward(self, x, ctx, deltas=None):
-        d = deltas or AttentionDeltas()
-        add = lambda lin, delta, inp: lin(inp) + (delta(inp) if delta else 0)  # noqa: E731
-        attn = sdpa(add(self.to_q, d.q, x), add(self.to_k, d.k, ctx), add(self.to_v, d.v, ctx))
-        return add(self.to_out, d.out, attn)
+    def forward(self, x, ctx):
+        return self.to_out(sdpa(self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
 
 
-def deltas(ctx_dim, requires_grad=False):
-    g = torch.Generator().manual_seed(1)
-    make = lambda i, o: LowRankDelta.from_weights(  # noqa: E731
-        torch.randn(R, i, generator=g).requires_grad_(requires_grad),
-        torch.randn(o, R, generator=g).requires_grad_(requires_grad), alpha=2.0)
-    return AttentionDeltas(make(C, C), make(ctx_dim, C), make(ctx_dim, C), make(C, C))
+def make_block(ctx_dim):
+    torch.manual_seed(0)
+    return Block(ctx_dim)
 
 
-def run_cross(block, x, soft, hard, d, a):
-    q = block.to_q(x)
-    out, delta = cross_blend(sdpa, q, block.to_k(soft), block.to_v(soft), block.to_k(hard), block.to_v(hard),
-                             x, soft, d, a)
+def merged(block, deltas):
+    """The reference LoRA block: W + scale * up @ down merged into a copy."""
+    out = copy.deepcopy(block)
+    with torch.no_grad():
+        for name in ("q", "k", "v", "out"):
+            d = getattr(deltas, name)
+            if d is not None:
+                getattr(out, f"to_{name}").weight += d.scale * d.up @ d.down
+    return out
+
+
+def make_deltas(ctx_dim, requires_grad=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda i: LowRankDelta.from_weights(torch.randn(R, i, generator=g).requires_grad_(requires_grad),
+                                               torch.randn(C, R, generator=g).requires_grad_(requires_grad), 2.0)
+    return AttentionDeltas(make(C), make(ctx_dim), make(ctx_dim), make(C))
+
+
+def run_cross(block, x, soft, hard, deltas, a, attention=sdpa):
+    out, delta = cross_blend(attention, block.to_q(x), block.to_k(soft), block.to_v(soft), block.to_k(hard),
+                             block.to_v(hard), x, soft, deltas, a)
     return block.to_out(out) + (0 if delta is None else delta)
 
 
-@pytest.mark.parametrize("a", [1.0, 0.0, 0.3])
-def test_cross_blend_is_the_blend_of_the_two_blocks(a):
-    block, d = Block(8), deltas(8)
-    x, soft, hard = torch.randn(2, 6, C), torch.randn(2, CTX, 8), torch.randn(2, CTX, 8)
-    expected = a * block(x, soft, d) + (1 - a) * block(x, hard)
-    torch.testing.assert_close(run_cross(block, x, soft, hard, d, a), expected, atol=1e-5, rtol=1e-5)
+def run_self(block, x, deltas, a, attention=sdpa):
+    out, delta = self_blend(attention, block.to_q(x), block.to_k(x), block.to_v(x), x, deltas, a)
+    return block.to_out(out) + (0 if delta is None else delta)
 
 
-@pytest.mark.parametrize("a", [1.0, 0.0, 0.6])
-def test_self_blend_is_the_blend_of_the_two_blocks(a):
-    block, d = Block(C), deltas(C)
-    x = torch.randn(2, 6, C)
-    q, k, v = block.to_q(x), block.to_k(x), block.to_v(x)
-    out, delta = self_blend(sdpa, q, k, v, x, d, a)
-    got = block.to_out(out) + (0 if delta is None else delta)
-    torch.testing.assert_close(got, a * block(x, x, d) + (1 - a) * block(x, x), atol=1e-5, rtol=1e-5)
+def inputs(batch=2):
+    torch.manual_seed(2)
+    return torch.randn(batch, 6, C), torch.randn(batch, CTX, CTX_DIM), torch.randn(batch, CTX, CTX_DIM)
 
 
-def test_no_deltas_and_a_one_is_the_base_block_on_the_soft_prompt():
-    block = Block(8)
-    x, soft, hard = torch.randn(1, 6, C), torch.randn(1, CTX, 8), torch.randn(1, CTX, 8)
-    torch.testing.assert_close(run_cross(block, x, soft, hard, AttentionDeltas(), 1.0), block(x, soft))
+def test_low_rank_delta_is_the_merged_weight_difference():
+    d = make_deltas(CTX_DIM).k
+    assert d.scale == pytest.approx(2.0 / R)
+    x = torch.randn(4, CTX_DIM)
+    torch.testing.assert_close(d(x), x @ (d.scale * d.up @ d.down).t())
+    assert LowRankDelta.from_weights(d.down, d.up).scale == 1.0  # no alpha: alpha = rank
+
+
+@pytest.mark.parametrize("a, calls", [(1.0, 1), (0.0, 1), (0.3, 2)])
+def test_cross_blend_is_the_blend_of_the_lora_block_and_the_base_block(a, calls):
+    block, deltas = make_block(CTX_DIM), make_deltas(CTX_DIM)
+    x, soft, hard = inputs()
+    expected = a * merged(block, deltas)(x, soft) + (1 - a) * block(x, hard)
+    attention = CountingAttention()
+    with torch.no_grad():
+        torch.testing.assert_close(run_cross(block, x, soft, hard, deltas, a, attention), expected,
+                                   atol=1e-5, rtol=1e-5)
+    assert attention.calls == calls  # the ends run one path only
+
+
+@pytest.mark.parametrize("a, calls", [(1.0, 1), (0.0, 1), (0.6, 2)])
+def test_self_blend_is_the_blend_of_the_lora_block_and_the_base_block(a, calls):
+    block, deltas = make_block(C), make_deltas(C)
+    x, _, _ = inputs()
+    expected = a * merged(block, deltas)(x, x) + (1 - a) * block(x, x)
+    attention = CountingAttention()
+    with torch.no_grad():
+        torch.testing.assert_close(run_self(block, x, deltas, a, attention), expected, atol=1e-5, rtol=1e-5)
+    assert attention.calls == calls
+
+
+def test_self_blend_with_only_an_out_delta_runs_attention_once():
+    block, full = make_block(C), make_deltas(C)
+    deltas = AttentionDeltas(out=full.out)
+    x, _, _ = inputs()
+    attention = CountingAttention()
+    with torch.no_grad():
+        got = run_self(block, x, deltas, 0.4, attention)
+        torch.testing.assert_close(got, 0.4 * merged(block, deltas)(x, x) + 0.6 * block(x, x), atol=1e-5, rtol=1e-5)
+    assert attention.calls == 1
+
+
+def test_missing_deltas_act_as_zero():
+    block, full = make_block(CTX_DIM), make_deltas(CTX_DIM)
+    zero = lambda d: LowRankDelta(d.down, torch.zeros_like(d.up), d.scale)
+    partial = AttentionDeltas(q=None, k=full.k, v=None, out=None)
+    zeroed = AttentionDeltas(zero(full.q), full.k, zero(full.v), zero(full.out))
+    x, soft, hard = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(run_cross(block, x, soft, hard, partial, 0.3),
+                                   run_cross(block, x, soft, hard, zeroed, 0.3), atol=1e-6, rtol=1e-6)
+        # no deltas at all, a = 1: the base block on the soft prompt (x and context may then be omitted)
+        out, delta = cross_blend(sdpa, block.to_q(x), block.to_k(soft), block.to_v(soft), block.to_k(hard),
+                                 block.to_v(hard), None, None, AttentionDeltas(), 1.0)
+        assert delta is None
+        torch.testing.assert_close(block.to_out(out), block(x, soft))
+
+
+def test_per_sample_blend_matches_each_row_blended_alone():
+    block, deltas = make_block(CTX_DIM), make_deltas(CTX_DIM)
+    x, soft, hard = inputs(batch=3)
+    a = torch.tensor([1.0, 0.0, 0.25])
+    with torch.no_grad():
+        got = run_cross(block, x, soft, hard, deltas, a)
+        rows = [run_cross(block, x[i:i + 1], soft[i:i + 1], hard[i:i + 1], deltas, float(a[i])) for i in range(3)]
+        torch.testing.assert_close(got, torch.cat(rows), atol=1e-5, rtol=1e-5)
+        self_block, self_deltas = make_block(C), make_deltas(C)
+        torch.testing.assert_close(run_self(self_block, x, self_deltas, torch.tensor(0.3)),
+                                   run_self(self_block, x, self_deltas, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("a", [1.5, -0.1, float("nan"), torch.ones(4)])
+def test_bad_blend_names_the_input(a):
+    block, deltas = make_block(CTX_DIM), make_deltas(CTX_DIM)
+    x, soft, hard = inputs()
+    with pytest.raises(InputError) as e:
+        run_cross(block, x, soft, hard, deltas, a)
+    assert e.value.input_name == "a_blend"
+
+
+def test_a_delta_without_its_input_is_refused():
+    block, deltas = make_block(C), make_deltas(C)
+    x, _, _ = inputs()
+    with pytest.raises(ValueError, match="to_q"):
+        self_blend(sdpa, block.to_q(x), block.to_k(x), block.to_v(x), None, deltas, 0.5)
 
 
 def test_gradients_reach_the_deltas_and_the_soft_token():
-    block, d = Block(8), deltas(8, requires_grad=True)
-    token = torch.randn(8, requires_grad=True)
-    x, hard = torch.randn(1, 6, C), torch.randn(1, CTX, 8)
-    soft = torch.cat([torch.randn(1, 3, 8), token.view(1, 1, 8), torch.randn(1, CTX - 4, 8)], dim=1)
-    run_cross(block, x, soft, hard, d, 0.5).square().sum().backward()
+    block, deltas = make_block(CTX_DIM), make_deltas(CTX_DIM, requires_grad=True)
+    block.requires_grad_(False)
+    token = torch.randn(CTX_DIM, requires_grad=True)
+    x, soft, hard = inputs(batch=1)
+    soft = torch.cat([soft[:, :2], token.view(1, 1, -1), soft[:, 3:]], dim=1)
+    run_cross(block, x, soft, hard, deltas, 0.5).square().sum().backward()
     assert token.grad is not None and token.grad.abs().sum() > 0
-    for delta in (d.q, d.k, d.v, d.out):
-        assert delta.down.grad.abs().sum() > 0 and delta.up.grad.abs().sum() > 0
+    for d in (deltas.q, deltas.k, deltas.v, deltas.out):
+        assert d.down.grad.abs().sum() > 0 and d.up.grad.abs().sum() > 0
 
 
-def test_half_precision_keeps_its_dtype():
-    d = deltas(8)
-    x = torch.randn(1, 6, C, dtype=torch.bfloat16)
-    assert d.q(x).dtype == torch.bfloat16
+def test_gradients_reach_self_attention_deltas_and_a_learned_blend():
+    block, deltas = make_block(C), make_deltas(C, requires_grad=True)
+    block.requires_grad_(False)
+    a = torch.tensor(0.5, requires_grad=True)
+    x, _, _ = inputs()
+    run_self(block, x, deltas, a).square().sum().backward()
+    assert a.grad is not None and a.grad.abs() > 0
+    for d in (deltas.q, deltas.k, deltas.v, deltas.out):
+        assert d.down.grad.abs().sum() > 0 and d.up.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_keep_their_dtype(dtype):
+    block, deltas = make_block(CTX_DIM), make_deltas(CTX_DIM)  # fp32 factors, as the node loads them
+    x, soft, hard = (t.to(dtype) for t in inputs())
+    half = block.to(dtype)
+    with torch.no_grad():
+        out, delta = cross_blend(sdpa, half.to_q(x), half.to_k(soft), half.to_v(soft), half.to_k(hard),
+                                 half.to_v(hard), x, soft, deltas, torch.tensor([0.3, 0.7]))
+        assert out.dtype == dtype and delta.dtype == dtype
+        own = make_block(C).to(dtype)
+        out, delta = self_blend(sdpa, own.to_q(x), own.to_k(x), own.to_v(x), x, make_deltas(C), 0.5)
+        assert out.dtype == dtype and delta.dtype == dtype
