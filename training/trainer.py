@@ -210,6 +210,10 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
 
     def step(i: int | None = None) -> None:
         """One optimiser step; ``i`` (the host's step index) is None when recorded into a CUDA graph."""
+        # Fused AdamW updates the weights without bumping their version counter: caches keyed on it (the LoRA's
+        # cast to the compute dtype) would keep serving the first step's weights. Bumping it here also makes a
+        # capture record the cast, so every replay recomputes it.
+        torch.autograd.graph.increment_version(flat)
         if graphed and scheduled:
             factor = lr_factor(step_counter, cfg.steps, cfg.lr_schedule, cfg.warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -247,12 +251,12 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
                     group["lr"] = base * factor
             if side is not None and i == _GRAPH_WARMUP_STEPS:
                 torch.cuda.current_stream(device).wait_stream(side)
-                side = None
+                warmup_stream, side = side, None
                 # The warm-up's freed blocks stay cached in the general pool, which the graph's private pool
                 # cannot use: hand them back first, or a run near the memory limit fails at capture.
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
-                graph = cuda_graph.capture(step, generator)
+                graph = cuda_graph.capture(step, generator, warmup_stream)
                 if graph is None:  # a failed capture leaves the generator bound to it: continue on a fresh one
                     generator = torch.Generator(device=device).manual_seed(cfg.seed + i)
                     torch.cuda.empty_cache()

@@ -167,3 +167,22 @@ def test_gradients_only_for_leaves_inference_tensors_alone():
     with gradients_only_for([made_there, normal], []):
         assert not normal.weight.requires_grad
     assert normal.weight.requires_grad and made_there.weight.requires_grad
+
+
+def test_adapters_compute_with_the_current_weights_under_a_fused_optimizer(host, monkeypatch):
+    """Fused AdamW (the GPU path) does not bump a parameter's version counter; the LoRA's cached cast to the
+    compute dtype must still follow every step, or the forward keeps using the initial adapters."""
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, **kw: real_adamw(groups, **{**kw, "fused": True}))
+    latents, _ = _data(host)
+    net = LoRANetwork(host.unet_lora_targets("attention"), rank=2, alpha=2)
+    stale = []
+    compute = net.compute_weight
+
+    def checked(x):
+        w = compute(x)
+        stale.append(not torch.equal(w.float(), net.weight.detach().to(w.dtype).float()))
+        return w
+    monkeypatch.setattr(net, "compute_weight", checked)
+    _train(host, latents, net=net, steps=4, dtype="bf16")
+    assert stale and not any(stale)
