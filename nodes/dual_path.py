@@ -3,6 +3,7 @@ inside each attention layer on the fused kernel (no second UNet pass). The math 
 here: which LoRA factors belong to which block, and the hooks (pre-projection stash, replace, output add)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import comfy.utils
@@ -70,7 +71,17 @@ def add_delta_out(n, extra_options):
 class _Blend:
     def __init__(self, block: Block, deltas: AttentionDeltas, hard: torch.Tensor | None, a: float,
                  window: tuple[float, float]):
-        self.block, self.deltas, self.hard, self.a, self.window = block, deltas, hard, a, window
+        self.block, self.hard, self.a, self.window = block, hard, a, window
+        self._deltas, self._placed = deltas, {}
+
+    def deltas(self, like: torch.Tensor) -> AttentionDeltas:
+        """The LoRA factors on the sampler's device and dtype, moved once (they are constants here)."""
+        key = (like.device, like.dtype)
+        if key not in self._placed:
+            moved = {name: None if d is None else dataclasses.replace(d, down=d.down.to(*key), up=d.up.to(*key))
+                     for name, d in vars(self._deltas).items()}
+            self._placed[key] = AttentionDeltas(**moved)
+        return self._placed[key]
 
     def a_now(self, extra_options) -> float:
         return self.a if in_window(extra_options, self.window) else 1.0  # outside the window: the tuned path
@@ -91,7 +102,7 @@ class _Blend:
                     ctx = hard.expand(rows.stop - rows.start, -1, -1)
                     k_h[rows], v_h[rows] = attn.to_k(ctx), attn.to_v(ctx)
             out, delta = cross_blend(attend, q, k, v, k_h, v_h, extra_options.get(_X), extra_options.get(_CTX),
-                                     self.deltas, a)
+                                     self.deltas(q), a)
             if delta is not None:
                 extra_options[_OUT] = delta
             return out
@@ -100,7 +111,8 @@ class _Blend:
     def self(self, previous):
         def replace(q, k, v, extra_options):
             attend = fused_attention(extra_options, previous)
-            out, delta = self_blend(attend, q, k, v, extra_options.get(_X), self.deltas, self.a_now(extra_options))
+            out, delta = self_blend(attend, q, k, v, extra_options.get(_X), self.deltas(q),
+                                    self.a_now(extra_options))
             if delta is not None:
                 extra_options[_OUT] = delta
             return out

@@ -215,8 +215,8 @@ def test_dual_path_ends_are_the_lora_model_and_the_base_model(comfy, tiny_sd15, 
     assert (stock - sample(comfy, model, soft, empty_latent(), clip)).abs().max() > 1.0  # the LoRA matters
     # (sample values here reach ~35: compare relatively; LoRA merged into W vs added beside it differ by rounding)
     torch.testing.assert_close(full, stock, atol=5e-3, rtol=1e-3)
-    # a = 0: the positive rows attend with the hard prompt through the base weights (negative rows keep their
-    # own prompt, through W + dW, which is the design: only the positive prompt has a hard version)
+    # a = 0: the positive rows attend with the hard prompt through the base weights; negative rows keep their
+    # own prompt, also through the base weights (cfg 1 below, so only the positive rows are compared)
     base_cond = dual(nodes, model, hard, lora, 0.0)
     mid = sample(comfy, dual(nodes, model, hard, lora, 0.5), soft, empty_latent(), clip)
     assert (mid - full).abs().max() > 1e-3
