@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..training.errors import InputError
 
@@ -61,7 +62,12 @@ class LowRankDelta:
             raise ValueError(f"LoRA delta expects {self.in_features} input features, the layer gives {x.shape[-1]}")
         # cast the small factors, not x: the product stays in the host's dtype; .to keeps autograd to down/up
         down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
-        return (x @ down.t() * self.scale) @ up.t()  # scale on the rank-r intermediate: cheapest place
+        h = F.linear(x, down)
+        return F.linear(h if self.scale == 1.0 else h * self.scale, up)  # scale the rank-r intermediate: cheapest
+
+    def folded(self, device=None, dtype=None) -> "LowRankDelta":
+        """The same delta with the scale folded into ``up`` and the factors moved, for repeated inference calls."""
+        return LowRankDelta(self.down.to(device, dtype), (self.up * self.scale).to(device, dtype), 1.0)
 
 
 @dataclass
@@ -127,7 +133,7 @@ def _blend(attention: Attention, q: torch.Tensor, k_soft: torch.Tensor, v_soft: 
         return soft, delta_out
     same_inputs = not deltas.changes_attention and k_soft is k_hard and v_soft is v_hard
     hard = soft if same_inputs else attention(q, k_hard, v_hard)  # self-attention without q/k/v deltas: one call
-    return w * soft + (1.0 - w) * hard, delta_out
+    return torch.lerp(hard, soft, w), delta_out
 
 
 def cross_blend(attention: Attention, q: torch.Tensor, k_soft: torch.Tensor, v_soft: torch.Tensor,

@@ -68,22 +68,38 @@ def coefficients(alpha: torch.Tensor, refine_alphas: torch.Tensor | None = None,
     return a * e * alpha, (1 - a) * e * alpha + (1 - alpha)
 
 
+def p2p_operands(mapper: torch.Tensor, c_src: torch.Tensor, c_tgt: torch.Tensor,
+                 length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The constants of ``p2p_cross`` for a context of ``length`` keys, computed once (on the host) per window
+    state: (M * c_src, or None when no source map is injected; c_tgt, or None when the target's own map drops
+    out, as inside a swap's window)."""
+    c_src, c_tgt = tile_tokens(c_src, length), tile_tokens(c_tgt, length)
+    mixed = tile_mapper(mapper, length) * c_src.view(1, -1) if bool(c_src.any()) else None
+    own = c_tgt if bool(c_tgt.any()) or mixed is None else None
+    return mixed, own
+
+
+def p2p_cross_with(attention: Attention, q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor,
+                   k_tgt: torch.Tensor, v_tgt: torch.Tensor, mixed: torch.Tensor | None,
+                   own: torch.Tensor | None) -> torch.Tensor:
+    """``p2p_cross`` on prepared operands (``p2p_operands``): one attention call per operand that is not None."""
+    out = None
+    if mixed is not None:
+        out = attention(q_src, k_src, torch.matmul(mixed.to(v_tgt), v_tgt))
+    if own is not None:
+        kept = attention(q_tgt, k_tgt, v_tgt * own.to(v_tgt).view(1, -1, 1))
+        out = kept if out is None else out + kept
+    return out
+
+
 def p2p_cross(attention: Attention, q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor,
               k_tgt: torch.Tensor, v_tgt: torch.Tensor, mapper: torch.Tensor, c_src: torch.Tensor,
               c_tgt: torch.Tensor) -> torch.Tensor:
     """The target's cross-attention output with the source's maps injected (formula in the module doc).
     q/k/v: [B, N, C] with source row i paired with target row i; mapper [L, L] (source x target);
     c_src/c_tgt [L]. One attention call when c_tgt is zero (inside the window, swap), one when c_src is."""
-    length = k_tgt.shape[1]
-    c_src, c_tgt = tile_tokens(c_src, length), tile_tokens(c_tgt, length)
-    out = None
-    if bool(c_src.any()):
-        m = tile_mapper(mapper, length).to(v_tgt.device, v_tgt.dtype) * c_src.to(v_tgt).view(1, -1)
-        out = attention(q_src, k_src, torch.matmul(m, v_tgt))
-    if bool(c_tgt.any()) or out is None:
-        own = attention(q_tgt, k_tgt, v_tgt * c_tgt.to(v_tgt).view(1, -1, 1))
-        out = own if out is None else out + own
-    return out
+    mixed, own = p2p_operands(mapper, c_src.cpu(), c_tgt.cpu(), k_tgt.shape[1])
+    return p2p_cross_with(attention, q_src, k_src, q_tgt, k_tgt, v_tgt, mixed, own)
 
 
 def p2p_self(attention: Attention, q_src: torch.Tensor, k_src: torch.Tensor, v_tgt: torch.Tensor) -> torch.Tensor:

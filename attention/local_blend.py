@@ -20,6 +20,7 @@ class LocalBlend:
         self.source_columns, self.target_columns = source_columns.long(), target_columns.long()
         self.threshold = threshold
         self.maps: torch.Tensor | None = None  # [pairs, 2, h, w] summed maps (source words, target words)
+        self._on_device: dict = {}  # columns moved to the device once, not in every layer (a copy waits for it)
 
     def reset(self) -> None:
         self.maps = None
@@ -27,8 +28,10 @@ class LocalBlend:
     def _word_map(self, q, k, heads, columns, hw) -> torch.Tensor:
         if len(columns) == 0:
             return q.new_zeros(q.shape[0], *hw, dtype=torch.float32)
-        cols = columns[columns < k.shape[1]]
-        return selected_maps(q, k, heads, cols).sum(-1).view(q.shape[0], *hw)
+        key = (columns.data_ptr(), k.shape[1], q.device)
+        if key not in self._on_device:
+            self._on_device[key] = columns[columns < k.shape[1]].to(q.device)
+        return selected_maps(q, k, heads, self._on_device[key]).sum(-1).view(q.shape[0], *hw)
 
     def record(self, q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor, k_tgt: torch.Tensor,
                heads: int, hw: tuple[int, int]) -> None:

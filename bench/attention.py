@@ -11,11 +11,14 @@ Usage: python bench/attention.py --comfyui COMFYUI_DIR [--models sd15,sdxl] [--s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import statistics
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ ap.add_argument("--models", default="sd15,sdxl")
 ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--tiny", action="store_true")
 ap.add_argument("--out", default=None)
+ap.add_argument("--repeats", type=int, default=5, help="rounds of timed runs (every mode once per round)")
 args = ap.parse_args()
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,27 +96,62 @@ def cond(n, dim, pooled):
 
 
 def sample(model, positive, negative, latent_batch, lat, steps):
+    """One KSampler run; the P2P rows' paired batch shares its initial noise, as the node sets it up."""
     latent = torch.zeros(latent_batch, 4, lat, lat)
     noise = comfy.sample.prepare_noise(latent, 0, [0] * latent_batch if latent_batch == 2 else None)
     return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent, seed=0,
                                disable_pbar=True)
 
 
-def measure(name, family, model, positive, negative, images, latent_batch, lat):
-    sample(model, positive, negative, latent_batch, lat, 2)  # load + warm-up
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+def count_syncs(run) -> int:
+    """Host-device synchronisations during ``run`` (CUDA's sync debug mode warns once per sync): a patch that
+    syncs in every layer stalls the GPU queue, which is what makes a launch-bound sampler slow."""
+    if dev != "cuda":
+        return 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def timed(run) -> float:
     t0 = time.perf_counter()
-    sample(model, positive, negative, latent_batch, lat, args.steps)
+    run()
     if dev == "cuda":
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
-    row = dict(model=family, mode=name, images=images, s_per_image=round(dt / images, 3),
-               peak_gib=None if peak is None else round(peak, 2))
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+    return time.perf_counter() - t0
+
+
+def measure_family(family, modes, lat):
+    """``modes``: [(name, model, positive, negative, images)]. Warm-up, a sync count and the peak per mode, then
+    ``--repeats`` rounds that run every mode once in turn: the host's speed drifts by tens of percent between
+    minutes (the sampler is launch-bound), so each mode is compared with the plain run of the same round."""
+    runs = {}
+    for name, model, positive, negative, images in modes:
+        go = functools.partial(sample, model, positive, negative, images, lat)
+        go(2)  # load + warm-up
+        syncs = count_syncs(lambda: go(2))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        go(2)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+        runs[name] = dict(go=go, images=images, syncs=syncs, peak=peak, times=[])
+    for _ in range(args.repeats):
+        for r in runs.values():
+            r["times"].append(timed(lambda: r["go"](args.steps)) / r["images"])
+    for name, r in runs.items():
+        base = runs["plain" if r["images"] == 1 else "plain batch 2"]["times"]
+        ratios = [t / b for t, b in zip(r["times"], base)]
+        row = dict(model=family, mode=name, images=r["images"], s_per_image=round(statistics.median(r["times"]), 3),
+                   ratio=round(statistics.median(ratios), 3), runs=[round(t, 3) for t in r["times"]],
+                   syncs_per_2_steps=r["syncs"], peak_gib=None if r["peak"] is None else round(r["peak"], 2))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
 
 def reference_replace(plan, heads_of):
@@ -144,44 +183,41 @@ for family in args.models.split(","):
     base = model_for(config_class, unet_config)
     blocks = transformer_blocks(base)
     pos1, neg1, pos2 = cond(1, dim, pooled), cond(1, dim, pooled), cond(2, dim, pooled)
-    measure("plain", family, base, pos1, neg1, 1, 1, lat)
-    measure("plain batch 2", family, base, pos2, neg1, 2, 2, lat)
+    modes = [("plain", base, pos1, neg1, 1), ("plain batch 2", base, pos2, neg1, 2)]
     w = torch.ones(77)
     w[5] = 2.5
     m = base.clone()
     m.set_model_attn2_patch(value_reweight_patch(w, (COND,), ALL))
-    measure("reweight value", family, m, pos1, neg1, 1, 1, lat)
+    modes.append(("reweight value", m, pos1, neg1, 1))
     m = base.clone()
     install(m, blocks, "attn2", renormalized_replace(w, (COND,), ALL))
-    measure("reweight renormalized", family, m, pos1, neg1, 1, 1, lat)
+    modes.append(("reweight renormalized", m, pos1, neg1, 1))
     words = [([i], [i]) for i in range(1, 9)]
     mapper = swap_mapper(words, words, 77)
     plan = CrossPlan(mapper, torch.ones(77), torch.ones(77), ALL)
     m = base.clone()
     install(m, blocks, "attn2", p2p_cross_replace(plan, None))
     install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
-    measure("p2p swap + self injection", family, m, pos2, neg1, 2, 2, lat)
+    modes.append(("p2p swap + self injection", m, pos2, neg1, 2))
     m = base.clone()
     install(m, blocks, "attn2", reference_replace(plan, None))
     install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
-    try:
-        measure("p2p reference (maps materialised)", family, m, pos2, neg1, 2, 2, lat)
-    except torch.OutOfMemoryError as e:
-        print(json.dumps(dict(model=family, mode="p2p reference", error=str(e)[:200])))
+    modes.append(("p2p reference (maps materialised)", m, pos2, neg1, 2))
     m = base.clone()
     hard = pos1[0][0][:1]
     for b in blocks:
         set_replace(m, "attn2", b, dual._Blend(b, deltas_for(b), hard, 0.7, ALL).cross)
     m.set_model_attn2_patch(dual.stash_patch)
     m.set_model_attn2_output_patch(dual.add_delta_out)
-    measure("dual-path a=0.7 (cross)", family, m, pos1, neg1, 1, 1, lat)
+    modes.append(("dual-path a=0.7 (cross)", m, pos1, neg1, 1))
+    measure_family(family, modes, lat)
     mm.unload_all_models()
-    del base, m
+    del base, m, modes
 
-plain = {r["model"]: r["s_per_image"] for r in rows if r["mode"] == "plain batch 2"}
-table = ["| model | mode | s/image | x plain batch 2 | peak GiB |", "|---|---|---|---|---|"]
+table = ["| model | mode | s/image (median) | x plain (same batch and round) | syncs per 2 steps | peak GiB |",
+         "|---|---|---|---|---|---|"]
 for r in rows:
-    table.append(f"| {r['model']} | {r['mode']} | {r['s_per_image']} | {r['s_per_image'] / plain[r['model']]:.2f} "
+    table.append(f"| {r['model']} | {r['mode']} | {r['s_per_image']} | {r['ratio']:.2f} | {r['syncs_per_2_steps']} "
                  f"| {r['peak_gib']} |")
 print("\n".join(table))
 if args.out:

@@ -62,12 +62,23 @@ def percent_window(model, start: float, end: float, names: tuple[str, str]) -> t
     return float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
 
 
-def in_window(extra_options: dict, window: tuple[float, float]) -> bool:
+_last_sigma: list = [None, 0.0]  # (the sampler's sigmas tensor of this call, its max as a float)
+
+
+def current_sigma(extra_options: dict) -> float | None:
+    """The sigma of this model call. Reading a device tensor synchronises the host with the GPU, so it is read
+    once per call of the model (every block of that call shares the same ``sigmas`` tensor), not per layer."""
     sigmas = extra_options.get("sigmas")
     if sigmas is None:
-        return True
-    sigma = float(sigmas.max())
-    return window[1] <= sigma <= window[0]
+        return None
+    if sigmas is not _last_sigma[0]:
+        _last_sigma[:] = [sigmas, float(sigmas.max())]
+    return _last_sigma[1]
+
+
+def in_window(extra_options: dict, window: tuple[float, float]) -> bool:
+    sigma = current_sigma(extra_options)
+    return sigma is None or window[1] <= sigma <= window[0]
 
 
 def chunks(extra_options: dict, batch: int) -> Iterator[tuple[int, slice]]:
@@ -126,3 +137,19 @@ def paired_rows(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         raise InputError("latent", "the paired source/target batch lost its pairing (odd batch); feed the "
                                    "LATENT from the P2P node straight into the sampler")
     return idx[0::2], idx[1::2]
+
+
+_pair_index: dict = {}
+
+
+def paired_index(extra_options: dict, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source rows, target rows) of every positive chunk as index tensors on ``device``, built once per batch
+    layout: a fresh CPU index per layer would be a host-to-device copy, which waits for the GPU."""
+    kinds = tuple(extra_options.get("cond_or_uncond") or [COND])
+    key = (kinds, batch, str(device))
+    if key not in _pair_index:
+        pairs = [paired_rows(rows) for kind, rows in chunks(extra_options, batch) if kind == COND]
+        src = torch.cat([s for s, _ in pairs]) if pairs else torch.zeros(0, dtype=torch.long)
+        tgt = torch.cat([t for _, t in pairs]) if pairs else torch.zeros(0, dtype=torch.long)
+        _pair_index[key] = (src.to(device), tgt.to(device))
+    return _pair_index[key]

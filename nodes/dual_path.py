@@ -3,7 +3,6 @@ inside each attention layer on the fused kernel (no second UNet pass). The math 
 here: which LoRA factors belong to which block, and the hooks (pre-projection stash, replace, output add)."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import comfy.utils
@@ -72,16 +71,37 @@ class _Blend:
     def __init__(self, block: Block, deltas: AttentionDeltas, hard: torch.Tensor | None, a: float,
                  window: tuple[float, float]):
         self.block, self.hard, self.a, self.window = block, hard, a, window
-        self._deltas, self._placed = deltas, {}
+        self._deltas, self._placed, self._hard_placed = deltas, {}, {}
 
     def deltas(self, like: torch.Tensor) -> AttentionDeltas:
         """The LoRA factors on the sampler's device and dtype, moved once (they are constants here)."""
         key = (like.device, like.dtype)
         if key not in self._placed:
-            moved = {name: None if d is None else dataclasses.replace(d, down=d.down.to(*key), up=d.up.to(*key))
-                     for name, d in vars(self._deltas).items()}
+            moved = {name: None if d is None else d.folded(*key) for name, d in vars(self._deltas).items()}
             self._placed[key] = AttentionDeltas(**moved)
         return self._placed[key]
+
+    def hard_context(self, like: torch.Tensor, length: int) -> torch.Tensor:
+        """The hard prompt [1, length, C] on the sampler's device and dtype, moved once: a host-to-device copy
+        in every layer would wait for the GPU each time."""
+        key = (like.device, like.dtype, length)
+        if key not in self._hard_placed:
+            if length % self.hard.shape[1]:
+                raise InputError("hard", "the hard prompt's length differs from the soft prompt's; use the "
+                                         "same prompt with the learned token replaced by one word")
+            self._hard_placed[key] = self.hard.repeat(1, length // self.hard.shape[1], 1).to(like.device,
+                                                                                              like.dtype)
+        return self._hard_placed[key]
+
+    def positive_rows(self, extra_options: dict, like: torch.Tensor) -> torch.Tensor:
+        """[B, 1, 1] bool on the device: the rows of positive chunks (which take the hard prompt), per layout."""
+        key = (tuple(extra_options.get("cond_or_uncond") or ()), like.shape[0], like.device)
+        if key not in self._hard_placed:
+            rows = torch.zeros(like.shape[0], 1, 1, dtype=torch.bool)
+            for chunk in _cond_rows(extra_options, like.shape[0]):
+                rows[chunk] = True
+            self._hard_placed[key] = rows.to(like.device)
+        return self._hard_placed[key]
 
     def a_now(self, extra_options) -> float:
         return self.a if in_window(extra_options, self.window) else 1.0  # outside the window: the tuned path
@@ -92,15 +112,10 @@ class _Blend:
             k_h, v_h = k, v
             if a < 1.0:
                 attn = self.block.module.attn2
-                hard = self.hard.to(q.device, q.dtype)
-                if k.shape[1] % hard.shape[1]:
-                    raise InputError("hard", "the hard prompt's length differs from the soft prompt's; use the "
-                                             "same prompt with the learned token replaced by one word")
-                hard = hard.repeat(1, k.shape[1] // hard.shape[1], 1)
-                k_h, v_h = k.clone(), v.clone()
-                for rows in _cond_rows(extra_options, q.shape[0]):
-                    ctx = hard.expand(rows.stop - rows.start, -1, -1)
-                    k_h[rows], v_h[rows] = attn.to_k(ctx), attn.to_v(ctx)
+                hard = self.hard_context(q, k.shape[1])
+                # projected every call (the weights may be patched between runs), once for all positive rows
+                positive = self.positive_rows(extra_options, q)
+                k_h, v_h = torch.where(positive, attn.to_k(hard), k), torch.where(positive, attn.to_v(hard), v)
             out, delta = cross_blend(attend, q, k, v, k_h, v_h, extra_options.get(_X), extra_options.get(_CTX),
                                      self.deltas(q), a)
             if delta is not None:

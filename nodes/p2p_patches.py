@@ -14,46 +14,68 @@ import torch
 from ..attention import edits
 from ..attention.local_blend import LocalBlend, blend
 from .attention_hooks import (
-    COND,
     Block,
     chunks,
+    current_sigma,
     downscale,
     fused_attention,
     in_window,
     masked_attention,
-    paired_rows,
+    paired_index,
     set_replace,
 )
 
 Window = tuple[float, float]  # (sigma_high, sigma_low)
 
 
+def _chunk_multiplier(extra_options: dict, batch: int, kinds: tuple[int, ...], per_token, fill: float,
+                      length: int) -> torch.Tensor:
+    """[batch, length, 1] on the host: ``per_token`` on the rows of the chosen chunks, ``fill`` elsewhere."""
+    out = torch.full((batch, length, 1), fill)
+    for kind, rows in chunks(extra_options, batch):
+        if kind in kinds:
+            out[rows] = per_token(length)
+    return out
+
+
+class _LayoutCache(dict):
+    """Per-call constants keyed by the batch layout, device and dtype: built on the host once, moved once (a
+    host-to-device copy in every layer would wait for the GPU each time)."""
+
+    def get_or_make(self, extra_options: dict, batch: int, length: int, like: torch.Tensor, make):
+        key = (tuple(extra_options.get("cond_or_uncond") or ()), batch, length, like.device, like.dtype)
+        if key not in self:
+            self[key] = make().to(like.device, like.dtype)
+        return self[key]
+
+
 def value_reweight_patch(weights: torch.Tensor, kinds: tuple[int, ...], window: Window):
     """attn2_patch: scale the value rows of the weighted tokens in the chosen chunks (zero extra cost)."""
+    cache = _LayoutCache()
+
     def patch(n, context, value, extra_options):
         if not in_window(extra_options, window):
             return n, context, value
-        value = value.clone()
-        for kind, rows in chunks(extra_options, value.shape[0]):
-            if kind in kinds:
-                value[rows] = edits.scale_values(value[rows], weights)
-        return n, context, value
+        batch, length = value.shape[:2]
+        scale = cache.get_or_make(extra_options, batch, length, value, lambda: _chunk_multiplier(
+            extra_options, batch, kinds, lambda n_: edits.scale_values(torch.ones(1, n_, 1), weights), 1.0, length))
+        return n, context, value * scale
     return patch
 
 
 def renormalized_replace(weights: torch.Tensor, kinds: tuple[int, ...], window: Window):
     """attn2 replace: softmax(q k^T + log w) on the chosen chunks, through the fused kernel's float mask."""
     bias = edits.log_weight_bias(weights)
+    cache = _LayoutCache()
 
     def make(previous):
         def replace(q, k, v, extra_options):
             if not in_window(extra_options, window):
                 return fused_attention(extra_options, previous)(q, k, v)
-            mask = torch.zeros(q.shape[0], 1, k.shape[1], device=q.device, dtype=q.dtype)
-            tiled = edits.tile_tokens(bias.to(q.device, q.dtype), k.shape[1])
-            for kind, rows in chunks(extra_options, q.shape[0]):
-                if kind in kinds:
-                    mask[rows] = tiled
+            batch, length = k.shape[:2]
+            per_token = lambda n_: edits.tile_tokens(bias, n_).view(1, -1, 1)  # noqa: E731
+            mask = cache.get_or_make(extra_options, batch, length, q, lambda: _chunk_multiplier(
+                extra_options, batch, kinds, per_token, 0.0, length).transpose(1, 2).contiguous())
             return masked_attention(extra_options)(q, k, v, mask)
         return replace
     return make
@@ -71,16 +93,28 @@ class CrossPlan:
     token_windows: dict[int, Window] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def coefficients(self, extra_options: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        state = (in_window(extra_options, self.window),
-                 tuple(in_window(extra_options, w) for w in self.token_windows.values()))
-        key = (state, device, dtype)
+    def _state(self, extra_options: dict) -> tuple:
+        return (in_window(extra_options, self.window),
+                tuple(in_window(extra_options, w) for w in self.token_windows.values()))
+
+    def coefficients(self, state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_src, c_tgt) on the host for a window state (the default window's, then each word's)."""
+        alpha = torch.full(self.mapper.shape[1:], float(state[0]))
+        for pos, inside in zip(self.token_windows, state[1]):
+            alpha[pos] = float(inside)
+        return edits.coefficients(alpha, self.refine_alphas, self.equalizer)
+
+    def operands(self, extra_options: dict, length: int, device, dtype) -> tuple | None:
+        """``edits.p2p_operands`` on ``device``, or None when this call edits nothing (the target keeps its own
+        maps unchanged); cached per window state, context length, device and dtype."""
+        state = self._state(extra_options)
+        key = (state, length, device, dtype)
         if key not in self._cache:
-            alpha = torch.full(self.mapper.shape[1:], float(state[0]))
-            for pos, inside in zip(self.token_windows, state[1]):
-                alpha[pos] = float(inside)
-            c_src, c_tgt = edits.coefficients(alpha, self.refine_alphas, self.equalizer)
-            self._cache[key] = (c_src.to(device, dtype), c_tgt.to(device, dtype))
+            c_src, c_tgt = self.coefficients(state)
+            mixed, own = edits.p2p_operands(self.mapper, c_src, c_tgt, length)
+            unchanged = mixed is None and bool((own == 1).all())
+            self._cache[key] = None if unchanged else tuple(
+                None if t is None else t.to(device, dtype) for t in (mixed, own))
         return self._cache[key]
 
 
@@ -97,15 +131,15 @@ class BlendRecorder:
         shape = extra_options.get("activations_shape")
         if shape is None or downscale(extra_options) != self.downscale:
             return
-        sigmas = extra_options.get("sigmas")
-        sigma = float(sigmas.max()) if sigmas is not None else 0.0
+        sigma = current_sigma(extra_options) or 0.0
         if sigma > self._last_sigma:  # sigmas only fall within a run: a higher one starts a new run
             self.local.reset()
         self._last_sigma = sigma
-        for kind, rows in chunks(extra_options, q.shape[0]):
-            if kind == COND:
-                src, tgt = (r.to(q.device) for r in paired_rows(rows))
-                self.local.record(q[src], k[src], q[tgt], k[tgt], extra_options["n_heads"], tuple(shape[-2:]))
+        src, tgt = paired_index(extra_options, q.shape[0], q.device)
+        if len(tgt):
+            pick = lambda t, rows: t.index_select(0, rows)  # noqa: E731
+            self.local.record(pick(q, src), pick(k, src), pick(q, tgt), pick(k, tgt), extra_options["n_heads"],
+                              tuple(shape[-2:]))
 
     def post_cfg(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
@@ -120,29 +154,25 @@ class BlendRecorder:
 
 
 def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None):
-    """attn2 replace: targets of positive chunks get the source's maps; maps for local blend are recorded."""
+    """attn2 replace: targets of positive chunks get the source's maps; maps for local blend are recorded.
+    Every row runs the plain attention in one call (as the plain batch does); the edited targets are then
+    recomputed and written over theirs, so no boolean split of the batch is needed (each would wait for the GPU)."""
     def make(previous):
         def replace(q, k, v, extra_options):
             attend = fused_attention(extra_options, previous)
             if recorder is not None:
                 recorder.record(q, k, extra_options)
-            c_src, c_tgt = plan.coefficients(extra_options, q.device, q.dtype)
-            if not bool(c_src.any()):
-                return attend(q, k, v)
-            targets = torch.cat([paired_rows(rows)[1] for kind, rows in chunks(extra_options, q.shape[0])
-                                 if kind == COND]).to(q.device)
-            sources = targets - 1
-            keep = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
-            keep[targets] = False
-            # Rows that are not edited in one call, edited targets in one (two outside a swap's window): the
-            # same attention work as the plain batch.
-            plain = attend(q[keep], k[keep], v[keep])
-            edited = edits.p2p_cross(attend, q[sources], k[sources], q[targets], k[targets], v[targets],
-                                     plan.mapper, c_src, c_tgt)
-            out = plain.new_empty((q.shape[0],) + tuple(plain.shape[1:]))
-            out[keep] = plain
-            out[targets] = edited
-            return out
+            out = attend(q, k, v)
+            operands = plan.operands(extra_options, k.shape[1], q.device, q.dtype)
+            if operands is None:
+                return out
+            src, tgt = paired_index(extra_options, q.shape[0], q.device)
+            if not len(tgt):
+                return out
+            pick = lambda t, rows: t.index_select(0, rows)  # noqa: E731
+            edited = edits.p2p_cross_with(attend, pick(q, src), pick(k, src), pick(q, tgt), pick(k, tgt),
+                                          pick(v, tgt), *operands)
+            return out.index_copy(0, tgt, edited.to(out.dtype))
         return replace
     return make
 
@@ -155,10 +185,9 @@ def p2p_self_replace(window: Window, max_downscale_ratio: float):
             attend = fused_attention(extra_options, previous)
             if not in_window(extra_options, window) or downscale(extra_options) < max_downscale_ratio:
                 return attend(q, k, v)
-            targets = torch.cat([paired_rows(rows)[1] for kind, rows in chunks(extra_options, q.shape[0])
-                                 if kind == COND]).to(q.device)
-            q, k = q.clone(), k.clone()
-            q[targets], k[targets] = q[targets - 1], k[targets - 1]
+            src, tgt = paired_index(extra_options, q.shape[0], q.device)
+            q = q.index_copy(0, tgt, q.index_select(0, src))
+            k = k.index_copy(0, tgt, k.index_select(0, src))
             return attend(q, k, v)
         return replace
     return make

@@ -200,3 +200,13 @@ def test_half_precision_inputs_keep_their_dtype(dtype):
         own = make_block(C).to(dtype)
         out, delta = self_blend(sdpa, own.to_q(x), own.to_k(x), own.to_v(x), x, make_deltas(C), 0.5)
         assert out.dtype == dtype and delta.dtype == dtype
+
+
+def test_folded_delta_equals_the_scaled_one():
+    torch.manual_seed(4)
+    delta = LowRankDelta.from_weights(torch.randn(4, 16), torch.randn(8, 4), alpha=2.0)  # scale 0.5
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    folded = delta.folded(dtype=torch.float64)
+    assert folded.scale == 1.0 and folded.up.dtype == torch.float64
+    torch.testing.assert_close(folded(x), delta(x))
+    torch.testing.assert_close(delta(x), 0.5 * x @ delta.down.double().t() @ delta.up.double().t())

@@ -1,0 +1,106 @@
+"""The attention patches called as ComfyUI calls them (a batch of chunks in the sampler's order, a sigma tensor),
+checked row by row against the map-side reference; run twice to catch stale per-layout caches."""
+import pytest
+import torch
+
+from comfyui_personalize.attention import reference
+from comfyui_personalize.attention.align import swap_mapper
+
+pytestmark = pytest.mark.host
+HEADS, L, C, NQ = 2, 77, 16, 12
+ALL = (1e9, 0.0)
+
+
+@pytest.fixture(scope="module")
+def patches(comfy):
+    from comfyui_personalize.nodes import p2p_patches
+    return p2p_patches
+
+
+def options(kinds, sigma=5.0):
+    return {"cond_or_uncond": kinds, "n_heads": HEADS, "sigmas": torch.full((1,), sigma), "attn_precision": None}
+
+
+def qkv(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, NQ, C, generator=g), torch.randn(batch, L, C, generator=g),
+            torch.randn(batch, L, C, generator=g))
+
+
+@pytest.mark.parametrize("kinds", [[0, 1], [1, 0]])
+def test_p2p_cross_edits_only_positive_targets(patches, kinds):
+    mapper = swap_mapper([([10], [3]), ([11], [5])], [([20], [3]), ([21, 22], [5, 6])], L)
+    plan = patches.CrossPlan(mapper, torch.ones(L), torch.ones(L), ALL)
+    replace = patches.p2p_cross_replace(plan, None)(None)
+    for seed in (0, 1):  # the second call reuses the cached indices and operands
+        q, k, v = qkv(4, seed)
+        out = replace(q, k, v, options(kinds))
+        plain = reference.attention(q, k, v, HEADS)
+        cond = slice(0, 2) if kinds[0] == 0 else slice(2, 4)
+        src, tgt = cond.start, cond.start + 1
+        expected = plain.clone()
+        expected[tgt] = reference.p2p_cross(q[src:src + 1], k[src:src + 1], q[tgt:tgt + 1], k[tgt:tgt + 1],
+                                            v[tgt:tgt + 1], HEADS, mapper, torch.ones(L))[0]
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[tgt], plain[tgt], atol=1e-3)  # the edit did something
+
+
+def test_p2p_cross_outside_its_window_is_plain(patches):
+    mapper = swap_mapper([([10], [3])], [([20], [3])], L)
+    plan = patches.CrossPlan(mapper, torch.ones(L), torch.ones(L), (2.0, 1.0))
+    q, k, v = qkv(4, 0)
+    out = patches.p2p_cross_replace(plan, None)(None)(q, k, v, options([0, 1], sigma=5.0))
+    torch.testing.assert_close(out, reference.attention(q, k, v, HEADS), atol=1e-5, rtol=1e-5)
+
+
+def test_p2p_self_injects_the_source_map_into_targets_only(patches):
+    replace = patches.p2p_self_replace(ALL, 1)(None)
+    q, k, v = qkv(4, 2)
+    out = replace(q, k, v, options([1, 0]))
+    plain = reference.attention(q, k, v, HEADS)
+    torch.testing.assert_close(out[:3], plain[:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[3:], reference.p2p_self(q[2:3], k[2:3], v[3:], HEADS), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kinds", [[0, 1], [1, 0]])
+def test_reweights_apply_to_the_chosen_chunk(patches, kinds):
+    w = torch.ones(L)
+    w[4], w[9] = 2.5, 0.25
+    q, k, v = qkv(2, 3)
+    cond = kinds.index(0)
+    value_patch = patches.value_reweight_patch(w, (0,), ALL)
+    renorm = patches.renormalized_replace(w, (0,), ALL)(None)
+    for _ in range(2):
+        _, _, scaled = value_patch(q, k, v, options(kinds))
+        out = renorm(q, k, v, options(kinds))
+        torch.testing.assert_close(scaled[1 - cond], v[1 - cond])
+        torch.testing.assert_close(scaled[cond], v[cond] * w.view(-1, 1))
+        torch.testing.assert_close(out[1 - cond], reference.attention(q, k, v, HEADS)[1 - cond], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[cond:cond + 1], reference.renormalized(q[cond:cond + 1], k[cond:cond + 1],
+                                                                              v[cond:cond + 1], HEADS, w),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kinds", [[0, 1], [1, 0]])
+def test_dual_path_hard_prompt_goes_to_positive_rows_only(comfy, kinds):
+    from types import SimpleNamespace
+
+    from comfyui_personalize.attention.dual_path import AttentionDeltas, LowRankDelta
+    from comfyui_personalize.nodes.dual_path import _Blend
+    torch.manual_seed(0)
+    attn2 = SimpleNamespace(to_k=torch.nn.Linear(8, C, bias=False), to_v=torch.nn.Linear(8, C, bias=False))
+    block = SimpleNamespace(key=("input", 1, 0), module=SimpleNamespace(attn2=attn2))
+    deltas = AttentionDeltas(out=LowRankDelta.from_weights(torch.randn(2, C), torch.randn(C, 2)))
+    hard = torch.randn(1, L, 8)
+    replace = _Blend(block, deltas, hard, 0.0, ALL).cross(None)
+    q, k, v = qkv(2, 5)
+    with torch.no_grad():
+        for _ in range(2):
+            out = replace(q, k, v, options(kinds))
+            cond = kinds.index(0)
+            hk, hv = attn2.to_k(hard), attn2.to_v(hard)
+            torch.testing.assert_close(out[cond:cond + 1], reference.attention(q[cond:cond + 1], hk, hv, HEADS),
+                                       atol=1e-5, rtol=1e-5)
+            other = 1 - cond
+            torch.testing.assert_close(out[other:other + 1], reference.attention(
+                q[other:other + 1], k[other:other + 1], v[other:other + 1], HEADS), atol=1e-5, rtol=1e-5)
