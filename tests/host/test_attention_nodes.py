@@ -230,3 +230,25 @@ def test_dual_path_needs_a_lora(comfy, tiny_sd15, nodes):
     with pytest.raises(InputError) as e:
         dual(nodes, model, encode(comfy, clip, "a dog"), None, 0.5)
     assert e.value.input_name == "lora_name"
+
+
+@pytest.mark.parametrize("sampler, warns", [("euler_ancestral", True), ("dpmpp_2m_sde", True), ("euler", False)])
+def test_p2p_warns_for_samplers_that_add_noise_every_step(comfy, tiny_sd15, nodes, caplog, sampler, warns):
+    model, clip, _ = tiny_sd15
+    m, positive, latent = p2p(nodes, model, clip, PROMPT, PROMPT.replace("car", "bus"))
+    with caplog.at_level("WARNING", logger="comfyui_personalize.nodes.p2p"):
+        sample(comfy, m, positive, latent, clip, steps=2, sampler=sampler)
+    warned = [r for r in caplog.records if "loses the source's layout" in r.getMessage()]
+    assert bool(warned) == warns
+
+
+def test_renormalized_mode_refuses_to_drop_an_existing_replace(comfy, tiny_sd15, nodes):
+    from comfyui_personalize.nodes.attention_hooks import transformer_blocks
+    model, clip, _ = tiny_sd15
+    base = model.clone()
+    block = transformer_blocks(base)[0]
+    base.set_model_attn2_replace(lambda q, k, v, extra_options: v, *block.key)
+    with pytest.raises(InputError) as e:
+        reweight(nodes, base, clip, "car:2", mode="renormalized")
+    assert e.value.input_name == "mode" and "value" in str(e.value)
+    reweight(nodes, base, clip, "car:2", mode="value")  # value mode runs on top of it
