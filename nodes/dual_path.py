@@ -24,6 +24,7 @@ from .attention_hooks import (
 )
 from .attention_reweight import window_inputs
 from .comfy_adapter import ComfyHost
+from .embeddings import hard_tokens
 
 log = logging.getLogger(__name__)
 PATHS = ("cross", "self+cross")
@@ -134,6 +135,15 @@ class _Blend:
         return replace
 
 
+def automatic_hard_prompt(clip, soft_text: str):
+    if clip is None or not (soft_text or "").strip():
+        raise InputError("hard", "connect the hard prompt's CONDITIONING, or connect clip and write soft_text "
+                                 "(the soft prompt with embedding:NAME) to compute it")
+    tokens, words = hard_tokens(clip, soft_text)
+    log.info("dual-path hard prompt: learned vectors replaced by their nearest words (%s)", "; ".join(words))
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
 class PersonalizeDualPathBlend(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -147,8 +157,10 @@ class PersonalizeDualPathBlend(io.ComfyNode):
                         "weights). Sample with the soft prompt as positive.",
             inputs=[
                 io.Model.Input("model"),
-                io.Conditioning.Input("hard", tooltip="The same prompt with the learned token replaced by the "
-                                                      "nearest real word (e.g. 'a photo of a dog')."),
+                io.Conditioning.Input("hard", optional=True,
+                                      tooltip="The same prompt with the learned token replaced by a real word "
+                                              "(e.g. 'a photo of a dog'). Leave it unconnected to compute it "
+                                              "from clip + soft_text (nearest real word)."),
                 io.Combo.Input("lora_name", options=loras, default="none",
                                tooltip="Attention LoRA file (models/loras); or connect a trained LORA below."),
                 io.Float.Input("a_blend", default=0.7, min=0.0, max=1.0, step=0.01,
@@ -157,13 +169,17 @@ class PersonalizeDualPathBlend(io.ComfyNode):
                                tooltip="cross: blend cross-attention only; self+cross: self-attention too."),
                 *window_inputs(),
                 io.LoraModel.Input("lora", optional=True),
+                io.Clip.Input("clip", optional=True, tooltip="For the automatic hard prompt."),
+                io.String.Input("soft_text", multiline=True, default="", optional=True,
+                                tooltip="The soft prompt's text with embedding:NAME; without a hard prompt, each "
+                                        "learned vector is replaced by its nearest real token."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, hard, lora_name, a_blend, paths, start_percent, end_percent,
-                lora=None) -> io.NodeOutput:
+    def execute(cls, model, lora_name, a_blend, paths, start_percent, end_percent, hard=None, lora=None,
+                clip=None, soft_text="") -> io.NodeOutput:
         if lora is None and lora_name == "none":
             raise InputError("lora_name", "pick an attention LoRA file or connect a trained LORA")
         if lora is None:
@@ -174,7 +190,7 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         if paths not in PATHS:
             raise InputError("paths", f"must be one of {', '.join(PATHS)}")
         if not hard or hard[0][0] is None:
-            raise InputError("hard", "connect the hard prompt's CONDITIONING")
+            hard = automatic_hard_prompt(clip, soft_text)
         window = percent_window(model, start_percent, end_percent, ("start_percent", "end_percent"))
         blocks = {b.key: b for b in transformer_blocks(model)}
         m = model.clone()

@@ -15,6 +15,7 @@ from comfy.sd1_clip import SDTokenizer
 
 from ..training.errors import InputError
 from ..training.identifier import hf_word_tokenizer
+from ..training.nearest_tokens import nearest_tokens
 
 
 def text_encoders(clip) -> dict[str, tuple[str, SDTokenizer, torch.nn.Module]]:
@@ -65,3 +66,30 @@ def clip_with_embeddings(clip, embeddings: Mapping[str, Mapping[str, torch.Tenso
         mine._try_get_embedding = functools.partial(_lookup, SDTokenizer._try_get_embedding.__get__(mine), table)
         setattr(out.tokenizer, attr, mine)
     return out
+
+
+def hard_tokens(clip, text: str, input_name: str = "soft_text") -> tuple[dict, list[str]]:
+    """``clip.tokenize(text)`` with every learned vector (``embedding:NAME``) replaced by its nearest real token
+    in the same encoder's table: the "hard prompt" of the same length. Also returns the chosen words."""
+    tokens = clip.tokenize(text)
+    encoders = {attr.removeprefix("clip_"): (tok, enc) for attr, tok, enc in text_encoders(clip).values()}
+    chosen = []
+    for name, batches in tokens.items():
+        if name not in encoders:
+            continue
+        tok, encoder = encoders[name]
+        slots = [(b, i) for b, batch in enumerate(batches) for i, item in enumerate(batch)
+                 if isinstance(item[0], torch.Tensor)]
+        if not slots:
+            continue
+        vectors = torch.stack([batches[b][i][0] for b, i in slots])
+        special = {t for t in (tok.start_token, tok.end_token, tok.pad_token) if t is not None}
+        ids = nearest_tokens(vectors, token_table(encoder), exclude=special)
+        for (b, i), token_id in zip(slots, ids):
+            batches[b][i] = (token_id,) + tuple(batches[b][i][1:])
+        vocab = getattr(tok, "inv_vocab", {})
+        chosen.append(f"{name}: " + " ".join(vocab.get(t, str(t)).removesuffix("</w>") for t in ids))
+    if not chosen:
+        raise InputError(input_name, "has no learned token (write it as embedding:NAME, the way the soft prompt "
+                                     "names it), so there is no word to replace; or connect the hard prompt")
+    return tokens, chosen

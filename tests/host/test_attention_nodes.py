@@ -225,6 +225,40 @@ def test_dual_path_ends_are_the_lora_model_and_the_base_model(comfy, tiny_sd15, 
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
 
 
+def test_dual_path_computes_the_hard_prompt_from_the_nearest_word(comfy, tiny_sd15, nodes):
+    from comfyui_personalize.nodes.embeddings import (
+        clip_with_embeddings,
+        hard_tokens,
+        init_ids,
+        text_encoders,
+        token_table,
+    )
+    model, clip, _ = tiny_sd15
+    (key, (_, tok, encoder)), = text_encoders(clip).items()
+    dog = init_ids(tok, "dog")
+    vector = token_table(encoder)[dog].detach().clone() * 1.7 + 1e-3  # near "dog", another scale
+    soft_clip = clip_with_embeddings(clip, {"zwx": {key: vector}})
+    tokens, words = hard_tokens(soft_clip, "a photo of embedding:zwx")
+    assert words == ["l: dog"]
+    ids = lambda t: [[item[0] for item in batch] for batch in t["l"]]  # noqa: E731
+    assert ids(tokens) == ids(clip.tokenize("a photo of dog"))
+    lora = attention_lora(model)
+    auto = run_node(nodes["dual"], model=model, lora_name="none", a_blend=0.0, paths="cross", start_percent=0.0,
+                    end_percent=1.0, lora=lora, clip=soft_clip, soft_text="a photo of embedding:zwx").result[0]
+    manual = dual(nodes, model, encode(comfy, clip, "a photo of dog"), lora, 0.0, paths="cross")
+    soft = encode(comfy, soft_clip, "a photo of embedding:zwx")
+    torch.testing.assert_close(sample(comfy, auto, soft, empty_latent(), clip, cfg=1.0),
+                               sample(comfy, manual, soft, empty_latent(), clip, cfg=1.0))
+    with pytest.raises(InputError) as e:
+        run_node(nodes["dual"], model=model, lora_name="none", a_blend=0.5, paths="cross", start_percent=0.0,
+                 end_percent=1.0, lora=lora, clip=soft_clip, soft_text="a photo of a dog")
+    assert e.value.input_name == "soft_text"
+    with pytest.raises(InputError) as e:
+        run_node(nodes["dual"], model=model, lora_name="none", a_blend=0.5, paths="cross", start_percent=0.0,
+                 end_percent=1.0, lora=lora)
+    assert e.value.input_name == "hard"
+
+
 def test_dual_path_needs_a_lora(comfy, tiny_sd15, nodes):
     model, clip, _ = tiny_sd15
     with pytest.raises(InputError) as e:

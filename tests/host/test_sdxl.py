@@ -112,3 +112,23 @@ def test_sdxl_textual_inversion_learns_clip_l_and_clip_g(comfy, tiny_sdxl, tiny_
     ours, stock_out = encode(out_clip, "a photo of embedding:zwx dog"), encode(stock, "a photo of embedding:zwx_xl dog")
     for a, b in zip(ours, stock_out):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sdxl_hard_prompt_replaces_each_encoders_vector_with_its_own_nearest_word(comfy, tiny_sdxl_clip):
+    from comfyui_personalize.nodes.embeddings import (
+        clip_with_embeddings,
+        hard_tokens,
+        init_ids,
+        text_encoders,
+        token_table,
+    )
+    encoders = text_encoders(tiny_sdxl_clip)
+    words = {"clip_l": "dog", "clip_g": "cat"}  # different words per encoder: each table answers for itself
+    vectors = {key: token_table(enc)[init_ids(tok, words[key])].detach().clone() * 2.0
+               for key, (_, tok, enc) in encoders.items()}
+    soft = clip_with_embeddings(tiny_sdxl_clip, {"zwx": vectors})
+    tokens, chosen = hard_tokens(soft, "a photo of embedding:zwx")
+    assert sorted(chosen) == ["g: cat", "l: dog"]
+    for name, word in (("l", "dog"), ("g", "cat")):
+        expected = tiny_sdxl_clip.tokenize(f"a photo of {word}")[name]
+        assert [[t[0] for t in b] for b in tokens[name]] == [[t[0] for t in b] for b in expected]
