@@ -7,7 +7,7 @@ import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
-from ..attention.align import refine_mapper, swap_mapper
+from ..attention.align import auto_mapper, refine_mapper, swap_mapper
 from ..attention.local_blend import LocalBlend
 from ..attention.tokens import parse_word_weights, token_weights, word_positions
 from ..training.errors import InputError
@@ -93,11 +93,21 @@ class PersonalizeP2P(io.ComfyNode):
             raise InputError("target", "the source and target prompts tokenize to a different number of 77-token "
                                        "chunks; make their lengths similar")
         ids_of = word_tokenizer(clip)
-        words_src, words_tgt = source.split(), target.split()
-        if mode == "swap" or (mode == "auto" and len(words_src) == len(words_tgt)):
+        if mode == "swap":
             mapper = swap_mapper(words_with_positions(clip, source, src, "source"),
-                                 words_with_positions(clip, target, tgt, "target"), src.length)
+                                 words_with_positions(clip, target, tgt, "target"), tgt.length)
             alphas = torch.ones(tgt.length)
+        elif mode == "auto" and len(source.split()) == len(target.split()):
+            try:  # a word swap needs every word placed in the tokens (no embeddings or (weights))
+                words = (words_with_positions(clip, source, src, "source"),
+                         words_with_positions(clip, target, tgt, "target"))
+            except InputError as e:
+                log.info("P2P auto mode: refine, since the words cannot be paired for a swap (%s)", e)
+                words = None
+            if words is None:
+                mapper, alphas = refine_mapper(src, tgt)
+            else:
+                mapper, alphas, _ = auto_mapper(src, tgt, *words)
         else:
             mapper, alphas = refine_mapper(src, tgt)
         equalizer = torch.ones(tgt.length)
