@@ -153,3 +153,16 @@ def paired_index(extra_options: dict, batch: int, device) -> tuple[torch.Tensor,
         tgt = torch.cat([t for _, t in pairs]) if pairs else torch.zeros(0, dtype=torch.long)
         _pair_index[key] = (src.to(device), tgt.to(device))
     return _pair_index[key]
+
+
+def source_of_rows(extra_options: dict, batch: int, device) -> torch.Tensor:
+    """[batch] row index on ``device``: each target row of a positive chunk points at its source row, every
+    other row at itself. ``x.index_select(0, it)`` gives the targets the source's q/k in one op."""
+    kinds = tuple(extra_options.get("cond_or_uncond") or [COND])
+    key = ("rows", kinds, batch, str(device))
+    if key not in _pair_index:
+        rows = torch.arange(batch)
+        src, tgt = paired_index(extra_options, batch, "cpu")
+        rows[tgt] = src
+        _pair_index[key] = rows.to(device)
+    return _pair_index[key]

@@ -23,6 +23,7 @@ from .attention_hooks import (
     masked_attention,
     paired_index,
     set_replace,
+    source_of_rows,
 )
 
 Window = tuple[float, float]  # (sigma_high, sigma_low)
@@ -42,8 +43,8 @@ class _LayoutCache(dict):
     """Per-call constants keyed by the batch layout, device and dtype: built on the host once, moved once (a
     host-to-device copy in every layer would wait for the GPU each time)."""
 
-    def get_or_make(self, extra_options: dict, batch: int, length: int, like: torch.Tensor, make):
-        key = (tuple(extra_options.get("cond_or_uncond") or ()), batch, length, like.device, like.dtype)
+    def get_or_make(self, extra_options: dict, batch: int, length: int, like: torch.Tensor, make, tag=None):
+        key = (tuple(extra_options.get("cond_or_uncond") or ()), batch, length, like.device, like.dtype, tag)
         if key not in self:
             self[key] = make().to(like.device, like.dtype)
         return self[key]
@@ -153,19 +154,37 @@ class BlendRecorder:
         return out
 
 
+def _row_mixing(extra_options: dict, batch: int, mixed: torch.Tensor) -> torch.Tensor:
+    """[batch, L, L]: ``mixed`` (M * c_src) for the target rows of positive chunks, the identity elsewhere."""
+    out = torch.eye(mixed.shape[0], dtype=mixed.dtype).repeat(batch, 1, 1)
+    out[paired_index(extra_options, batch, "cpu")[1]] = mixed
+    return out
+
+
 def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None):
     """attn2 replace: targets of positive chunks get the source's maps; maps for local blend are recorded.
-    Every row runs the plain attention in one call (as the plain batch does); the edited targets are then
-    recomputed and written over theirs, so no boolean split of the batch is needed (each would wait for the GPU)."""
+    Where the target's own map drops out (a swap or a reweight inside its window) the whole batch is one attention
+    call: targets take their source's q/k by one row gather and M * c_src applied to their values by one batched
+    matmul (the identity on other rows). Otherwise every row runs the plain attention and the edited targets are
+    recomputed and written over theirs. Either way no boolean split of the batch (each would wait for the GPU)."""
+    mixing = _LayoutCache()
+
     def make(previous):
         def replace(q, k, v, extra_options):
             attend = fused_attention(extra_options, previous)
             if recorder is not None:
                 recorder.record(q, k, extra_options)
-            out = attend(q, k, v)
             operands = plan.operands(extra_options, k.shape[1], q.device, q.dtype)
             if operands is None:
-                return out
+                return attend(q, k, v)
+            mixed, own = operands
+            if own is None:  # inside a swap's/reweight's window: one attention call over the whole batch
+                rows = source_of_rows(extra_options, q.shape[0], q.device)
+                values = mixing.get_or_make(extra_options, q.shape[0], k.shape[1], v,
+                                            lambda: _row_mixing(extra_options, q.shape[0], mixed.cpu()),
+                                            tag=id(mixed))  # plan keeps each window state's operands alive
+                return attend(q.index_select(0, rows), k.index_select(0, rows), torch.bmm(values, v))
+            out = attend(q, k, v)
             src, tgt = paired_index(extra_options, q.shape[0], q.device)
             if not len(tgt):
                 return out
@@ -185,10 +204,8 @@ def p2p_self_replace(window: Window, max_downscale_ratio: float):
             attend = fused_attention(extra_options, previous)
             if not in_window(extra_options, window) or downscale(extra_options) < max_downscale_ratio:
                 return attend(q, k, v)
-            src, tgt = paired_index(extra_options, q.shape[0], q.device)
-            q = q.index_copy(0, tgt, q.index_select(0, src))
-            k = k.index_copy(0, tgt, k.index_select(0, src))
-            return attend(q, k, v)
+            rows = source_of_rows(extra_options, q.shape[0], q.device)
+            return attend(q.index_select(0, rows), k.index_select(0, rows), v)
         return replace
     return make
 

@@ -27,10 +27,15 @@ def qkv(batch, seed):
             torch.randn(batch, L, C, generator=g))
 
 
+REFINE_ALPHAS = torch.ones(L)
+REFINE_ALPHAS[6] = 0.0  # an inserted token: the target keeps its own map there (the two-call path)
+
+
 @pytest.mark.parametrize("kinds", [[0, 1], [1, 0]])
-def test_p2p_cross_edits_only_positive_targets(patches, kinds):
+@pytest.mark.parametrize("alphas", [torch.ones(L), REFINE_ALPHAS], ids=["swap", "refine"])
+def test_p2p_cross_edits_only_positive_targets(patches, kinds, alphas):
     mapper = swap_mapper([([10], [3]), ([11], [5])], [([20], [3]), ([21, 22], [5, 6])], L)
-    plan = patches.CrossPlan(mapper, torch.ones(L), torch.ones(L), ALL)
+    plan = patches.CrossPlan(mapper, alphas, torch.ones(L), ALL)
     replace = patches.p2p_cross_replace(plan, None)(None)
     for seed in (0, 1):  # the second call reuses the cached indices and operands
         q, k, v = qkv(4, seed)
@@ -40,7 +45,7 @@ def test_p2p_cross_edits_only_positive_targets(patches, kinds):
         src, tgt = cond.start, cond.start + 1
         expected = plain.clone()
         expected[tgt] = reference.p2p_cross(q[src:src + 1], k[src:src + 1], q[tgt:tgt + 1], k[tgt:tgt + 1],
-                                            v[tgt:tgt + 1], HEADS, mapper, torch.ones(L))[0]
+                                            v[tgt:tgt + 1], HEADS, mapper, torch.ones(L), refine_alphas=alphas)[0]
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(out[tgt], plain[tgt], atol=1e-3)  # the edit did something
 
@@ -104,3 +109,17 @@ def test_dual_path_hard_prompt_goes_to_positive_rows_only(comfy, kinds):
             other = 1 - cond
             torch.testing.assert_close(out[other:other + 1], reference.attention(
                 q[other:other + 1], k[other:other + 1], v[other:other + 1], HEADS), atol=1e-5, rtol=1e-5)
+
+
+def test_p2p_cross_follows_per_word_windows_as_sigma_falls(patches):
+    """Word 3 is injected until sigma 2, the rest all along: the cached operands must follow the window state."""
+    mapper = swap_mapper([([10], [3]), ([11], [5])], [([20], [3]), ([21], [5])], L)
+    plan = patches.CrossPlan(mapper, torch.ones(L), torch.ones(L), ALL, {3: (1e9, 2.0)})
+    replace = patches.p2p_cross_replace(plan, None)(None)
+    q, k, v = qkv(2, 7)
+    for sigma, alpha3 in ((5.0, 1.0), (1.0, 0.0), (5.0, 1.0)):
+        alpha = torch.ones(L)
+        alpha[3] = alpha3
+        out = replace(q, k, v, options([0], sigma=sigma))
+        expected = reference.p2p_cross(q[:1], k[:1], q[1:], k[1:], v[1:], HEADS, mapper, alpha)
+        torch.testing.assert_close(out[1:], expected, atol=1e-5, rtol=1e-5)
