@@ -37,3 +37,25 @@ def capture(step: Callable[[], None], generator: torch.Generator,
     log.info("captured the training step as a CUDA graph (its memory pool: %.2f GiB)",
              (torch.cuda.memory_reserved() - reserved) / 2**30)
     return graph
+
+
+POOL_MARGIN = 1.5  # the pool holds the step's transient memory and more (SDXL LoRA: 0.74 GiB for 0.55 eager)
+
+
+def room_for_capture(step_transient: int, device_free: int, limit: int, reserved: int) -> bool:
+    """Whether a graph pool the size of the step's transient memory (times a margin) fits: in the device's free
+    memory and under the process's limit (``set_per_process_memory_fraction``) beside what is reserved now.
+    A capture that runs out of memory leaves its half-made pool behind, so it is not attempted then."""
+    return step_transient * POOL_MARGIN <= min(device_free, limit - reserved)
+
+
+def capture_fits(step_transient: int, device: torch.device) -> bool:
+    free, total = torch.cuda.mem_get_info(device)
+    limit = int(total * torch.cuda.get_per_process_memory_fraction(device))
+    fits = room_for_capture(step_transient, free, limit, torch.cuda.memory_reserved(device))
+    if not fits:
+        log.warning("not capturing the training step as a CUDA graph: its memory (~%.2f GiB) does not fit beside "
+                    "%.2f GiB reserved (limit %.2f GiB, %.2f GiB free on the device); training continues eagerly, "
+                    "more slowly", step_transient / 2**30, torch.cuda.memory_reserved(device) / 2**30,
+                    limit / 2**30, free / 2**30)
+    return fits

@@ -238,7 +238,7 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
              cfg.steps, bs, accum, f", prior {data.prior}" if data.prior else "",
              precision.autocast or task.weight_dtype, ", CUDA graph" if graphed else "", device)
     losses: list[float] = []
-    graph = None
+    graph, transient = None, 0
     side = torch.cuda.Stream(device) if graphed else None  # warm-up before capture runs on a side stream
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))  # the data copies above ran on the default stream
@@ -255,16 +255,23 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
                 # The warm-up's freed blocks stay cached in the general pool, which the graph's private pool
                 # cannot use: hand them back first, or a run near the memory limit fails at capture.
                 torch.cuda.synchronize(device)
+                # Two upper bounds of the step's transient memory; the smaller is the tighter one. The peak may be
+                # older than the step (model setup); the cached blocks may include setup's leftovers.
+                transient = min(transient, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
                 torch.cuda.empty_cache()
-                graph = cuda_graph.capture(step, generator, warmup_stream)
-                if graph is None:  # a failed capture leaves the generator bound to it: continue on a fresh one
-                    generator = torch.Generator(device=device).manual_seed(cfg.seed + i)
-                    torch.cuda.empty_cache()
+                if cuda_graph.capture_fits(transient, device):
+                    graph = cuda_graph.capture(step, generator, warmup_stream)
+                    if graph is None:  # a failed capture leaves the generator bound to it: continue on a fresh one
+                        generator = torch.Generator(device=device).manual_seed(cfg.seed + i)
+                        torch.cuda.empty_cache()
             if graph is not None:
                 graph.replay()
             else:
+                before = torch.cuda.memory_allocated(device) if side is not None else 0
                 with torch.cuda.stream(side) if side is not None else nullcontext():
                     step(i)
+                if side is not None:
+                    transient = torch.cuda.max_memory_allocated(device) - before
             if (i + 1) % cfg.report_every == 0 or i + 1 == cfg.steps:
                 if on_gpu:
                     torch.cuda.synchronize(device)

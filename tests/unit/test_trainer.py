@@ -186,3 +186,16 @@ def test_adapters_compute_with_the_current_weights_under_a_fused_optimizer(host,
     monkeypatch.setattr(net, "compute_weight", checked)
     _train(host, latents, net=net, steps=4, dtype="bf16")
     assert stale and not any(stale)
+
+
+def test_capture_is_skipped_when_its_pool_would_not_fit():
+    from comfyui_personalize.training.cuda_graph import POOL_MARGIN, room_for_capture
+    gib = 2**30
+    assert room_for_capture(1 * gib, device_free=40 * gib, limit=80 * gib, reserved=10 * gib)
+    # under a per-process limit: 12 GiB cap, 11.5 reserved -> 0.5 GiB left for a 1 GiB pool
+    assert not room_for_capture(1 * gib, device_free=40 * gib, limit=12 * gib, reserved=int(11.5 * gib))
+    # other processes hold the device: little free memory although the limit is high
+    assert not room_for_capture(1 * gib, device_free=gib // 2, limit=80 * gib, reserved=0)
+    # the margin counts
+    assert not room_for_capture(gib, device_free=gib, limit=80 * gib, reserved=0)
+    assert room_for_capture(gib, device_free=int(POOL_MARGIN * gib), limit=80 * gib, reserved=0)
