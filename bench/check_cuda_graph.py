@@ -63,4 +63,51 @@ for dtype, name, make_data, options in [("auto", "plain", lambda: TrainingData.e
     print(dtype, name, "graph", [round(v, 5) for v in lg])
     print(dtype, name, "max adapter difference", worst, "OK" if ok else "MISMATCH")
     failed |= not ok
+
+
+def textual_inversion_case(graphed: bool):
+    """The TI step with the device prompt encoder (text side in the graph): losses and the learned vectors."""
+    import comfy.sd
+    import comfy.supported_models
+
+    from comfyui_personalize.nodes.embeddings import clip_with_embeddings, init_ids, text_encoders, token_table
+    from comfyui_personalize.training.embedding import TextualInversion, initial_vectors
+
+    target = comfy.supported_models.SD15(dict(tl.SD15)).clip_target()
+    clip = comfy.sd.CLIP(target=target, model_options={"clip_l_model_config": dict(
+        num_hidden_layers=2, intermediate_size=128, num_attention_heads=4)})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():
+            p.normal_(0, 0.02)
+    ti_host = ComfyHost(host.model, clip, None)
+    with torch.no_grad():
+        vectors = {k: initial_vectors(token_table(e), init_ids(t, "dog"), 2) for k, (_, t, e) in
+                   text_encoders(clip).items()}
+    inversion = TextualInversion("zwx", vectors)
+    ti_host.clip = clip_with_embeddings(clip, {"zwx": inversion.vectors})
+    ti_host.cache_tokens = False
+    data = TrainingData.single(latents, ["a photo of embedding:zwx dog", "embedding:zwx on grass"] * 2,
+                               ti_host.encode_text, caption_dropout=0.3)
+    ti_host.load_for_training(True)
+    with torch.no_grad():
+        data.prompt_encoder = ti_host.device_prompt_encoder(data.prompts(), data.buckets[0].size)
+    assert data.prompt_encoder is not None, "the device prompt encoder fell back to ComfyUI's path"
+    inversion.to(dev)
+    with ti_host.text_encoder_autograd():
+        losses = train(ti_host.task(), data, list(inversion.parameters()),
+                       TrainConfig(steps=12, learning_rate=5e-3, batch_size=2, cuda_graph=graphed, report_every=4))
+    return losses, {k: v.detach().clone() for k, v in inversion.vectors.items()}
+
+
+(le, we), (lg, wg) = textual_inversion_case(False), textual_inversion_case(True)
+worst = max((we[k] - wg[k]).abs().max().item() for k in we)
+ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(le, lg)) and worst < 1e-4
+if torch.cuda.is_available() and warnings:
+    print("capture failed:", warnings)
+    ok = False
+print("textual inversion eager", [round(v, 5) for v in le])
+print("textual inversion graph", [round(v, 5) for v in lg])
+print("textual inversion max vector difference", worst, "OK" if ok else "MISMATCH")
+failed |= not ok
 sys.exit(1 if failed else 0)

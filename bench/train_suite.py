@@ -44,6 +44,8 @@ ap.add_argument("--ckpt", choices=("both", "on", "off"), default="both", help="g
 ap.add_argument("--memory-cap-gib", type=float, default=None,
                 help="cap the allocator (set_per_process_memory_fraction): does it train on a card this size")
 ap.add_argument("--no-cuda-graph", action="store_true", help="run our steps eagerly (no CUDA graph)")
+ap.add_argument("--comfyui-text-path", action="store_true",
+                help="TI: encode captions through CLIP.encode_from_tokens every step (no device prompt encoder)")
 ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
 ap.add_argument("--warmup", type=int, default=None, help="steps of the runs subtracted (default 5; 1 with --tiny)")
 ap.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU smoke run of the same code")
@@ -227,6 +229,9 @@ def ours_ti(batch: int):
     captions = [with_embedding_syntax(f"a photo of {token} dog", token)] * n
     data = TrainingData.single(torch.randn(n, 4, lat, lat), captions, host.encode_text)
     host.load_for_training(True)
+    if not args.comfyui_text_path:  # as TrainingSession.data does for the nodes
+        with torch.no_grad():
+            data.prompt_encoder = host.device_prompt_encoder(data.prompts(), data.buckets[0].size)
     inversion.to(host.model.load_device)
     return run_session(s, data, list(inversion.parameters()), lambda: [], text_trains=True)
 

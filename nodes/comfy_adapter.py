@@ -20,6 +20,7 @@ from ..training.errors import InputError
 from ..training.lora import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS, find_linear_targets
 from ..training.schedule import NoiseSchedule
 from ..training.task import Conditioning, DiffusionTask
+from . import prompt_encoder
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,20 @@ class ComfyHost:
                                                 target_width=w, target_height=h)
             encoded[caption] = Conditioning(cond, y)
         return Conditioning.cat([encoded[c] for c in captions])
+
+    def device_prompt_encoder(self, prompts: Sequence[str], size: tuple[int, int]):
+        """Every prompt encoded by device work only (CUDA-graph friendly), checked against ``encode_text``; None
+        where ComfyUI's own path must be used. Call after ``load_for_training`` (the CLIP is on its device)."""
+        if self.clip is None:
+            return None
+        adm = None
+        if self.family == "sdxl":
+            def adm(pooled, size_hw):
+                h, w = size_hw
+                return self.model.model.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
+                                                   target_width=w, target_height=h)
+        device = self.clip.patcher.load_device
+        return prompt_encoder.build(self.clip, prompts, device, adm, self.encode_text, size)
 
     # ---- training
     def load_for_training(self, with_text_encoder: bool) -> None:

@@ -79,6 +79,9 @@ class TrainingSession:
             if not text_trains:
                 data.cache_conditioning()
         host.load_for_training(text_trains)
+        if text_trains:
+            with torch.no_grad():
+                data.prompt_encoder = host.device_prompt_encoder(data.prompts(), data.buckets[0].size)
         return data
 
     def run(self, data, params: Sequence, attach: Sequence[ContextManager], text_trains: bool,

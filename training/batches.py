@@ -7,13 +7,19 @@ generators, so a run is reproducible and the CUDA-graph path draws them on the d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from .task import Conditioning
 
 Encode = Callable[[Sequence[str], tuple[int, int]], Conditioning]  # captions, pixel size (SDXL) -> conditioning
+
+
+class PromptEncoder(Protocol):
+    prompts: list[str]
+
+    def __call__(self, size: tuple[int, int]) -> Conditioning: ...
 
 
 @dataclass
@@ -63,6 +69,9 @@ class TrainingData:
     prior: str | None = None
     prior_weight: float = 1.0
     class_prompt: str = ""
+    # Optional: encodes every prompt of ``prompts()`` with device work only (rows in its ``prompts`` order), so a
+    # step that trains the text side can be a CUDA graph. Used instead of ``encode`` while training when set.
+    prompt_encoder: PromptEncoder | None = None
 
     def __post_init__(self):
         if self.prior not in (None, "class_images", "prior_prediction"):
@@ -96,6 +105,12 @@ class TrainingData:
             if self.prior:
                 b.class_cond = self.encode([self.class_prompt], b.size)
         return self
+
+    def prompts(self) -> list[str]:
+        """Every distinct prompt a step may encode: the captions, "" for caption dropout, the class prompt."""
+        prompts = [c for b in self.buckets for c in b.captions]
+        prompts += ([""] if self.caption_dropout > 0 else []) + ([self.class_prompt] if self.prior else [])
+        return list(dict.fromkeys(prompts))
 
     @property
     def cached(self) -> bool:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import cuda_graph
-from .batches import BucketBatchSampler, LatentBucket, TrainingData, class_plan
+from .batches import BucketBatchSampler, TrainingData, class_plan
 from .errors import InputError, TrainingDiverged
 from .objective import LR_SCHEDULES, Objective, lr_factor, per_sample_mse, prior_preservation_loss
 from .schedule import NoiseSchedule
@@ -132,7 +132,8 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
     precision = resolve_precision(cfg.dtype, device, task.weight_dtype)
     buckets = [b.to(device) for b in data.buckets]
     on_gpu = device.type == "cuda"
-    graphed = cfg.cuda_graph and on_gpu and data.cached and len(buckets) == 1
+    device_text = data.prompt_encoder is not None and not data.cached  # the text side trains, on the device
+    graphed = cfg.cuda_graph and on_gpu and (data.cached or device_text) and len(buckets) == 1
     groups = [g if isinstance(g, ParamGroup) else None for g in params]
     groups = ([ParamGroup([p for p in g.params if p.requires_grad], g.learning_rate) for g in groups]
               if all(groups) else [ParamGroup([p for p in params if p.requires_grad], cfg.learning_rate)])
@@ -158,10 +159,22 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
     autocast = functools.partial(torch.autocast, device.type, dtype=precision.autocast,
                                  enabled=precision.autocast is not None, cache_enabled=False)
 
-    def conditioning(bucket: LatentBucket, rows: torch.Tensor, host_rows: list[int] | None, n: int):
+    if device_text:  # which encoded prompt each row, "" and the class prompt are
+        index = {p: i for i, p in enumerate(data.prompt_encoder.prompts)}
+        prompt_rows = [torch.tensor([index[c] for c in b.captions], device=device) for b in buckets]
+        empty_row = torch.tensor([index[""]], device=device) if data.caption_dropout > 0 else None
+        class_row = torch.tensor([index[data.class_prompt]], device=device) if data.prior else None
+
+    def conditioning(bucket_id: int, rows: torch.Tensor, host_rows: list[int] | None, n: int):
         """(per-sample conditioning, class prompt conditioning) for a micro-batch."""
+        bucket = buckets[bucket_id]
         if bucket.cond is not None:
             cond, empty, klass = bucket.cond.select(rows), bucket.empty_cond, bucket.class_cond
+        elif device_text:  # the text side trains: every prompt in one call, no host work
+            everything = data.prompt_encoder(bucket.size)
+            cond = everything.select(prompt_rows[bucket_id].index_select(0, rows))
+            empty = everything.select(empty_row) if empty_row is not None else None
+            klass = everything.select(class_row) if class_row is not None else None
         else:  # the text side trains: encode with gradients, all in one call
             extra = ([""] if data.caption_dropout > 0 else []) + ([data.class_prompt] if data.prior else [])
             everything = data.encode([bucket.captions[i] for i in host_rows] + extra, bucket.size)
@@ -180,7 +193,7 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
         if bucket.flipped is not None:
             mirror = torch.rand(bs, generator=generator, device=device) < 0.5
             x0 = torch.where(mirror.view(-1, 1, 1, 1), bucket.flipped.index_select(0, rows), x0)
-        cond, class_cond = conditioning(bucket, rows, host_rows, bs)
+        cond, class_cond = conditioning(bucket_id, rows, host_rows, bs)
         if data.prior == "class_images":
             crows = class_rows.index_select(0, step_counter)[0, k]
             x0 = torch.cat([x0, bucket.class_latents.index_select(0, crows)])
@@ -221,7 +234,7 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
         total = None
         for k in range(accum):
             bucket_id, host_rows = (0, None) if i is None else plan[i][k]
-            loss = micro_step(k, bucket_id, None if data.cached else host_rows)
+            loss = micro_step(k, bucket_id, None if data.cached or device_text else host_rows)
             total = loss if total is None else total + loss
         if cfg.max_grad_norm > 0:
             scaler.unscale_(optimizer)

@@ -132,3 +132,11 @@ def test_sdxl_hard_prompt_replaces_each_encoders_vector_with_its_own_nearest_wor
     for name, word in (("l", "dog"), ("g", "cat")):
         expected = tiny_sdxl_clip.tokenize(f"a photo of {word}")[name]
         assert [[t[0] for t in b] for b in tokens[name]] == [[t[0] for t in b] for b in expected]
+
+
+def test_sdxl_device_prompt_encoding_equals_comfyui_with_gradients(comfy, tiny_sdxl, tiny_sdxl_clip):
+    """CLIP-L and CLIP-G concatenated, the pooled CLIP-G output in y beside the size embedding."""
+    from test_prompt_encoder import check_against_comfyui, host_with_token
+    host, vectors = host_with_token(tiny_sdxl, tiny_sdxl_clip, None)
+    ours = check_against_comfyui(host, vectors, size=(64, 96))
+    assert set(vectors) == {"clip_l", "clip_g"} and ours.y is not None

@@ -199,3 +199,38 @@ def test_capture_is_skipped_when_its_pool_would_not_fit():
     # the margin counts
     assert not room_for_capture(gib, device_free=gib, limit=80 * gib, reserved=0)
     assert room_for_capture(gib, device_free=int(POOL_MARGIN * gib), limit=80 * gib, reserved=0)
+
+
+class _AllPrompts:
+    """A PromptEncoder over the host's own encoder: every prompt in one call, as a device encoder gives them."""
+
+    def __init__(self, host, prompts):
+        self.host, self.prompts, self.calls = host, list(prompts), 0
+
+    def __call__(self, size):
+        self.calls += 1
+        return self.host.encode_text(self.prompts)
+
+
+@pytest.mark.parametrize("options", [dict(caption_dropout=0.5), dict()])
+def test_prompt_encoder_trains_like_encoding_the_batch_captions(host, options):
+    """The trainer picks each row's prompt (and "" for dropped captions) out of the all-prompts encoding."""
+    latents, _ = _data(host, n=3)
+    captions = ["a photo of zwx dog", "a photo of zwx cat", "a zwx dog on grass"]
+
+    def run(with_encoder):
+        data = _dataset(host, latents, captions, cached=False, **options)
+        if with_encoder:
+            data.prompt_encoder = _AllPrompts(host, data.prompts())
+        te_net = LoRANetwork(host.text_encoder_lora_targets(), rank=2, alpha=2, seed=1)
+        cfg = TrainConfig(steps=5, learning_rate=1e-2, batch_size=2, seed=3)
+        with te_net.attached():
+            losses = train(host.task(), data, list(te_net.parameters()), cfg)
+        return losses, data.prompt_encoder, [a.up.detach().clone() for a in te_net.adapters.values()]
+
+    plain, _, plain_weights = run(False)
+    mine, encoder, weights = run(True)
+    assert encoder.calls == 5 and ("" in encoder.prompts) == bool(options)
+    assert mine == pytest.approx(plain, rel=1e-5)
+    for a, b in zip(weights, plain_weights):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
