@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file
 
+from ..scoring.files import find_reward_files
 from ..training.batches import TrainingData
 from ..training.errors import InputError
 from ..training.files import lora_metadata, resolve_output_path, save_safetensors_atomic
@@ -260,7 +261,7 @@ def run_comfyui_workflows(comfyui: Path, out: Path) -> int:
     if not workflows:
         log.error("no example workflows in %s", EXAMPLE_WORKFLOWS)
         return 1
-    base, started, results = out / "comfyui", time.perf_counter(), {}
+    base, started, results, skipped = out / "comfyui", time.perf_counter(), {}, {}
     log.info("building (or reusing) the tiny SD1.5 checkpoint; the first build takes a minute or two")
     write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / TINY_CHECKPOINT, cache_dir=CHECKPOINT_CACHE,
                                comfyui_path=comfyui)
@@ -270,6 +271,11 @@ def run_comfyui_workflows(comfyui: Path, out: Path) -> int:
         log.info("ComfyUI is up at %s (log: %s)", server.base_url, server.log_path)
         for path in workflows:
             t0 = time.perf_counter()
+            missing = _missing_reward_files(json.loads(path.read_text()), base / "models" / "image_reward")
+            if missing:
+                log.warning("%s: skipped: it scores with ImageReward and %s", path.name, missing)
+                skipped[path.name] = missing
+                continue
             try:
                 prompt = cpu_overrides(use_tiny_inputs(
                     ui_workflow_to_api(json.loads(path.read_text()), server.object_info()), TINY_CHECKPOINT,
@@ -288,7 +294,7 @@ def run_comfyui_workflows(comfyui: Path, out: Path) -> int:
                 log.error("%s failed:\n%s", path.name, results[path.name]["errors"])
     loras = sorted(str(p) for p in set(lora_folder.rglob("*.safetensors")) - loras_before)
     failed = [name for name, r in results.items() if not r["ok"]]
-    summary = {"comfyui": str(comfyui), "base_dir": str(base), "workflows": results, "loras": loras,
+    summary = {"comfyui": str(comfyui), "base_dir": str(base), "workflows": results, "skipped": skipped, "loras": loras,
                "wall_time_s": round(time.perf_counter() - started, 1),
                "note": "Tiny random-weight checkpoint and CPU-sized settings: outputs are noise-like by design."}
     summary_path = out / "comfyui_summary.json"  # beside, not over, the tiny demo's summary.json
@@ -296,6 +302,17 @@ def run_comfyui_workflows(comfyui: Path, out: Path) -> int:
     log.info("%d of %d example workflows ran; new LoRA files: %s; summary: %s", len(results) - len(failed),
              len(results), ", ".join(loras) or "none", summary_path)
     return 1 if failed else 0
+
+
+def _missing_reward_files(workflow: dict, folder: Path) -> str:
+    """Why a workflow's Load ImageReward cannot load (its files are not in ``folder``), or "" when it can."""
+    for node in workflow.get("nodes", []):
+        if node.get("type") == "PersonalizeLoadImageReward" and node.get("mode") not in (2, 4):
+            try:
+                find_reward_files(folder, (node.get("widgets_values") or ["ImageReward.pt"])[0])
+            except InputError as e:
+                return str(e).removeprefix(f"{e.input_name}: ")
+    return ""
 
 
 def _saved_images(entry: dict, output_dir: Path) -> list[str]:

@@ -25,7 +25,9 @@ def run_node(node_cls, **kwargs):
     """Execute a V3 node the way ComfyUI's executor does (class clone + hidden inputs, inference mode)."""
     from comfy_api.latest import io
 
-    cls = node_cls.PREPARE_CLASS_CLONE({"unique_id": "7"}) if hasattr(node_cls, "PREPARE_CLASS_CLONE") else node_cls
+    cls = node_cls
+    if hasattr(node_cls, "PREPARE_CLASS_CLONE"):
+        cls = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "7"})
     with torch.inference_mode():
         out = cls.execute(**kwargs)
     assert isinstance(out, io.NodeOutput)
@@ -159,7 +161,9 @@ def test_save_refuses_escaping_names(comfy, pack_nodes):
                    {"name": "a/b", "subfolder": ""}):
         with pytest.raises(InputError):
             run_node(pack_nodes[1], lora=lora, save_dtype="fp16", if_exists="increment", **kwargs)
-    assert not list((comfy.models.parent).glob("**/evil*"))
+    # nothing written anywhere the names point: inside models/, beside it, or at ../../etc
+    assert not list(comfy.models.glob("**/evil*")) and not list(comfy.models.parent.glob("evil*"))
+    assert not list(comfy.models.glob("**/ok*")) and not (comfy.models.parent / "etc").exists()
 
 
 def test_cancel_stops_training_and_leaves_nothing_behind(comfy, tiny_sd15, pack_nodes):

@@ -18,6 +18,7 @@ from comfyui_personalize.headless.comfy_server import (
     ui_workflow_to_api,
     write_tiny_sd15_checkpoint,
 )
+from comfyui_personalize.headless.tiny_reward import write_tiny_reward_files
 from comfyui_personalize.headless.workflow_inputs import execution_errors, use_tiny_inputs
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", "/opt/comfyui-host"))
 CACHE_DIR = Path(os.environ.get("PERSONALIZE_CACHE_DIR", Path.home() / ".cache" / "comfyui-personalize"))
 TINY_CKPT = "personalize_tiny_sd15.safetensors"
+TINY_REWARD = "ImageReward-tiny.safetensors"
 PROMPT_TIMEOUT_S = 600
 # save node -> the models/ subfolder it writes to
 SAVED_TO = {"PersonalizeSaveLoRA": "loras", "PersonalizeSaveEmbedding": "embeddings",
@@ -48,6 +50,7 @@ def comfy_server(tmp_path_factory):
     started = time.monotonic()
     write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / TINY_CKPT, cache_dir=CACHE_DIR,
                                comfyui_path=COMFYUI_PATH)
+    write_tiny_reward_files(base / "models" / "image_reward", name=TINY_REWARD)
     with ComfyServer(base, comfyui_path=COMFYUI_PATH) as server:
         log.info("ComfyUI up at %s after %.1f s", server.base_url, time.monotonic() - started)
         yield server
@@ -55,7 +58,17 @@ def comfy_server(tmp_path_factory):
 
 def _prepare(server, path: Path) -> dict:
     prompt = ui_workflow_to_api(json.loads(path.read_text()), server.object_info())
-    return cpu_overrides(use_tiny_inputs(prompt, TINY_CKPT, server.input_dir, write_subject_png))
+    cheap = cpu_overrides(use_tiny_inputs(prompt, TINY_CKPT, server.input_dir, write_subject_png))
+    for node_id, node in cheap.items():
+        if node["class_type"] == "PersonalizeLoadImageReward":
+            node["inputs"]["checkpoint"] = TINY_REWARD
+        if node["class_type"] == "EmptyLatentImage" and "PersonalizeRankByReward" in _class_types(prompt):
+            node["inputs"]["batch_size"] = prompt[node_id]["inputs"]["batch_size"]  # ranking needs a batch
+    return cheap
+
+
+def _class_types(prompt: dict) -> set:
+    return {node["class_type"] for node in prompt.values()}
 
 
 @dataclass
@@ -188,6 +201,21 @@ def test_dreambooth_checkpoint_loads_in_stock_loader(comfy_server, run_workflow)
     entry = comfy_server.wait(comfy_server.queue(prompt), timeout=PROMPT_TIMEOUT_S)
     _assert_success(comfy_server, entry)
     _assert_saved_images(comfy_server, prompt, entry)
+
+
+@pytest.mark.server
+def test_image_reward_workflow_keeps_the_best_two(comfy_server, run_workflow):
+    run = run_workflow(ROOT / "example_workflows" / "image_reward_top2.json")
+    _assert_success(comfy_server, run.entry)
+    outputs = run.entry["outputs"]
+    saved = next(outputs[node_id]["images"] for node_id, n in run.prompt.items() if n["_meta"]["title"] == "Best 2")
+    assert len(saved) == 2, saved
+    (summary,) = outputs[_node_id(run.prompt, "PersonalizeImageRewardScore")]["text"]
+    scores = [float(line.split(": ")[1]) for line in summary.splitlines() if line.startswith("#")]
+    assert len(scores) == 4 and len(set(scores)) == 4, summary
+    (kept,) = outputs[_node_id(run.prompt, "PersonalizeRankByReward")]["text"]
+    best_two = sorted(range(4), key=lambda i: -scores[i])[:2]
+    assert kept.splitlines()[1:] == [f"#{i}: {scores[i]:+.4f}" for i in best_two], (summary, kept)
 
 
 def _widgets(prompt: dict, class_type: str) -> dict:
