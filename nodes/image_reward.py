@@ -231,7 +231,7 @@ class PersonalizeImageRewardScore(io.ComfyNode):
                 io.Combo.Input("prompt_mode", options=list(PROMPT_MODES), default="one for all",
                                tooltip="one for all: the whole text is every image's prompt. one per line: "
                                        "line i (blank lines skipped) is image i's prompt; the counts must match."),
-                io.Int.Input("batch_size", default=16, min=1, max=256,
+                io.Int.Input("batch_size", default=64, min=1, max=256,
                              tooltip="Images per forward pass; lower it if the GPU runs out of memory."),
             ],
             outputs=[io.Float.Output(display_name="scores", is_output_list=True),
