@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import logging
 
+import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..attention.dual_path import AttentionDeltas, LowRankDelta, cross_blend, self_blend
+from ..attention.dual_path import (
+    AttentionDeltas,
+    LowRankDelta,
+    OutUpdate,
+    SamplingDeltas,
+    blend_for_sampling_,
+    cross_blend,
+    self_blend,
+)
 from ..training.errors import InputError
 from .attention_hooks import (
     COND,
@@ -65,14 +74,28 @@ def stash_patch(n, context, value, extra_options):
 def add_delta_out(n, extra_options):
     """attn1/attn2_output_patch: add a * dOut(soft attention) that the replace left for this call."""
     delta = extra_options.pop(_OUT, None)
+    if isinstance(delta, OutUpdate):
+        return delta.apply_(n)
     return n if delta is None else n + delta
 
 
+def sampling() -> bool:
+    """No autograd (ComfyUI samples under inference mode): the launch-lean path may run."""
+    return not torch.is_grad_enabled()
+
+
 class _Blend:
+    """One block's blend. Sampling (no autograd) takes the launch-lean path of attention.dual_path; with autograd
+    on, the differentiable functions. Per-run caches (the hard prompt's base k/v) are dropped by ``reset`` at
+    every sampling run's start (ON_PRE_RUN), since the weights may be patched between runs."""
+
     def __init__(self, block: Block, deltas: AttentionDeltas, hard: torch.Tensor | None, a: float,
                  window: tuple[float, float]):
         self.block, self.hard, self.a, self.window = block, hard, a, window
-        self._deltas, self._placed, self._hard_placed = deltas, {}, {}
+        self._deltas, self._placed, self._hard_placed, self._hard_kv = deltas, {}, {}, {}
+
+    def reset(self, *_):
+        self._hard_kv.clear()
 
     def deltas(self, like: torch.Tensor) -> AttentionDeltas:
         """The LoRA factors on the sampler's device and dtype, moved once (they are constants here)."""
@@ -80,6 +103,12 @@ class _Blend:
         if key not in self._placed:
             moved = {name: None if d is None else d.folded(*key) for name, d in vars(self._deltas).items()}
             self._placed[key] = AttentionDeltas(**moved)
+        return self._placed[key]
+
+    def sampling_deltas(self, like: torch.Tensor, cross: bool) -> SamplingDeltas:
+        key = (like.device, like.dtype, cross)
+        if key not in self._placed:
+            self._placed[key] = SamplingDeltas.prepare(self._deltas, cross, like.device, like.dtype)
         return self._placed[key]
 
     def hard_context(self, like: torch.Tensor, length: int) -> torch.Tensor:
@@ -94,14 +123,26 @@ class _Blend:
                                                                                               like.dtype)
         return self._hard_placed[key]
 
-    def positive_rows(self, extra_options: dict, like: torch.Tensor) -> torch.Tensor:
-        """[B, 1, 1] bool on the device: the rows of positive chunks (which take the hard prompt), per layout."""
+    def hard_kv(self, like: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """to_k / to_v of the hard prompt with the block's current weights: computed every call under autograd,
+        once per sampling run otherwise."""
+        attn, hard = self.block.module.attn2, self.hard_context(like, length)
+        if not sampling():
+            return attn.to_k(hard), attn.to_v(hard)
+        key = (like.device, like.dtype, length)
+        if key not in self._hard_kv:
+            self._hard_kv[key] = attn.to_k(hard), attn.to_v(hard)
+        return self._hard_kv[key]
+
+    def positive_rows(self, extra_options: dict, like: torch.Tensor) -> torch.Tensor | None:
+        """[B, 1, 1] bool on the device: the rows of positive chunks (which take the hard prompt), per layout;
+        None when the call has no positive rows."""
         key = (tuple(extra_options.get("cond_or_uncond") or ()), like.shape[0], like.device)
         if key not in self._hard_placed:
             rows = torch.zeros(like.shape[0], 1, 1, dtype=torch.bool)
             for chunk in _cond_rows(extra_options, like.shape[0]):
                 rows[chunk] = True
-            self._hard_placed[key] = rows.to(like.device)
+            self._hard_placed[key] = rows.to(like.device) if rows.any() else None
         return self._hard_placed[key]
 
     def a_now(self, extra_options) -> float:
@@ -112,13 +153,16 @@ class _Blend:
             attend, a = fused_attention(extra_options, previous), self.a_now(extra_options)
             k_h, v_h = k, v
             if a < 1.0:
-                attn = self.block.module.attn2
-                hard = self.hard_context(q, k.shape[1])
-                # projected every call (the weights may be patched between runs), once for all positive rows
                 positive = self.positive_rows(extra_options, q)
-                k_h, v_h = torch.where(positive, attn.to_k(hard), k), torch.where(positive, attn.to_v(hard), v)
-            out, delta = cross_blend(attend, q, k, v, k_h, v_h, extra_options.get(_X), extra_options.get(_CTX),
-                                     self.deltas(q), a)
+                if positive is not None:  # the hard prompt on positive rows; negative rows keep their own
+                    hard_k, hard_v = self.hard_kv(q, k.shape[1])
+                    k_h, v_h = torch.where(positive, hard_k, k), torch.where(positive, hard_v, v)
+            x, context = extra_options.get(_X), extra_options.get(_CTX)
+            if not sampling():
+                out, delta = cross_blend(attend, q, k, v, k_h, v_h, x, context, self.deltas(q), a)
+            else:  # sampling: q, k, v are this call's own projections, updated in place
+                out, delta = blend_for_sampling_(attend, q, k, v, k_h, v_h, x, context,
+                                                 self.sampling_deltas(q, cross=True), a)
             if delta is not None:
                 extra_options[_OUT] = delta
             return out
@@ -126,9 +170,13 @@ class _Blend:
 
     def self(self, previous):
         def replace(q, k, v, extra_options):
-            attend = fused_attention(extra_options, previous)
-            out, delta = self_blend(attend, q, k, v, extra_options.get(_X), self.deltas(q),
-                                    self.a_now(extra_options))
+            attend, a = fused_attention(extra_options, previous), self.a_now(extra_options)
+            x = extra_options.get(_X)
+            if not sampling():
+                out, delta = self_blend(attend, q, k, v, x, self.deltas(q), a)
+            else:
+                out, delta = blend_for_sampling_(attend, q, k, v, None, None, x, x,
+                                                 self.sampling_deltas(q, cross=False), a)
             if delta is not None:
                 extra_options[_OUT] = delta
             return out
@@ -201,6 +249,7 @@ class PersonalizeDualPathBlend(io.ComfyNode):
             for key, d in deltas.items():
                 blend = _Blend(blocks[key], d, hard_ctx, a_blend, window)
                 set_replace(m, attn, blocks[key], blend.cross if attn == "attn2" else blend.self)
+                m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, blend.reset)
             if deltas:
                 (m.set_model_attn2_patch if attn == "attn2" else m.set_model_attn1_patch)(stash_patch)
                 (m.set_model_attn2_output_patch if attn == "attn2" else m.set_model_attn1_output_patch)(add_delta_out)

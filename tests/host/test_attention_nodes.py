@@ -225,6 +225,38 @@ def test_dual_path_ends_are_the_lora_model_and_the_base_model(comfy, tiny_sd15, 
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
 
 
+def test_dual_path_sampling_path_equals_the_differentiable_one(comfy, tiny_sd15, nodes, monkeypatch):
+    """Under inference mode the blend takes the launch-lean path (in-place deltas, per-run hard k/v); with
+    autograd on, the differentiable functions. Both sample the same image, run after run."""
+    from comfy.patcher_extension import CallbacksMP
+
+    from comfyui_personalize.nodes import dual_path
+    from comfyui_personalize.nodes.attention_hooks import transformer_blocks
+
+    calls = {"lean": 0, "differentiable": 0}
+
+    def counted(name, function):
+        def wrapper(*args):
+            calls[name] += 1
+            return function(*args)
+        return wrapper
+
+    monkeypatch.setattr(dual_path, "blend_for_sampling_", counted("lean", dual_path.blend_for_sampling_))
+    monkeypatch.setattr(dual_path, "cross_blend", counted("differentiable", dual_path.cross_blend))
+    model, clip, _ = tiny_sd15
+    lora = attention_lora(model)
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    blended = dual(nodes, model, hard, lora, 0.4, paths="cross")
+    lean = [sample(comfy, blended, soft, empty_latent(), clip) for _ in range(2)]  # the 2nd reuses the caches
+    monkeypatch.setattr(dual_path, "sampling", lambda: False)  # as if autograd were on (fast tuning)
+    differentiable = sample(comfy, blended, soft, empty_latent(), clip)
+    assert calls["lean"] > 0 and calls["differentiable"] > 0  # each run took the path it should
+    torch.testing.assert_close(lean[0], differentiable, atol=5e-3, rtol=1e-3)
+    assert torch.equal(lean[0], lean[1])
+    resets = blended.get_all_callbacks(CallbacksMP.ON_PRE_RUN)  # per-run caches are dropped at each run start
+    assert len([r for r in resets if getattr(r, "__name__", "") == "reset"]) == len(transformer_blocks(model))
+
+
 def test_dual_path_computes_the_hard_prompt_from_the_nearest_word(comfy, tiny_sd15, nodes):
     from comfyui_personalize.nodes.embeddings import (
         clip_with_embeddings,

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comfyui_personalize.attention.dual_path import AttentionDeltas, LowRankDelta, cross_blend, self_blend
+from comfyui_personalize.attention.dual_path import (
+    AttentionDeltas,
+    LowRankDelta,
+    SamplingDeltas,
+    blend_for_sampling_,
+    cross_blend,
+    self_blend,
+)
 from comfyui_personalize.training.errors import InputError
 
 HEADS, C, CTX_DIM, CTX, R = 2, 16, 8, 5, 3
@@ -210,3 +217,52 @@ def test_folded_delta_equals_the_scaled_one():
     assert folded.scale == 1.0 and folded.up.dtype == torch.float64
     torch.testing.assert_close(folded(x), delta(x))
     torch.testing.assert_close(delta(x), 0.5 * x @ delta.down.double().t() @ delta.up.double().t())
+
+
+def run_sampling(block, x, soft, hard, deltas, a, attention=sdpa):
+    """The launch-lean sampling path, through the same block; hard None = self-attention."""
+    cross = hard is not None
+    ctx = soft if cross else x
+    prepared = SamplingDeltas.prepare(deltas, cross, x.device, x.dtype)
+    q, k, v = block.to_q(x), block.to_k(ctx), block.to_v(ctx)
+    k_h, v_h = (block.to_k(hard), block.to_v(hard)) if cross else (None, None)
+    out, update = blend_for_sampling_(attention, q, k, v, k_h, v_h, x, ctx, prepared, a)
+    n = block.to_out(out)
+    return n if update is None else update.apply_(n)
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("which", ["all", "k only", "out only", "none"])
+def test_sampling_path_equals_the_differentiable_blend(a, which):
+    x, soft, hard = inputs()
+    for cross in (True, False):
+        block, full = make_block(CTX_DIM if cross else C), make_deltas(CTX_DIM if cross else C)
+        deltas = {"all": full, "k only": AttentionDeltas(k=full.k), "out only": AttentionDeltas(out=full.out),
+                  "none": AttentionDeltas()}[which]
+        with torch.no_grad():
+            expected = run_cross(block, x, soft, hard, deltas, a) if cross else run_self(block, x, deltas, a)
+            counting = CountingAttention()
+            got = run_sampling(block, x, soft, hard if cross else None, deltas, a, counting)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        changes = which in ("all", "k only")
+        assert counting.calls == (2 if 0 < a < 1 and (cross or changes) else 1), (cross, which, a)
+
+
+def test_sampling_path_keeps_half_precision_and_updates_the_projections_in_place():
+    block, deltas = make_block(CTX_DIM), make_deltas(CTX_DIM)
+    x, soft, hard = inputs()
+    with torch.no_grad():
+        exact = run_cross(block, x, soft, hard, deltas, 0.4)
+        half, low = copy.deepcopy(block).to(torch.bfloat16), [t.bfloat16() for t in (x, soft, hard)]
+        differentiable = run_cross(half, *low, deltas, 0.4)
+        got = run_sampling(half, *low, deltas, 0.4)
+        assert got.dtype == torch.bfloat16
+        # bf16 rounds differently in the two orders of operations: no less precise than the differentiable path
+        error = (got.float() - exact).abs().mean()
+        assert error <= 1.5 * (differentiable.float() - exact).abs().mean(), error
+        assert error < 0.02 * exact.abs().mean()
+        q = block.to_q(x)
+        base_q = q.clone()
+        blend_for_sampling_(sdpa, q, block.to_k(soft), block.to_v(soft), block.to_k(hard), block.to_v(hard), x,
+                            soft, SamplingDeltas.prepare(deltas, True, x.device, x.dtype), 0.4)
+        torch.testing.assert_close(q, base_q + deltas.q(x))  # q now holds the soft path's projection
