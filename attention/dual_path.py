@@ -166,15 +166,21 @@ def self_blend(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.
 # rank-r product for the output patch to add in place.
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> [T, C], a view when it can be (fewer ops than F.linear's own reshapes)."""
+    return t.reshape(-1, t.shape[-1])
+
+
 @dataclass
 class _Stacked:
-    """Deltas on several projections that read one input: ``down`` [sum r, in]; ``ups`` [r_i, out_i] (scaled)."""
+    """Deltas on several projections that read one input: ``down`` [in, sum r] (transposed, so one ``mm`` on the
+    flattened input); ``ups`` [r_i, out_i] (scaled)."""
 
     down: torch.Tensor
     ups: list[torch.Tensor]
 
     def add_(self, source: torch.Tensor, targets: list[torch.Tensor]) -> None:
-        joint = F.linear(source, self.down).flatten(0, -2)
+        joint = _rows(source) @ self.down
         start = 0
         for up, target in zip(self.ups, targets):
             part = joint[:, start:start + up.shape[0]]
@@ -207,7 +213,7 @@ class SamplingDeltas:
 
     from_x: tuple[tuple[str, ...], _Stacked] | None
     from_context: tuple[tuple[str, ...], _Stacked] | None
-    out: tuple[torch.Tensor, torch.Tensor] | None  # down [r, in], up.T [r, out] with the scale folded in
+    out: tuple[torch.Tensor, torch.Tensor] | None  # down.T [in, r], up.T [r, out] with the scale folded in
 
     @classmethod
     def prepare(cls, deltas: AttentionDeltas, cross: bool, device, dtype) -> "SamplingDeltas":
@@ -216,12 +222,12 @@ class SamplingDeltas:
             if not present:
                 return None
             parts = [getattr(deltas, n) for n in present]
-            down = torch.cat([d.down for d in parts]).to(device, dtype)
+            down = torch.cat([d.down for d in parts]).t().to(device, dtype).contiguous()
             return present, _Stacked(down, [(d.up * d.scale).t().to(device, dtype).contiguous() for d in parts])
 
         out = deltas.out
         return cls(stack(("q",) if cross else ("q", "k", "v")), stack(("k", "v")) if cross else None,
-                   None if out is None else (out.down.to(device, dtype),
+                   None if out is None else (out.down.t().to(device, dtype).contiguous(),
                                              (out.up * out.scale).t().to(device, dtype).contiguous()))
 
     @property
@@ -255,7 +261,7 @@ def blend_for_sampling_(attention: Attention, q: torch.Tensor, k: torch.Tensor, 
     update = None
     if deltas.out is not None:
         down, up = deltas.out
-        update = OutUpdate(F.linear(soft, down).flatten(0, -2), up, a)
+        update = OutUpdate(_rows(soft) @ down, up, a)
     if a == 1.0:
         return soft, update
     return (soft if hard is None else torch.lerp(hard, soft, a)), update
