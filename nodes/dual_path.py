@@ -158,7 +158,9 @@ class _Blend:
                     hard_k, hard_v = self.hard_kv(q, k.shape[1])
                     k_h, v_h = torch.where(positive, hard_k, k), torch.where(positive, hard_v, v)
             x, context = extra_options.get(_X), extra_options.get(_CTX)
-            if not sampling():
+            # the lean path overwrites q/k/v after the hard attention is queued: only with ComfyUI's own kernel,
+            # whose output is always a new tensor (another pack's replace might return a view of its inputs)
+            if previous is not None or not sampling():
                 out, delta = cross_blend(attend, q, k, v, k_h, v_h, x, context, self.deltas(q), a)
             else:  # sampling: q, k, v are this call's own projections, updated in place
                 out, delta = blend_for_sampling_(attend, q, k, v, k_h, v_h, x, context,
@@ -172,7 +174,7 @@ class _Blend:
         def replace(q, k, v, extra_options):
             attend, a = fused_attention(extra_options, previous), self.a_now(extra_options)
             x = extra_options.get(_X)
-            if not sampling():
+            if previous is not None or not sampling():
                 out, delta = self_blend(attend, q, k, v, x, self.deltas(q), a)
             else:
                 out, delta = blend_for_sampling_(attend, q, k, v, None, None, x, x,

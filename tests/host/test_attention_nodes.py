@@ -257,6 +257,23 @@ def test_dual_path_sampling_path_equals_the_differentiable_one(comfy, tiny_sd15,
     assert len([r for r in resets if getattr(r, "__name__", "") == "reset"]) == len(transformer_blocks(model))
 
 
+def test_dual_path_over_a_replace_that_returns_its_input(comfy, tiny_sd15, nodes, monkeypatch):
+    """Another pack's replace may return a view of q/k/v; the in-place sampling path must not run over it."""
+    from comfyui_personalize.nodes import dual_path
+    from comfyui_personalize.nodes.attention_hooks import transformer_blocks
+
+    model, clip, _ = tiny_sd15
+    base = model.clone()
+    for b in transformer_blocks(base):
+        base.set_model_attn2_replace(lambda q, k, v, extra_options: q, *b.key)  # "attention" = its query
+    lora = attention_lora(model)
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    blended = dual(nodes, base, hard, lora, 0.4, paths="cross")
+    got = sample(comfy, blended, soft, empty_latent(), clip, steps=2)
+    monkeypatch.setattr(dual_path, "sampling", lambda: False)  # the out-of-place functions
+    torch.testing.assert_close(got, sample(comfy, blended, soft, empty_latent(), clip, steps=2), atol=1e-4, rtol=1e-4)
+
+
 def test_dual_path_computes_the_hard_prompt_from_the_nearest_word(comfy, tiny_sd15, nodes):
     from comfyui_personalize.nodes.embeddings import (
         clip_with_embeddings,
