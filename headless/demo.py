@@ -22,7 +22,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file
 
-from ..scoring.files import find_reward_files
 from ..training.batches import TrainingData
 from ..training.errors import InputError
 from ..training.files import lora_metadata, resolve_output_path, save_safetensors_atomic
@@ -32,6 +31,7 @@ from ..training.task import Conditioning
 from ..training.trainer import TrainConfig, fixed_noise_loss, train
 from .diffusers_adapter import DiffusersHost
 from .tiny import build_tiny_parts
+from .tiny_reward import write_tiny_reward_files
 from .workflow_inputs import execution_errors, use_tiny_inputs
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ LEARNING_RATE, BATCH_SIZE, LOG_EVERY = 1e-2, 2, 25
 SAMPLE_SEEDS = (0, 1)
 EXAMPLE_WORKFLOWS = Path(__file__).resolve().parent.parent / "example_workflows"
 TINY_CHECKPOINT = "personalize_tiny_sd15.safetensors"
+TINY_REWARD = "ImageReward-tiny.safetensors"
 # Shared with the server tests, so the tiny checkpoint is built once per machine.
 CHECKPOINT_CACHE = Path(os.environ.get("PERSONALIZE_CACHE_DIR", Path.home() / ".cache" / "comfyui-personalize"))
 WORKFLOW_TIMEOUT_S = 600
@@ -261,25 +262,21 @@ def run_comfyui_workflows(comfyui: Path, out: Path) -> int:
     if not workflows:
         log.error("no example workflows in %s", EXAMPLE_WORKFLOWS)
         return 1
-    base, started, results, skipped = out / "comfyui", time.perf_counter(), {}, {}
+    base, started, results = out / "comfyui", time.perf_counter(), {}
     log.info("building (or reusing) the tiny SD1.5 checkpoint; the first build takes a minute or two")
     write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / TINY_CHECKPOINT, cache_dir=CHECKPOINT_CACHE,
                                comfyui_path=comfyui)
+    write_tiny_reward_files(base / "models" / "image_reward", name=TINY_REWARD)  # for the ImageReward workflow
     lora_folder = base / "models" / "loras"
     loras_before = set(lora_folder.rglob("*.safetensors"))  # the Save node increments names on reruns
     with ComfyServer(base, comfyui_path=comfyui) as server:
         log.info("ComfyUI is up at %s (log: %s)", server.base_url, server.log_path)
         for path in workflows:
             t0 = time.perf_counter()
-            missing = _missing_reward_files(json.loads(path.read_text()), base / "models" / "image_reward")
-            if missing:
-                log.warning("%s: skipped: it scores with ImageReward and %s", path.name, missing)
-                skipped[path.name] = missing
-                continue
             try:
                 prompt = cpu_overrides(use_tiny_inputs(
                     ui_workflow_to_api(json.loads(path.read_text()), server.object_info()), TINY_CHECKPOINT,
-                    server.input_dir, lambda p: make_subject_images(count=1)[0].save(p)))
+                    server.input_dir, lambda p: make_subject_images(count=1)[0].save(p), TINY_REWARD))
                 entry = server.wait(server.queue(prompt), timeout=WORKFLOW_TIMEOUT_S)
             except (ComfyServerError, ValueError) as e:  # unknown node, rejected prompt, timeout: report, go on
                 entry = {"status": {"status_str": "error", "messages": []}, "error": str(e)}
@@ -294,7 +291,7 @@ def run_comfyui_workflows(comfyui: Path, out: Path) -> int:
                 log.error("%s failed:\n%s", path.name, results[path.name]["errors"])
     loras = sorted(str(p) for p in set(lora_folder.rglob("*.safetensors")) - loras_before)
     failed = [name for name, r in results.items() if not r["ok"]]
-    summary = {"comfyui": str(comfyui), "base_dir": str(base), "workflows": results, "skipped": skipped, "loras": loras,
+    summary = {"comfyui": str(comfyui), "base_dir": str(base), "workflows": results, "loras": loras,
                "wall_time_s": round(time.perf_counter() - started, 1),
                "note": "Tiny random-weight checkpoint and CPU-sized settings: outputs are noise-like by design."}
     summary_path = out / "comfyui_summary.json"  # beside, not over, the tiny demo's summary.json
@@ -302,17 +299,6 @@ def run_comfyui_workflows(comfyui: Path, out: Path) -> int:
     log.info("%d of %d example workflows ran; new LoRA files: %s; summary: %s", len(results) - len(failed),
              len(results), ", ".join(loras) or "none", summary_path)
     return 1 if failed else 0
-
-
-def _missing_reward_files(workflow: dict, folder: Path) -> str:
-    """Why a workflow's Load ImageReward cannot load (its files are not in ``folder``), or "" when it can."""
-    for node in workflow.get("nodes", []):
-        if node.get("type") == "PersonalizeLoadImageReward" and node.get("mode") not in (2, 4):
-            try:
-                find_reward_files(folder, (node.get("widgets_values") or ["ImageReward.pt"])[0])
-            except InputError as e:
-                return str(e).removeprefix(f"{e.input_name}: ")
-    return ""
 
 
 def _saved_images(entry: dict, output_dir: Path) -> list[str]:

@@ -8,12 +8,15 @@ from typing import Callable
 
 
 def use_tiny_inputs(prompt: dict, checkpoint_name: str, input_dir: Path,
-                    write_image: Callable[[Path], None]) -> dict:
-    """Point checkpoint loaders at ``checkpoint_name``; give each Load Image node a picture if it has none."""
+                    write_image: Callable[[Path], None], reward_checkpoint: str | None = None) -> dict:
+    """Point checkpoint loaders at ``checkpoint_name`` (and Load ImageReward at ``reward_checkpoint`` when
+    given); give each Load Image node a picture if it has none."""
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = checkpoint_name
+        elif node["class_type"] == "PersonalizeLoadImageReward" and reward_checkpoint:
+            inputs["checkpoint"] = reward_checkpoint
         elif node["class_type"] == "LoadImage" and not (Path(input_dir) / inputs["image"]).exists():
             write_image(Path(input_dir) / inputs["image"])
     return prompt

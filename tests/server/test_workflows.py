@@ -58,17 +58,7 @@ def comfy_server(tmp_path_factory):
 
 def _prepare(server, path: Path) -> dict:
     prompt = ui_workflow_to_api(json.loads(path.read_text()), server.object_info())
-    cheap = cpu_overrides(use_tiny_inputs(prompt, TINY_CKPT, server.input_dir, write_subject_png))
-    for node_id, node in cheap.items():
-        if node["class_type"] == "PersonalizeLoadImageReward":
-            node["inputs"]["checkpoint"] = TINY_REWARD
-        if node["class_type"] == "EmptyLatentImage" and "PersonalizeRankByReward" in _class_types(prompt):
-            node["inputs"]["batch_size"] = prompt[node_id]["inputs"]["batch_size"]  # ranking needs a batch
-    return cheap
-
-
-def _class_types(prompt: dict) -> set:
-    return {node["class_type"] for node in prompt.values()}
+    return cpu_overrides(use_tiny_inputs(prompt, TINY_CKPT, server.input_dir, write_subject_png, TINY_REWARD))
 
 
 @dataclass
@@ -362,6 +352,8 @@ def test_cpu_overrides_shrinks_without_touching_links_or_input():
     assert out["4"]["inputs"] == {"resolution": 64, "flip": True}
     assert out["5"]["inputs"] == {"num_class_images": 2, "steps": 2, "cfg": 7.0}
     assert api["1"]["inputs"]["width"] == 512 and api["2"]["inputs"]["steps"] == 30
+    api["6"] = {"class_type": "PersonalizeRankByReward", "inputs": {"top_k": 2}}
+    assert cpu_overrides(api)["1"]["inputs"] == {"width": 64, "height": 64, "batch_size": 4}  # candidates to rank
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
