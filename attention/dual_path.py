@@ -20,7 +20,7 @@ differentiable: fast tuning trains the deltas and the learned token through thes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import torch
@@ -117,13 +117,14 @@ def _weight(a: Blend, like: torch.Tensor) -> Blend:
 
 def _blend(attention: Attention, q: torch.Tensor, k_soft: torch.Tensor, v_soft: torch.Tensor,
            k_hard: torch.Tensor, v_hard: torch.Tensor, x: torch.Tensor | None, context_soft: torch.Tensor | None,
-           deltas: AttentionDeltas, a: Blend) -> tuple[torch.Tensor, torch.Tensor | None]:
+           value_soft: torch.Tensor | None, deltas: AttentionDeltas,
+           a: Blend) -> tuple[torch.Tensor, torch.Tensor | None]:
     a = check_blend(a, q.shape[0])
     fixed = not isinstance(a, torch.Tensor)
     if fixed and a == 0.0:  # base block on the hard context only: no deltas at all
         return attention(q, k_hard, v_hard), None
     soft = attention(_plus(q, deltas.q, x, "to_q"), _plus(k_soft, deltas.k, context_soft, "to_k"),
-                     _plus(v_soft, deltas.v, context_soft, "to_v"))
+                     _plus(v_soft, deltas.v, value_soft, "to_v"))
     w = _weight(a, soft)
     delta_out = None
     if deltas.out is not None:
@@ -138,57 +139,42 @@ def _blend(attention: Attention, q: torch.Tensor, k_soft: torch.Tensor, v_soft: 
 
 def cross_blend(attention: Attention, q: torch.Tensor, k_soft: torch.Tensor, v_soft: torch.Tensor,
                 k_hard: torch.Tensor, v_hard: torch.Tensor, x: torch.Tensor | None, context_soft: torch.Tensor | None,
-                deltas: AttentionDeltas, a: Blend) -> tuple[torch.Tensor, torch.Tensor | None]:
+                deltas: AttentionDeltas, a: Blend,
+                value_soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention (attn2) blend.
 
     q = to_q(x), k/v_soft = to_k/to_v(context_soft), k/v_hard = to_k/to_v(hard context), all with the base
-    weights, [B, N, heads * dim_head]. ``x`` / ``context_soft`` are the pre-projection inputs the q / k, v deltas
-    read (may be None where that delta is None). ``a``: float in [0, 1], or a tensor, 0-d or per sample [B]
-    (rows with a = 1 then still pay for the hard attention). Returns (blended attention to pass through to_out,
-    a * dOut(attn_soft) to add after to_out, or None when there is no out delta or a = 0).
-    Fast paths for a float: a == 1 runs only the soft attention, a == 0 only the hard one.
+    weights, [B, N, heads * dim_head]. ``x`` / ``context_soft`` / ``value_soft`` (default: the context) are the
+    pre-projection inputs the q / k / v deltas read (may be None where that delta is None). ``a``: float in
+    [0, 1], or a tensor, 0-d or per sample [B] (rows with a = 1 then still pay for the hard attention).
+    Returns (blended attention to pass through to_out, a * dOut(attn_soft) to add after to_out, or None when
+    there is no out delta or a = 0). Fast paths for a float: a == 1 runs only the soft attention, a == 0 only
+    the hard one.
     """
-    return _blend(attention, q, k_soft, v_soft, k_hard, v_hard, x, context_soft, deltas, a)
+    value = context_soft if value_soft is None else value_soft
+    return _blend(attention, q, k_soft, v_soft, k_hard, v_hard, x, context_soft, value, deltas, a)
 
 
 def self_blend(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor | None,
-               deltas: AttentionDeltas, a: Blend) -> tuple[torch.Tensor, torch.Tensor | None]:
+               deltas: AttentionDeltas, a: Blend, context: torch.Tensor | None = None,
+               value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Self-attention (attn1) blend: both paths read x; the soft one through W + dW. Same returns as cross_blend.
+    ``context`` / ``value``: what to_k / to_v read when a patch gave them their own input (default: x).
     Without q/k/v deltas the two attentions are equal and computed once."""
-    return _blend(attention, q, k, v, k, v, x, x, deltas, a)
+    context = x if context is None else context
+    return _blend(attention, q, k, v, k, v, x, context, context if value is None else value, deltas, a)
 
 
 # ---------------------------------------------------------------- sampling (no autograd): fewer kernel launches
-# On a fast GPU the sampler is bound by kernel launches, not arithmetic: the blend above costs ~24 extra launches
-# per layer. For sampling the same math runs with ~12: the base (hard) attention first, then the deltas added IN
-# PLACE to the host's fresh q/k/v projections (factors of projections that read the same input stacked: one
-# matmul to the joint rank, one addmm_ per projection), the soft attention, one lerp, and the out delta left as a
-# rank-r product for the output patch to add in place.
+# On a fast GPU the sampler is bound by kernel launches, not arithmetic. For sampling the same math runs with fewer:
+# factors of projections that read the same input are stacked (one matmul to the joint rank, one addmm per
+# projection), the out delta stays a rank-r product that the output patch adds in place after to_out, one lerp.
+# q/k/v are never changed in place: a replace may be called by another pack's replace that reuses them.
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., C] -> [T, C], a view when it can be (fewer ops than F.linear's own reshapes)."""
     return t.reshape(-1, t.shape[-1])
-
-
-@dataclass
-class _Stacked:
-    """Deltas on several projections that read one input: ``down`` [in, sum r] (transposed, so one ``mm`` on the
-    flattened input); ``ups`` [r_i, out_i] (scaled)."""
-
-    down: torch.Tensor
-    ups: list[torch.Tensor]
-
-    def add_(self, source: torch.Tensor, targets: list[torch.Tensor]) -> None:
-        joint = _rows(source) @ self.down
-        start = 0
-        for up, target in zip(self.ups, targets):
-            part = joint[:, start:start + up.shape[0]]
-            start += up.shape[0]
-            if target.is_contiguous():
-                target.view(-1, target.shape[-1]).addmm_(part, up)
-            else:  # the host's projections are contiguous; stay correct if one is not
-                target += (part @ up).view_as(target)
 
 
 @dataclass
@@ -200,6 +186,8 @@ class OutUpdate:
     alpha: float
 
     def apply_(self, n: torch.Tensor) -> torch.Tensor:
+        if n.shape[:-1].numel() != self.h.shape[0]:
+            raise ValueError(f"the attention output has {n.shape[:-1].numel()} rows, the out delta {self.h.shape[0]}")
         if not n.is_contiguous():
             return n + self.alpha * (self.h @ self.up).view_as(n)
         n.view(-1, n.shape[-1]).addmm_(self.h, self.up, alpha=self.alpha)
@@ -208,60 +196,66 @@ class OutUpdate:
 
 @dataclass
 class SamplingDeltas:
-    """One layer's AttentionDeltas placed on the sampler's device and dtype and stacked by input: ``from_x`` for
-    the projections that read the block's input, ``from_context`` for those that read the context."""
+    """One layer's AttentionDeltas placed on the sampler's device and dtype: per projection (down.T [in, r],
+    up.T [r, out] with the scale folded in), and stacks of those that read one input, made on first use."""
 
-    from_x: tuple[tuple[str, ...], _Stacked] | None
-    from_context: tuple[tuple[str, ...], _Stacked] | None
-    out: tuple[torch.Tensor, torch.Tensor] | None  # down.T [in, r], up.T [r, out] with the scale folded in
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    stacks: dict[tuple[str, ...], tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=dict)
 
     @classmethod
-    def prepare(cls, deltas: AttentionDeltas, cross: bool, device, dtype) -> "SamplingDeltas":
-        def stack(names):
-            present = tuple(n for n in names if getattr(deltas, n) is not None)
-            if not present:
-                return None
-            parts = [getattr(deltas, n) for n in present]
-            down = torch.cat([d.down for d in parts]).t().to(device, dtype).contiguous()
-            return present, _Stacked(down, [(d.up * d.scale).t().to(device, dtype).contiguous() for d in parts])
-
-        out = deltas.out
-        return cls(stack(("q",) if cross else ("q", "k", "v")), stack(("k", "v")) if cross else None,
-                   None if out is None else (out.down.t().to(device, dtype).contiguous(),
-                                             (out.up * out.scale).t().to(device, dtype).contiguous()))
+    def prepare(cls, deltas: AttentionDeltas, device, dtype) -> "SamplingDeltas":
+        parts = {name: (d.down.t().to(device, dtype).contiguous(), (d.up * d.scale).t().to(device, dtype).contiguous())
+                 for name, d in vars(deltas).items() if d is not None}
+        return cls(parts)
 
     @property
     def changes_attention(self) -> bool:
-        return self.from_x is not None or self.from_context is not None
+        return any(name in self.parts for name in ("q", "k", "v"))
+
+    def _stack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if names not in self.stacks:
+            self.stacks[names] = (torch.cat([self.parts[n][0] for n in names], dim=1),
+                                  [self.parts[n][1] for n in names])
+        return self.stacks[names]
+
+    def soft(self, projections: dict[str, torch.Tensor],
+             sources: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """New q/k/v tensors with their deltas added; projections reading the same input share one matmul."""
+        groups: dict[int, list[str]] = {}
+        for name in ("q", "k", "v"):
+            if name in self.parts:
+                if sources[name] is None:
+                    raise ValueError(f"a LoRA delta on to_{name} needs its pre-projection input; the host did not "
+                                     "pass it")
+                groups.setdefault(id(sources[name]), []).append(name)
+        out = dict(projections)
+        for names in map(tuple, groups.values()):
+            down, ups = self._stack(names)
+            joint, start = _rows(sources[names[0]]) @ down, 0
+            for name, up in zip(names, ups):
+                target = projections[name]
+                out[name] = torch.addmm(_rows(target), joint[:, start:start + up.shape[0]], up).view_as(target)
+                start += up.shape[0]
+        return out
 
 
 @torch.no_grad()
-def blend_for_sampling_(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        k_hard: torch.Tensor | None, v_hard: torch.Tensor | None, x: torch.Tensor | None,
-                        context: torch.Tensor | None, deltas: SamplingDeltas,
-                        a: float) -> tuple[torch.Tensor, OutUpdate | None]:
+def blend_for_sampling(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       k_hard: torch.Tensor | None, v_hard: torch.Tensor | None, x: torch.Tensor | None,
+                       context: torch.Tensor | None, value: torch.Tensor | None, deltas: SamplingDeltas,
+                       a: float) -> tuple[torch.Tensor, OutUpdate | None]:
     """cross_blend (k_hard/v_hard given) or self_blend (None: the hard path reads q, k, v) for sampling, with a
-    float ``a`` in [0, 1]. Overwrites q, k and v (the host's projections for this call, used nowhere else) with
-    the soft path's. Returns (blended attention for to_out, the out delta for the output patch, or None)."""
+    float ``a`` in [0, 1]; ``x`` / ``context`` / ``value`` are what to_q / to_k / to_v read. Returns (blended
+    attention for to_out, the out delta for the output patch, or None)."""
     hard_k, hard_v = (k, v) if k_hard is None else (k_hard, v_hard)
     if a == 0.0:
         return attention(q, hard_k, hard_v), None
-    hard = None
-    if a < 1.0 and (deltas.changes_attention or hard_k is not k or hard_v is not v):
-        hard = attention(q, hard_k, hard_v)  # queued before the in-place updates below: reads the base q, k, v
-    projections = {"q": q, "k": k, "v": v}
-    for group, source in ((deltas.from_x, x), (deltas.from_context, context)):
-        if group is not None:
-            if source is None:
-                raise ValueError("a LoRA delta on this attention needs its pre-projection input; the host did "
-                                 "not pass it")
-            names, stacked = group
-            stacked.add_(source, [projections[n] for n in names])
-    soft = attention(q, k, v)
+    soft_qkv = deltas.soft({"q": q, "k": k, "v": v}, {"q": x, "k": context, "v": value})
+    soft = attention(soft_qkv["q"], soft_qkv["k"], soft_qkv["v"])
     update = None
-    if deltas.out is not None:
-        down, up = deltas.out
+    if "out" in deltas.parts:
+        down, up = deltas.parts["out"]
         update = OutUpdate(_rows(soft) @ down, up, a)
-    if a == 1.0:
-        return soft, update
-    return (soft if hard is None else torch.lerp(hard, soft, a)), update
+    if a == 1.0 or (not deltas.changes_attention and hard_k is k and hard_v is v):
+        return soft, update  # a = 1, or both paths attend alike (self-attention without q/k/v deltas)
+    return torch.lerp(attention(q, hard_k, hard_v), soft, a), update

@@ -16,7 +16,7 @@ from ..attention.dual_path import (
     LowRankDelta,
     OutUpdate,
     SamplingDeltas,
-    blend_for_sampling_,
+    blend_for_sampling,
     cross_blend,
     self_blend,
 )
@@ -37,7 +37,8 @@ from .embeddings import hard_tokens
 
 log = logging.getLogger(__name__)
 PATHS = ("cross", "self+cross")
-_X, _CTX, _OUT = "personalize_dual_x", "personalize_dual_ctx", "personalize_dual_out"
+_X, _CTX, _VALUE = "personalize_dual_x", "personalize_dual_ctx", "personalize_dual_value"
+_OUT = "personalize_dual_out"
 _PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
 
 
@@ -66,17 +67,39 @@ def _cond_rows(extra_options: dict, batch: int) -> list[slice]:
 
 
 def stash_patch(n, context, value, extra_options):
-    """attn1/attn2_patch: keep the block's pre-projection input and context for the replace of this call."""
-    extra_options[_X], extra_options[_CTX] = n, context
+    """attn1/attn2_patch: keep what to_q / to_k / to_v read for the replace of this call."""
+    extra_options[_X], extra_options[_CTX], extra_options[_VALUE] = n, context, value
     return n, context, value
 
 
 def add_delta_out(n, extra_options):
-    """attn1/attn2_output_patch: add a * dOut(soft attention) that the replace left for this call."""
-    delta = extra_options.pop(_OUT, None)
-    if isinstance(delta, OutUpdate):
-        return delta.apply_(n)
-    return n if delta is None else n + delta
+    """attn1/attn2_output_patch, first in the list (``to_out``'s own output, before other packs' output patches
+    reshape it): add a * dOut(soft attention) that the replace(s) left for this call."""
+    for delta in extra_options.pop(_OUT, []):
+        n = delta.apply_(n) if isinstance(delta, OutUpdate) else n + delta
+    return n
+
+
+def stashed_inputs(extra_options: dict, q, k, v) -> tuple:
+    """(x, context, value) stashed for this call, checked against the projections: a patch that reshapes the
+    attention input after the stash (HyperTile, ToMe applied after this node) would otherwise mix up rows."""
+    x = extra_options.get(_X)
+    context = extra_options.get(_CTX)
+    value = extra_options.get(_VALUE)
+    context = x if context is None else context  # attn1: ComfyUI passes the block input itself
+    value = context if value is None else value
+    for source, projection in ((x, q), (context, k), (value, v)):
+        if source is not None and source.shape[:-1] != projection.shape[:-1]:
+            raise InputError("model", "another patch reshapes this attention layer's input after the Dual-Path "
+                             f"Attention Blend ({tuple(source.shape[:-1])} vs {tuple(projection.shape[:-1])} "
+                             "tokens), e.g. HyperTile or ToMe applied after it; apply those to the model before "
+                             "the Dual-Path Attention Blend")
+    return x, context, value
+
+
+def _leave_out_delta(extra_options: dict, delta) -> None:
+    if delta is not None:
+        extra_options.setdefault(_OUT, []).append(delta)  # a list: chained blends each add theirs
 
 
 def sampling() -> bool:
@@ -105,10 +128,10 @@ class _Blend:
             self._placed[key] = AttentionDeltas(**moved)
         return self._placed[key]
 
-    def sampling_deltas(self, like: torch.Tensor, cross: bool) -> SamplingDeltas:
-        key = (like.device, like.dtype, cross)
+    def sampling_deltas(self, like: torch.Tensor) -> SamplingDeltas:
+        key = ("sampling", like.device, like.dtype)
         if key not in self._placed:
-            self._placed[key] = SamplingDeltas.prepare(self._deltas, cross, like.device, like.dtype)
+            self._placed[key] = SamplingDeltas.prepare(self._deltas, like.device, like.dtype)
         return self._placed[key]
 
     def hard_context(self, like: torch.Tensor, length: int) -> torch.Tensor:
@@ -157,32 +180,36 @@ class _Blend:
                 if positive is not None:  # the hard prompt on positive rows; negative rows keep their own
                     hard_k, hard_v = self.hard_kv(q, k.shape[1])
                     k_h, v_h = torch.where(positive, hard_k, k), torch.where(positive, hard_v, v)
-            x, context = extra_options.get(_X), extra_options.get(_CTX)
-            # the lean path overwrites q/k/v after the hard attention is queued: only with ComfyUI's own kernel,
-            # whose output is always a new tensor (another pack's replace might return a view of its inputs)
-            if previous is not None or not sampling():
-                out, delta = cross_blend(attend, q, k, v, k_h, v_h, x, context, self.deltas(q), a)
-            else:  # sampling: q, k, v are this call's own projections, updated in place
-                out, delta = blend_for_sampling_(attend, q, k, v, k_h, v_h, x, context,
-                                                 self.sampling_deltas(q, cross=True), a)
-            if delta is not None:
-                extra_options[_OUT] = delta
+            x, context, value = stashed_inputs(extra_options, q, k, v)
+            if sampling():
+                out, delta = blend_for_sampling(attend, q, k, v, k_h, v_h, x, context, value,
+                                                self.sampling_deltas(q), a)
+            else:
+                out, delta = cross_blend(attend, q, k, v, k_h, v_h, x, context, self.deltas(q), a, value)
+            _leave_out_delta(extra_options, delta)
             return out
         return replace
 
     def self(self, previous):
         def replace(q, k, v, extra_options):
             attend, a = fused_attention(extra_options, previous), self.a_now(extra_options)
-            x = extra_options.get(_X)
-            if previous is not None or not sampling():
-                out, delta = self_blend(attend, q, k, v, x, self.deltas(q), a)
+            x, context, value = stashed_inputs(extra_options, q, k, v)
+            if sampling():
+                out, delta = blend_for_sampling(attend, q, k, v, None, None, x, context, value,
+                                                self.sampling_deltas(q), a)
             else:
-                out, delta = blend_for_sampling_(attend, q, k, v, None, None, x, x,
-                                                 self.sampling_deltas(q, cross=False), a)
-            if delta is not None:
-                extra_options[_OUT] = delta
+                out, delta = self_blend(attend, q, k, v, x, self.deltas(q), a, context, value)
+            _leave_out_delta(extra_options, delta)
             return out
         return replace
+
+
+def install_output_patch_first(model, name: str, patch) -> None:
+    """``patch`` at the front of the clone's ``name`` list: it must see ``to_out``'s output before another pack's
+    output patch reshapes it back (HyperTile, ToMe)."""
+    patches = model.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
+    # a new list, as ComfyUI's own setters make (a clone deep-copies model_options: the input keeps its own)
+    patches[name] = [patch] + [p for p in patches.get(name, []) if p is not patch]
 
 
 def automatic_hard_prompt(clip, soft_text: str):
@@ -251,10 +278,12 @@ class PersonalizeDualPathBlend(io.ComfyNode):
             for key, d in deltas.items():
                 blend = _Blend(blocks[key], d, hard_ctx, a_blend, window)
                 set_replace(m, attn, blocks[key], blend.cross if attn == "attn2" else blend.self)
+                # weights change between runs and, with scheduled hooks, within one: drop the cached hard k/v
                 m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, blend.reset)
+                m.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, blend.reset)
             if deltas:
                 (m.set_model_attn2_patch if attn == "attn2" else m.set_model_attn1_patch)(stash_patch)
-                (m.set_model_attn2_output_patch if attn == "attn2" else m.set_model_attn1_output_patch)(add_delta_out)
+                install_output_patch_first(m, f"{attn}_output_patch", add_delta_out)
             applied += len(deltas)
         if not applied:
             raise InputError("lora_name", "the LoRA has no attention (q/k/v/out) factors for this model's blocks; "

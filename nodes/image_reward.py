@@ -19,7 +19,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..scoring.checkpoint import convert_to_safetensors
-from ..scoring.files import find_reward_files
+from ..scoring.files import checkpoint_path, find_reward_files
 from ..scoring.preprocess import image_notes
 from ..scoring.ranking import rank
 from ..scoring.scorer import RewardScorer, load_scorer
@@ -189,10 +189,10 @@ def _score_in_chunks(scorer: RewardScorer, images: torch.Tensor, prompts: list[s
 
 def summary_text(loaded: LoadedImageReward, scores: list[float], notes: list[str]) -> str:
     best = max(range(len(scores)), key=lambda i: scores[i])
-    lines = [f"ImageReward ({loaded.describe()}): {len(scores)} image{'s' if len(scores) != 1 else ''}"]
+    lines = [f"ImageReward ({loaded.describe()}): {len(scores)} image{'s' if len(scores) != 1 else ''}",
+             f"best #{best} ({scores[best]:+.4f}), mean {sum(scores) / len(scores):+.4f}"]
+    lines += [f"note: {n}" for n in notes]  # before the per-image lines: the node shows the first lines
     lines += [f"#{i}: {s:+.4f}" for i, s in enumerate(scores)]
-    lines.append(f"best #{best} ({scores[best]:+.4f}), mean {sum(scores) / len(scores):+.4f}")
-    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 
@@ -286,7 +286,7 @@ class PersonalizeConvertImageReward(io.ComfyNode):
     @classmethod
     def execute(cls, checkpoint, name, if_exists) -> io.NodeOutput:
         folder = folder_holding(checkpoint)
-        source = find_reward_files(folder, checkpoint).checkpoint
+        source = checkpoint_path(folder, checkpoint)  # the tokenizer files are not needed to convert
         target = resolve_output_path(source.parent, "", name, ".safetensors", if_exists)
         if target == source:
             raise InputError("name", f"{target.name} is the checkpoint being converted; choose another name")

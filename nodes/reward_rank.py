@@ -151,10 +151,10 @@ class PersonalizeRankByReward(io.ComfyNode):
                     else ExecutionBlocker(missing.format("mask", "mask")))
         kept = [values[i] for i in order]
         lines = [f"kept {len(order)} of {count}" + (f" (threshold {limit:g})" if limit is not None else "")]
-        lines += [f"#{i}: {values[i]:+.4f}" for i in order]
         if note:
             lines.append(note)
             log.warning("Rank by Reward: %s", note)
+        lines += [f"#{i}: {values[i]:+.4f}" for i in order]
         return io.NodeOutput(batch[index], out_latent, out_mask, order, kept, ui=ui.PreviewText("\n".join(lines)))
 
 

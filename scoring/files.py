@@ -1,6 +1,7 @@
 """Where the ImageReward files live (nothing is downloaded) and the error that says where to put them."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,23 @@ class RewardFiles:
 
 
 def _inside(root: Path, name: str) -> Path:
-    """``root/name`` resolved; a name that climbs out of ``root`` is refused (names come from users)."""
-    path = (root / name).resolve()
+    """``root/name`` normalised but NOT resolved (a symlinked model file is the user's choice and stays
+    allowed); a name that climbs out of ``root`` with ``..`` or an absolute path is refused (names come from
+    users)."""
+    path = Path(os.path.normpath(os.path.join(root, name)))
     if path != root and root not in path.parents:
         raise InputError("checkpoint", f"{name!r} points outside {root}; pick a file inside that folder")
     return path
+
+
+def checkpoint_path(folder: Path, checkpoint_name: str) -> Path:
+    """``folder/<checkpoint_name>``, which must exist; the error says where to put it."""
+    root = Path(os.path.abspath(folder))
+    checkpoint = _inside(root, checkpoint_name)
+    if not checkpoint.is_file():
+        raise InputError("checkpoint", "the ImageReward checkpoint is missing; nothing is downloaded, place it "
+                                       f"here:\n  {checkpoint}  <- {CHECKPOINT_HINT}")
+    return checkpoint
 
 
 def find_reward_files(folder: Path, checkpoint_name: str) -> RewardFiles:
@@ -32,7 +45,7 @@ def find_reward_files(folder: Path, checkpoint_name: str) -> RewardFiles:
 
     The med config and vocab are looked for beside the checkpoint first (a checkpoint in a subfolder may carry
     its own), then in ``folder``. All missing files are listed in one error, with where each goes."""
-    root = Path(folder).resolve()
+    root = Path(os.path.abspath(folder))
     checkpoint = _inside(root, checkpoint_name)
     places = list(dict.fromkeys([checkpoint.parent, root]))
 

@@ -107,7 +107,11 @@ def _configs_from_state(state: Mapping[str, torch.Tensor], med_config: dict) -> 
             raise InputError("med_config", f"{key}={med_config[key]} but the checkpoint has {text[key]}; "
                              "use the med_config.json that came with this checkpoint (or remove it)")
     default_heads = OFFICIAL_MED_CONFIG["num_attention_heads"] if hidden == 768 else max(1, hidden // HEAD_DIM)
-    text["num_attention_heads"] = med_config.get("num_attention_heads", default_heads)
+    heads = med_config.get("num_attention_heads", default_heads)
+    if not isinstance(heads, int) or heads < 1 or hidden % heads:
+        raise InputError("med_config", f"num_attention_heads={heads!r} does not divide the text width {hidden}; "
+                         "use the med_config.json that came with this checkpoint (or remove it)")
+    text["num_attention_heads"] = heads
     head = tuple(shape(f"mlp.layers.{i}.weight")[0] for i in HEAD_INDICES[:-1])
     return vision, text, (hidden, *head, 1)
 

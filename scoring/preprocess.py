@@ -81,7 +81,7 @@ def _check(images: torch.Tensor) -> None:
         raise InputError("images", f"has {images.shape[-1]} channels; use 1 (gray), 3 (RGB) or 4 (RGBA) channels")
     if images.shape[1] == 0 or images.shape[2] == 0:
         raise InputError("images", f"has no pixels (size {images.shape[2]}x{images.shape[1]})")
-    bad = (~torch.isfinite(images.flatten(1).sum(1))).nonzero().flatten().tolist()
+    bad = (~torch.isfinite(images).flatten(1).all(1)).nonzero().flatten().tolist()  # no sum: fp16 overflows
     if bad:
         raise InputError("images", f"image {', '.join(map(str, bad[:10]))} contains NaN or infinite values")
 

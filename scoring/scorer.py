@@ -58,9 +58,12 @@ class RewardScorer:
         self.tokenizer = tokenizer
         self.dtype = dtype
         rows = model.text.embeddings.word_embeddings.num_embeddings
-        if len(tokenizer) > rows:
-            raise InputError("vocab", f"has {len(tokenizer)} tokens but the checkpoint knows {rows}; use the "
-                             "bert-base-uncased vocab.txt (30522 lines) that ImageReward was trained with")
+        pad = tokenizer.convert_tokens_to_ids("[PAD]")
+        if len(tokenizer) != rows or pad != model.text.config.pad_token_id:
+            # a smaller or reordered vocab would load and score with the wrong token ids, silently
+            raise InputError("vocab", f"has {len(tokenizer)} tokens ([PAD] = {pad}) but the checkpoint has {rows} "
+                             f"rows ([PAD] = {model.text.config.pad_token_id}); use the bert-base-uncased "
+                             "vocab.txt (30522 lines) that ImageReward was trained with")
         model.vision.to(dtype=dtype)
         model.text.to(dtype=dtype)
         model.mlp.float()  # the head and normalisation stay float32

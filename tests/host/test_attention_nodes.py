@@ -241,7 +241,7 @@ def test_dual_path_sampling_path_equals_the_differentiable_one(comfy, tiny_sd15,
             return function(*args)
         return wrapper
 
-    monkeypatch.setattr(dual_path, "blend_for_sampling_", counted("lean", dual_path.blend_for_sampling_))
+    monkeypatch.setattr(dual_path, "blend_for_sampling", counted("lean", dual_path.blend_for_sampling))
     monkeypatch.setattr(dual_path, "cross_blend", counted("differentiable", dual_path.cross_blend))
     model, clip, _ = tiny_sd15
     lora = attention_lora(model)

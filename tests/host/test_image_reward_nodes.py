@@ -211,15 +211,23 @@ def test_model_management_owns_the_scorer(reward, loaded):
     assert managed()
 
 
-def test_cancel_stops_between_chunks(reward, loaded):
+def test_cancel_stops_between_chunks(reward, loaded, monkeypatch):
     import comfy.model_management as mm
+    import comfy.utils
 
-    mm.interrupt_current_processing(True)
+    done = []
+
+    def cancel_after_first_chunk(value, total, preview, node_id=None):
+        done.append(value)
+        mm.interrupt_current_processing(True)  # the user presses Cancel while chunk 1 is scored
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", cancel_after_first_chunk)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            score(reward, loaded, batch_of_images(), batch_size=2)
+            score(reward, loaded, batch_of_images(n=6), batch_size=2)
     finally:
         mm.interrupt_current_processing(False)
+    assert done == [2]  # chunk 1 finished, chunks 2 and 3 never ran
 
 
 def test_bf16_and_fp16_on_the_cpu(reward):
@@ -294,6 +302,17 @@ def test_rank_bad_inputs_are_named(comfy):
 
 
 # ---------------------------------------------------------------- conversion
+
+def test_convert_needs_only_the_checkpoint(comfy, reward, tmp_path, monkeypatch):
+    import shutil
+
+    nodes, files = reward
+    shutil.copy(files.checkpoint, tmp_path / "ImageReward.safetensors")  # no vocab.txt, no med_config here
+    monkeypatch.setitem(comfy.folder_paths.folder_names_and_paths, "image_reward", ([str(tmp_path)], nodes.EXTENSIONS))
+    out = run_node(nodes.PersonalizeConvertImageReward, checkpoint="ImageReward.safetensors", name="converted",
+                   if_exists="error")
+    assert out.result == ("converted.safetensors",) and (tmp_path / "converted.safetensors").is_file()
+
 
 def test_convert_writes_safetensors_that_scores_the_same(reward, loaded, core_scorer):
     from comfyui_personalize.training.errors import InputError

@@ -11,7 +11,7 @@ from comfyui_personalize.attention.dual_path import (
     AttentionDeltas,
     LowRankDelta,
     SamplingDeltas,
-    blend_for_sampling_,
+    blend_for_sampling,
     cross_blend,
     self_blend,
 )
@@ -223,10 +223,12 @@ def run_sampling(block, x, soft, hard, deltas, a, attention=sdpa):
     """The launch-lean sampling path, through the same block; hard None = self-attention."""
     cross = hard is not None
     ctx = soft if cross else x
-    prepared = SamplingDeltas.prepare(deltas, cross, x.device, x.dtype)
+    prepared = SamplingDeltas.prepare(deltas, x.device, x.dtype)
     q, k, v = block.to_q(x), block.to_k(ctx), block.to_v(ctx)
+    before = [t.clone() for t in (q, k, v)]
     k_h, v_h = (block.to_k(hard), block.to_v(hard)) if cross else (None, None)
-    out, update = blend_for_sampling_(attention, q, k, v, k_h, v_h, x, ctx, prepared, a)
+    out, update = blend_for_sampling(attention, q, k, v, k_h, v_h, x, ctx, ctx, prepared, a)
+    assert all(torch.equal(t, b) for t, b in zip((q, k, v), before))  # the host's projections are left alone
     n = block.to_out(out)
     return n if update is None else update.apply_(n)
 
@@ -248,7 +250,24 @@ def test_sampling_path_equals_the_differentiable_blend(a, which):
         assert counting.calls == (2 if 0 < a < 1 and (cross or changes) else 1), (cross, which, a)
 
 
-def test_sampling_path_keeps_half_precision_and_updates_the_projections_in_place():
+def test_v_delta_reads_the_value_input_when_a_patch_gave_it_its_own():
+    """ComfyUI's attn patches return n, context and value separately (e.g. a hypernetwork changes them apart)."""
+    block, deltas = make_block(CTX_DIM), make_deltas(CTX_DIM)
+    x, soft, other = inputs()
+    q, k, v = block.to_q(x), block.to_k(soft), block.to_v(other)
+    with torch.no_grad():
+        merged_v = merged(block, deltas).to_v(other)
+        prepared = SamplingDeltas.prepare(deltas, x.device, x.dtype)
+        soft_qkv = prepared.soft({"q": q, "k": k, "v": v}, {"q": x, "k": soft, "v": other})
+        torch.testing.assert_close(soft_qkv["v"], merged_v, atol=1e-5, rtol=1e-5)
+        got, _ = blend_for_sampling(sdpa, q, k, v, k, v, x, soft, other, prepared, 1.0)
+        expected, _ = cross_blend(sdpa, q, k, v, k, v, x, soft, deltas, 1.0, other)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        self_got, _ = self_blend(sdpa, q, k, v, x, deltas, 1.0, soft, other)
+        torch.testing.assert_close(self_got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_path_keeps_half_precision():
     block, deltas = make_block(CTX_DIM), make_deltas(CTX_DIM)
     x, soft, hard = inputs()
     with torch.no_grad():
@@ -261,8 +280,3 @@ def test_sampling_path_keeps_half_precision_and_updates_the_projections_in_place
         error = (got.float() - exact).abs().mean()
         assert error <= 1.5 * (differentiable.float() - exact).abs().mean(), error
         assert error < 0.02 * exact.abs().mean()
-        q = block.to_q(x)
-        base_q = q.clone()
-        blend_for_sampling_(sdpa, q, block.to_k(soft), block.to_v(soft), block.to_k(hard), block.to_v(hard), x,
-                            soft, SamplingDeltas.prepare(deltas, True, x.device, x.dtype), 0.4)
-        torch.testing.assert_close(q, base_q + deltas.q(x))  # q now holds the soft path's projection

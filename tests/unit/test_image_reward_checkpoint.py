@@ -140,10 +140,30 @@ def test_find_reward_files_layout_and_missing_list(tmp_path):
     assert e.value.input_name == "vocab"
 
 
-def test_vocab_larger_than_the_embedding_table_is_refused(tiny_files, tmp_path):
-    big = tmp_path / "vocab.txt"
-    big.write_text(tiny_files.vocab.read_text() + "\n".join(f"word{i}" for i in range(50)) + "\n")
-    files = type(tiny_files)(checkpoint=tiny_files.checkpoint, med_config=tiny_files.med_config, vocab=big)
+@pytest.mark.parametrize("change", ["larger", "smaller", "pad moved"])
+def test_a_vocab_that_does_not_fit_the_embedding_table_is_refused(tiny_files, tmp_path, change):
+    lines = tiny_files.vocab.read_text().splitlines()
+    if change == "larger":
+        lines += [f"word{i}" for i in range(50)]
+    elif change == "smaller":
+        lines = lines[:-20]  # would load and silently score with the wrong ids if only "larger" were refused
+    else:
+        lines[0], lines[1] = lines[1], lines[0]
+    other = tmp_path / "vocab.txt"
+    other.write_text("\n".join(lines) + "\n")
+    files = type(tiny_files)(checkpoint=tiny_files.checkpoint, med_config=tiny_files.med_config, vocab=other)
     with pytest.raises(InputError, match="bert-base-uncased vocab.txt") as e:
         load_scorer(files)
     assert e.value.input_name == "vocab"
+
+
+def test_a_symlinked_checkpoint_is_accepted_and_its_folder_searched(tiny_files, tmp_path):
+    models = tmp_path / "models" / "image_reward"
+    (models / "shared").mkdir(parents=True)
+    (models / "shared" / "ImageReward.safetensors").symlink_to(tiny_files.checkpoint)  # a shared model store
+    (models / "bert-base-uncased").mkdir()
+    (models / "bert-base-uncased" / "vocab.txt").write_text(tiny_files.vocab.read_text())
+    found = find_reward_files(models, "shared/ImageReward.safetensors")
+    assert found.checkpoint == models / "shared" / "ImageReward.safetensors"
+    assert found.vocab == models / "bert-base-uncased" / "vocab.txt"  # not looked up beside the link's target
+    assert found.med_config is None

@@ -226,3 +226,6 @@ def test_med_config_that_contradicts_the_checkpoint_is_refused(tiny_files):
     with pytest.raises(InputError, match="hidden_size") as e:
         build_model(state, {**med, "hidden_size": 768})
     assert e.value.input_name == "med_config"
+    with pytest.raises(InputError, match="num_attention_heads=5") as e:
+        build_model(state, {**med, "num_attention_heads": 5})
+    assert e.value.input_name == "med_config"

@@ -98,6 +98,12 @@ def test_bad_images_are_input_errors(images, match):
     assert e.value.input_name == "images"
 
 
+def test_large_half_precision_images_are_not_mistaken_for_nan():
+    images = torch.full((1, 512, 512, 3), 0.5, dtype=torch.float16)  # its pixel sum overflows float16
+    pixels, _ = preprocess(images)
+    assert torch.isfinite(pixels).all()
+
+
 def test_nan_image_is_named():
     images = torch.rand(3, 32, 32, 3)
     images[2, 5, 5, 1] = float("nan")
