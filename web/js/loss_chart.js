@@ -72,7 +72,8 @@ app.registerExtension({
         name: "loss_chart",
         type: "personalize.loss_chart",
         serialize: false, // display only: never part of the saved workflow's widget values
-        computeSize: (width) => [width, CHART_HEIGHT],
+        options: { serialize: false }, // nor of the prompt; the frontend also reads options on every widget
+        computeSize: (width = node.size[0]) => [width, CHART_HEIGHT],
         draw(ctx, _node, width, y) {
           drawChart(ctx, curves.get(String(node.id)), width, y);
         },

@@ -82,7 +82,8 @@ app.registerExtension({
         name: "score_badges",
         type: "personalize.score_badges",
         serialize: false, // display only: never part of the saved workflow's widget values
-        computeSize(width) {
+        options: { serialize: false },
+        computeSize(width = node.size[0]) { // the frontend calls it without a width
           const count = node.personalizeScores.badges.length;
           if (!count) return [width, MIN_ROWS_HEIGHT];
           return [width, layout(count, width).rows * (CELL + GAP)];

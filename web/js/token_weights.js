@@ -64,7 +64,8 @@ app.registerExtension({
         name: "token_weights",
         type: "personalize.token_weights",
         serialize: false, // display only
-        computeSize: (width) => [width, LINE * (MAX_LINES + 1) + 4],
+        options: { serialize: false },
+        computeSize: (width = node.size[0]) => [width, LINE * (MAX_LINES + 1) + 4],
         draw(ctx, _node, width, y) {
           draw(ctx, node, width, y, names);
         },
