@@ -86,7 +86,8 @@ class TrainingSession:
 
     def run(self, data, params: Sequence, attach: Sequence[ContextManager], text_trains: bool,
             frozen: Callable[[], ContextManager] | None = None, save: Callable[[int], None] | None = None,
-            channels_last: bool = True, nhwc_inputs: bool = False, previews: bool = True) -> list[float]:
+            channels_last: bool = True, nhwc_inputs: bool = False, previews: bool = True,
+            regularizer: Callable[[], torch.Tensor] | None = None) -> list[float]:
         """Train with ``attach`` entered (adapter hooks, swapped weights); ``save(step)`` every save_every.
         ``channels_last`` swaps the host's conv weights for NHWC copies on CUDA; a trainer that brings its own
         NHWC weights asks for ``nhwc_inputs`` only. ``previews``: whether preview samples are possible."""
@@ -118,7 +119,7 @@ class TrainingSession:
                 stack.enter_context(host.channels_last())
             elif nhwc_inputs:
                 stack.enter_context(host.nhwc_inputs())
-            return train(host.task(), data, params, cfg, on_step, frozen=frozen)
+            return train(host.task(), data, params, cfg, on_step, frozen=frozen, regularizer=regularizer)
 
     @torch.no_grad()
     def sample(self, prompt: str, size: tuple[int, int], seed: int):

@@ -20,6 +20,7 @@ from ..training.embedding import (
 from ..training.errors import InputError
 from ..training.files import lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
+from ..training.regularizers import FastTuneRegularizer, NearestTokenContrastive
 from ..training.trainer import ParamGroup
 from .embeddings import clip_with_embeddings, init_ids, text_encoders, token_table
 from .session import TrainingSession, common_inputs, save_intermediate
@@ -54,9 +55,20 @@ def _make_inversion(session: TrainingSession, token: str, init_word: str, num_ve
     return inversion
 
 
+def _fast_tune_regularizer(clip, inversion: TextualInversion, net: LoRANetwork, fast: dict, device):
+    """The fast-tune regulariser: the vectors near real tokens of their own encoder's table, the LoRA near zero."""
+    contrastive = {}
+    for key, (_, tok, encoder) in text_encoders(clip).items():
+        special = {t for t in (tok.start_token, tok.end_token, tok.pad_token) if t is not None}
+        contrastive[key] = NearestTokenContrastive(token_table(encoder), exclude=special).to(device)
+    return FastTuneRegularizer(dict(inversion.vectors), contrastive, list(net.parameters()), fast["nn_weight"],
+                               fast["l2_weight"])
+
+
 def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token: str, init_word: str,
-           num_vectors: int, resume_from: str, lora_args: dict | None):
-    """Shared by both nodes: returns (clip with the embedding, TrainedEmbedding, LoRA network or None, losses)."""
+           num_vectors: int, resume_from: str, lora_args: dict | None, fast: dict | None = None):
+    """Shared by the TI, pivotal and fast-tune nodes: returns (session, clip with the embedding,
+    TrainedEmbedding, LoRA network or None, losses). ``fast``: the fast-tune regulariser weights."""
     token = check_token_name(token)
     if prior is not None and lora_args is None:
         raise InputError("prior", "Textual Inversion only learns the new token, so the model's prior cannot drift; "
@@ -85,8 +97,10 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
             save_intermediate("embeddings", f"{token}_step{step:05d}", inversion.file_tensors(),
                               {"personalize.token": token})
 
+        regularizer = (None if fast is None or net is None else
+                       _fast_tune_regularizer(clip, inversion, net, fast, host.model.load_device))
         losses = session.run(data, groups or params, [net.attached()] if net is not None else [], text_trains=True,
-                             frozen=net.disabled if net is not None else None, save=save)
+                             frozen=net.disabled if net is not None else None, save=save, regularizer=regularizer)
     tensors = inversion.file_tensors()
     meta = {"personalize.token": token, "personalize.init_word": init_word, "personalize.steps": str(cfg_args["steps"]),
             "personalize.base_model": host.family, "modelspec.architecture": _architecture(host.family),
@@ -164,16 +178,26 @@ class PersonalizeTrainPivotal(io.ComfyNode):
         cfg_args = dict(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed, dtype=dtype,
                         gradient_checkpointing=gradient_checkpointing)
         lora_args = dict(rank=rank, alpha=alpha, targets=targets, embedding_lr=embedding_lr)
-        session, out_clip, embedding, net, losses = _train(cls, model, clip, vae, dataset, prior, options, cfg_args,
-                                                           token, init_word, num_vectors, NONE, lora_args)
-        meta = lora_metadata(
-            base_model=session.host.family, rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
-            batch_size=batch_size, resolution=session.size, num_images=len(dataset), seed=seed,
-            title="Personalize pivotal LoRA", text_encoder_trained=False, prediction=session.host.prediction,
-            targets=targets, extra={"token": embedding.token, "prior": prior.mode if prior else "none"})
-        lora = TrainedLoRA(net.kohya_state_dict(torch.float32), meta)
-        out_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
-        return io.NodeOutput(out_model, out_clip, lora, embedding, {"loss": losses})
+        return pivotal_outputs(cls, model, clip, vae, dataset, prior, options, cfg_args, token, init_word,
+                               num_vectors, lora_args, "Personalize pivotal LoRA")
+
+
+def pivotal_outputs(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token: str, init_word: str,
+                    num_vectors: int, lora_args: dict, title: str, fast: dict | None = None) -> io.NodeOutput:
+    """Train the vectors and the LoRA together; (model with the LoRA, clip, LORA, embedding, loss)."""
+    session, out_clip, embedding, net, losses = _train(cls, model, clip, vae, dataset, prior, options, cfg_args,
+                                                       token, init_word, num_vectors, NONE, lora_args, fast)
+    extra = {"token": embedding.token, "prior": prior.mode if prior else "none"}
+    if fast is not None:
+        extra.update({f"fast_tune_{k}": str(v) for k, v in fast.items()})
+    meta = lora_metadata(
+        base_model=session.host.family, rank=lora_args["rank"], alpha=lora_args["alpha"],
+        learning_rate=cfg_args["learning_rate"], steps=cfg_args["steps"], batch_size=cfg_args["batch_size"],
+        resolution=session.size, num_images=len(dataset), seed=cfg_args["seed"], title=title,
+        text_encoder_trained=False, prediction=session.host.prediction, targets=lora_args["targets"], extra=extra)
+    lora = TrainedLoRA(net.kohya_state_dict(torch.float32), meta)
+    out_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    return io.NodeOutput(out_model, out_clip, lora, embedding, {"loss": losses})
 
 
 NODES = [PersonalizeTrainTextualInversion, PersonalizeTrainPivotal]

@@ -5,7 +5,7 @@ import { app } from "../../../scripts/app.js"; // served at /extensions/<pack>/j
 import { api } from "../../../scripts/api.js";
 
 const TRAINERS = new Set(["PersonalizeTrainLoRA", "PersonalizeTrainDreamBooth", "PersonalizeTrainTextualInversion",
-  "PersonalizeTrainPivotal"]);
+  "PersonalizeTrainPivotal", "PersonalizeFastTune"]);
 const CHART_HEIGHT = 110;
 const curves = new Map(); // node id -> {losses: number[], step, total}
 

@@ -1,0 +1,64 @@
+"""Personalize Fast Tune: one-image personalisation in a few dozen steps (DATE-style encoder init + fast tune,
+without a pretrained encoder). The word starts at real tokens (the init word's embedding), the attention LoRA at
+zero; both tune together at a high learning rate with the nearest-neighbour contrastive regulariser (the word
+stays near real words) and L2 toward the start (the weights stay near the model). The training is pivotal
+tuning's (nodes/train_embedding.py); this node sets its fast-tune defaults and regularisers."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..training.errors import InputError
+from ..training.lora import UNET_TARGET_PRESETS
+from .session import common_inputs
+from .train_embedding import pivotal_outputs
+from .types import Embedding
+
+
+class PersonalizeFastTune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PersonalizeFastTune",
+            display_name="Personalize Fast Tune (one image)",
+            category="personalize/training",
+            description="Personalises from ONE image (or a few) in 12-50 steps: a new word, started at the init "
+                        "word's embedding (the nearest real token), and an attention LoRA started at zero, tuned "
+                        "together at lr 2e-3. The nearest-neighbour contrastive regulariser keeps the word near "
+                        "real words and L2 keeps the LoRA near its start. Feed the LoRA and the CLIP to the "
+                        "Dual-Path Attention Blend to keep the model's prior.",
+            inputs=common_inputs(learning_rate=2e-3, steps=25) + [
+                io.String.Input("token", default="", tooltip="The word the captions use for the subject (e.g. from "
+                                "Personalize Identifier); prompts then use embedding:<token>."),
+                io.String.Input("init_word", default="person", tooltip="The subject's class word (e.g. 'dog'): the "
+                                "new word starts at its embedding, the nearest real tokens."),
+                io.Int.Input("num_vectors", default=1, min=1, max=16),
+                io.Int.Input("rank", default=4, min=1, max=64),
+                io.Float.Input("alpha", default=4.0, min=0.01, max=1024.0, step=0.5),
+                io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention"),
+                io.Float.Input("nn_weight", default=0.01, min=0.0, max=10.0, step=0.001, round=False,
+                               tooltip="Nearest-neighbour contrastive regulariser on the word (0: off)."),
+                io.Float.Input("l2_weight", default=0.01, min=0.0, max=10.0, step=0.001, round=False,
+                               tooltip="L2 of the LoRA's distance from its start (0: off)."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+                     io.LoraModel.Output(display_name="lora"), Embedding.Output(display_name="embedding"),
+                     io.LossMap.Output(display_name="loss")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, seed, dtype, gradient_checkpointing,
+                token, init_word, num_vectors, rank, alpha, targets, nn_weight, l2_weight, prior=None,
+                options=None) -> io.NodeOutput:
+        for name, value in (("nn_weight", nn_weight), ("l2_weight", l2_weight)):
+            if not value >= 0:
+                raise InputError(name, f"must be 0 (off) or positive, got {value}")
+        cfg_args = dict(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed, dtype=dtype,
+                        gradient_checkpointing=gradient_checkpointing)
+        lora_args = dict(rank=rank, alpha=alpha, targets=targets, embedding_lr=learning_rate)
+        return pivotal_outputs(cls, model, clip, vae, dataset, prior, options, cfg_args, token, init_word,
+                               num_vectors, lora_args, "Personalize fast-tune LoRA",
+                               fast={"nn_weight": nn_weight, "l2_weight": l2_weight})
+
+
+NODES = [PersonalizeFastTune]

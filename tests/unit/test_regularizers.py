@@ -1,0 +1,93 @@
+"""Fast-tune regularisers: the nearest-token contrastive term pulls a learned vector to its nearest real word and
+away from the others; L2 toward the start is the squared distance; the trainer adds the term once per step."""
+import pytest
+import torch
+import torch.nn.functional as F
+from test_trainer import _data, _dataset
+
+from comfyui_personalize.training.lora import LoRANetwork
+from comfyui_personalize.training.regularizers import DistanceToStart, FastTuneRegularizer, NearestTokenContrastive
+from comfyui_personalize.training.trainer import TrainConfig, train
+
+
+def table(seed=0, rows=50, dim=16):
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_contrastive_target_is_the_nearest_real_token_and_a_step_moves_toward_it():
+    words = table()
+    start = 0.6 * words[7] + 0.4 * words[3]  # nearer to word 7 by cosine (checked below)
+    term = NearestTokenContrastive(words, temperature=0.07)
+    assert term.logits(start[None]).argmax().item() == F.cosine_similarity(start[None], words).argmax().item() == 7
+    vector = start.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([vector], lr=0.05)
+    first = term(vector[None]).item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        term(vector[None]).backward()
+        optimizer.step()
+    cos = lambda v, i: F.cosine_similarity(v[None], words[i][None]).item()  # noqa: E731
+    assert term(vector[None]).item() < first
+    assert cos(vector.detach(), 7) > cos(start, 7) and cos(vector.detach(), 3) < cos(start, 3)
+
+
+def test_excluded_tokens_are_never_the_target():
+    words = table()
+    term = NearestTokenContrastive(words, exclude=[7])
+    assert term.logits(words[7][None]).argmax().item() != 7  # the vector IS word 7, yet 7 is banned
+    assert torch.isfinite(term(words[7][None].clone().requires_grad_(True)))
+
+
+def test_distance_to_start_is_the_squared_distance_with_its_gradient():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    distance = DistanceToStart([a, b])
+    assert distance().item() == 0.0
+    with torch.no_grad():
+        a += torch.tensor([1.0, 0.0, -2.0])
+        b += 0.5
+    value = distance()
+    assert value.item() == pytest.approx(1 + 4 + 4 * 0.25)
+    value.backward()
+    torch.testing.assert_close(a.grad, 2 * torch.tensor([1.0, 0.0, -2.0]))
+    torch.testing.assert_close(b.grad, torch.ones(2, 2))
+
+
+def test_fast_tune_regularizer_weights_its_parts():
+    words = table()
+    vector = torch.nn.Parameter(words[4:5] + 0.3)
+    weight = torch.nn.Parameter(torch.ones(3))
+    contrastive = {"clip_l": NearestTokenContrastive(words)}
+    both = FastTuneRegularizer({"clip_l": vector}, contrastive, [weight], nn_weight=0.5, l2_weight=2.0)
+    with torch.no_grad():
+        weight += 1.0  # the distance counts from when the regulariser was made: 3 x 1^2
+    expected = 0.5 * contrastive["clip_l"](vector) + 2.0 * 3.0
+    torch.testing.assert_close(both(), expected)
+    assert FastTuneRegularizer({"clip_l": vector}, contrastive, [weight], 0.0, 0.0)().item() == 0.0
+    with pytest.raises(ValueError, match="clip_g"):
+        FastTuneRegularizer({"clip_g": vector}, contrastive, [weight], 1.0, 1.0)
+
+
+def test_trainer_adds_the_regularizer_once_per_step_and_it_holds_the_weights(host):
+    latents, _ = _data(host)
+    cfg = TrainConfig(steps=6, learning_rate=1e-2, batch_size=2, seed=0, gradient_accumulation=2)
+
+    def run(l2_weight):
+        net = LoRANetwork(host.unet_lora_targets("attention"), rank=4, alpha=4)
+        params = list(net.parameters())
+        start = [p.detach().clone() for p in params]
+        calls = []
+        distance = DistanceToStart(params)
+
+        def regularizer():
+            calls.append(1)
+            return l2_weight * distance()
+        with net.attached():
+            losses = train(host.task(), _dataset(host, latents), params, cfg, regularizer=regularizer)
+        moved = sum((p.detach() - s).square().sum().item() for p, s in zip(params, start))
+        return losses, moved, len(calls)
+
+    free, free_moved, calls = run(0.0)
+    held, held_moved, _ = run(1e4)
+    assert calls == cfg.steps  # once per optimiser step, not per micro-batch
+    assert held_moved < 0.5 * free_moved, (held_moved, free_moved)
+    assert held[0] == pytest.approx(free[0])  # the first step starts at the init: the L2 term is 0 there

@@ -1,0 +1,76 @@
+"""Regularisers of one-image fast personalisation (DATE-style: a word embedding started at real words and a
+LoRA, tuned for a few dozen steps): keep the learned word near real words, and the tuned weights near their start.
+Everything runs on the device without host reads, so a regularised step can still be a CUDA graph."""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class NearestTokenContrastive:
+    """DATE's nearest-neighbour contrastive regulariser for learned token vectors: the cross-entropy of a vector's
+    cosine similarities to every real token of the encoder's table (over ``temperature``) with its nearest real
+    token as the target. It pulls the vector toward that word and away from every other one; the nearest token is
+    chosen again at every step. ``exclude``: ids never chosen (start/end/padding)."""
+
+    def __init__(self, table: torch.Tensor, temperature: float = 0.07, exclude: Iterable[int] = ()):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.unit_table = F.normalize(table.detach().float(), dim=-1)  # [V, D], normalised once
+        self.temperature = temperature
+        self.mask = torch.zeros(table.shape[0], device=table.device)
+        banned = sorted(set(exclude))
+        if banned:
+            self.mask[banned] = -float("inf")
+
+    def to(self, device) -> "NearestTokenContrastive":
+        self.unit_table, self.mask = self.unit_table.to(device), self.mask.to(device)
+        return self
+
+    def logits(self, vectors: torch.Tensor) -> torch.Tensor:
+        return F.normalize(vectors.float(), dim=-1) @ self.unit_table.t() / self.temperature + self.mask
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(vectors)
+        return F.cross_entropy(logits, logits.detach().argmax(dim=-1))
+
+
+class DistanceToStart:
+    """Sum of squared distances of ``params`` from their values when this was made (L2 toward the init)."""
+
+    def __init__(self, params: Sequence[nn.Parameter]):
+        self.params = list(params)
+        self.start = [p.detach().clone() for p in self.params]
+
+    def __call__(self) -> torch.Tensor:
+        if not self.params:
+            return torch.zeros(())
+        moved = torch._foreach_sub([p.float() for p in self.params], [s.float() for s in self.start])
+        return torch.stack(torch._foreach_norm(moved)).square().sum()
+
+
+class FastTuneRegularizer:
+    """``nn_weight * sum over encoders of NearestTokenContrastive(vectors) + l2_weight * DistanceToStart``; the
+    trainer adds it once per optimiser step."""
+
+    def __init__(self, vectors: Mapping[str, torch.Tensor], contrastive: Mapping[str, NearestTokenContrastive],
+                 tuned: Sequence[nn.Parameter], nn_weight: float, l2_weight: float):
+        if nn_weight < 0 or l2_weight < 0:
+            raise ValueError("regulariser weights must be 0 (off) or positive")
+        missing = set(vectors) - set(contrastive)
+        if missing:
+            raise ValueError(f"no token table for {sorted(missing)}")
+        self.vectors, self.contrastive = dict(vectors), dict(contrastive)
+        self.distance = DistanceToStart(tuned)
+        self.nn_weight, self.l2_weight = nn_weight, l2_weight
+
+    def __call__(self) -> torch.Tensor:
+        total = 0.0
+        if self.nn_weight:
+            total = total + self.nn_weight * sum(self.contrastive[k](v) for k, v in self.vectors.items())
+        if self.l2_weight:
+            total = total + self.l2_weight * self.distance()
+        return torch.as_tensor(total)
