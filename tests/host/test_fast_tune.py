@@ -19,7 +19,8 @@ def fast_tune(comfy):
 
 def tune(fast_tune, tiny_sd15, nn_weight, l2_weight, **overrides):
     model, clip, vae = tiny_sd15
-    return run_node(fast_tune, model=model, clip=clip, vae=vae, dataset=dataset(subject_images()[:1]), nn_weight=nn_weight,
+    one_image = dataset(subject_images()[:1])
+    return run_node(fast_tune, model=model, clip=clip, vae=vae, dataset=one_image, nn_weight=nn_weight,
                     l2_weight=l2_weight, **{**ARGS, **overrides}).result
 
 
@@ -33,7 +34,10 @@ def lora_norm(lora):
 
 
 def test_regularisers_keep_the_word_near_real_words_and_the_lora_near_zero(comfy, tiny_sd15, fast_tune):
+    import comfy.model_management as mm
+
     model, clip, _ = tiny_sd15
+    mm.unload_all_models()  # an earlier test's LoRA clone may still be patched into the shared weights
     before = weights_hash(model.model), weights_hash(clip.cond_stage_model)
     _, _, free_lora, free_embedding, loss = tune(fast_tune, tiny_sd15, 0.0, 0.0)
     _, _, held_lora, held_embedding, _ = tune(fast_tune, tiny_sd15, 10.0, 100.0)
@@ -42,6 +46,7 @@ def test_regularisers_keep_the_word_near_real_words_and_the_lora_near_zero(comfy
     assert (held_cos > free_cos).all(), (held_cos, free_cos)
     assert lora_norm(held_lora) < lora_norm(free_lora)
     assert held_lora.metadata["ss_network_dim"] == "4" and "fast_tune_nn_weight" in str(held_lora.metadata)
+    mm.unload_all_models()
     assert (weights_hash(model.model), weights_hash(clip.cond_stage_model)) == before
 
 

@@ -130,7 +130,8 @@ def _check_embedding_file(path: Path, prompt: dict) -> None:
     from safetensors.torch import load_file
 
     vectors = next(n["inputs"]["num_vectors"] for n in prompt.values()
-                   if n["class_type"] in ("PersonalizeTrainTextualInversion", "PersonalizeTrainPivotal"))
+                   if n["class_type"] in ("PersonalizeTrainTextualInversion", "PersonalizeTrainPivotal",
+                                          "PersonalizeFastTune"))
     tensors = load_file(str(path))
     assert set(tensors) == {"clip_l"}, sorted(tensors)  # SD1.5: one text encoder, CLIP-L (768 wide)
     assert tensors["clip_l"].shape == (vectors, 768) and torch.isfinite(tensors["clip_l"]).all()
