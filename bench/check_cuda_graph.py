@@ -65,8 +65,9 @@ for dtype, name, make_data, options in [("auto", "plain", lambda: TrainingData.e
     failed |= not ok
 
 
-def textual_inversion_case(graphed: bool):
-    """The TI step with the device prompt encoder (text side in the graph): losses and the learned vectors."""
+def textual_inversion_case(graphed: bool, regularized: bool = False):
+    """The TI step with the device prompt encoder (text side in the graph): losses and the learned vectors;
+    ``regularized``: with the fast-tune regularisers (nearest-token contrastive, L2 to the start)."""
     import comfy.sd
     import comfy.supported_models
 
@@ -94,20 +95,30 @@ def textual_inversion_case(graphed: bool):
         data.prompt_encoder = ti_host.device_prompt_encoder(data.prompts(), data.buckets[0].size)
     assert data.prompt_encoder is not None, "the device prompt encoder fell back to ComfyUI's path"
     inversion.to(dev)
+    regularizer = None
+    if regularized:
+        from comfyui_personalize.training.regularizers import FastTuneRegularizer, NearestTokenContrastive
+        contrastive = {k: NearestTokenContrastive(token_table(e), exclude=[t.start_token, t.end_token]).to(dev)
+                       for k, (_, t, e) in text_encoders(clip).items()}
+        regularizer = FastTuneRegularizer(dict(inversion.vectors), contrastive, list(inversion.parameters()),
+                                          0.5, 10.0)
     with ti_host.text_encoder_autograd():
         losses = train(ti_host.task(), data, list(inversion.parameters()),
-                       TrainConfig(steps=12, learning_rate=5e-3, batch_size=2, cuda_graph=graphed, report_every=4))
+                       TrainConfig(steps=12, learning_rate=5e-3, batch_size=2, cuda_graph=graphed, report_every=4),
+                       regularizer=regularizer)
     return losses, {k: v.detach().clone() for k, v in inversion.vectors.items()}
 
 
-(le, we), (lg, wg) = textual_inversion_case(False), textual_inversion_case(True)
-worst = max((we[k] - wg[k]).abs().max().item() for k in we)
-ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(le, lg)) and worst < 1e-4
-if torch.cuda.is_available() and warnings:
-    print("capture failed:", warnings)
-    ok = False
-print("textual inversion eager", [round(v, 5) for v in le])
-print("textual inversion graph", [round(v, 5) for v in lg])
-print("textual inversion max vector difference", worst, "OK" if ok else "MISMATCH")
-failed |= not ok
+for regularized in (False, True):
+    label = "textual inversion" + (" + fast-tune regularisers" if regularized else "")
+    (le, we), (lg, wg) = textual_inversion_case(False, regularized), textual_inversion_case(True, regularized)
+    worst = max((we[k] - wg[k]).abs().max().item() for k in we)
+    ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(le, lg)) and worst < 1e-4
+    if torch.cuda.is_available() and warnings:
+        print("capture failed:", warnings)
+        ok = False
+    print(label, "eager", [round(v, 5) for v in le])
+    print(label, "graph", [round(v, 5) for v in lg])
+    print(label, "max vector difference", worst, "OK" if ok else "MISMATCH")
+    failed |= not ok
 sys.exit(1 if failed else 0)

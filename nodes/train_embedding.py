@@ -99,6 +99,8 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
 
         regularizer = (None if fast is None or net is None else
                        _fast_tune_regularizer(clip, inversion, net, fast, host.model.load_device))
+        if regularizer is not None and not regularizer.active:
+            regularizer = None  # both weights 0: plain pivotal tuning
         losses = session.run(data, groups or params, [net.attached()] if net is not None else [], text_trains=True,
                              frozen=net.disabled if net is not None else None, save=save, regularizer=regularizer)
     tensors = inversion.file_tensors()

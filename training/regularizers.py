@@ -67,10 +67,16 @@ class FastTuneRegularizer:
         self.distance = DistanceToStart(tuned)
         self.nn_weight, self.l2_weight = nn_weight, l2_weight
 
+    @property
+    def active(self) -> bool:
+        return bool(self.nn_weight or self.l2_weight)
+
     def __call__(self) -> torch.Tensor:
-        total = 0.0
+        terms = []
         if self.nn_weight:
-            total = total + self.nn_weight * sum(self.contrastive[k](v) for k, v in self.vectors.items())
+            terms += [self.nn_weight * self.contrastive[k](v) for k, v in self.vectors.items()]
         if self.l2_weight:
-            total = total + self.l2_weight * self.distance()
-        return torch.as_tensor(total)
+            terms.append(self.l2_weight * self.distance())
+        if not terms:  # a host-made zero would be a copy to the device, which a CUDA graph cannot hold
+            return next(iter(self.vectors.values())).new_zeros(())
+        return torch.stack(terms).sum()
