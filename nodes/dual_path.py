@@ -9,7 +9,7 @@ import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..attention.dual_path import (
     AttentionDeltas,
@@ -289,6 +289,11 @@ class PersonalizeDualPathBlend(io.ComfyNode):
             raise InputError("lora_name", "the LoRA has no attention (q/k/v/out) factors for this model's blocks; "
                                           "train it with attention targets on this model family")
         log.info("dual-path blend on %d attention layers (a=%.2f)", applied, a_blend)
+        if paths == "cross" and block_deltas(model, lora, "attn1"):
+            note = ("the LoRA also has self-attention (attn1) factors, which paths='cross' leaves out, so even "
+                    "a_blend 1 is not the tuned model; use paths='self+cross'")
+            log.warning("Dual-Path Attention Blend: %s", note)
+            return io.NodeOutput(m, ui=ui.PreviewText(f"note: {note}"))
         return io.NodeOutput(m)
 
 

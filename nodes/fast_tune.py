@@ -30,15 +30,18 @@ class PersonalizeFastTune(io.ComfyNode):
                 io.String.Input("token", default="", tooltip="The word the captions use for the subject (e.g. from "
                                 "Personalize Identifier); prompts then use embedding:<token>."),
                 io.String.Input("init_word", default="person", tooltip="The subject's class word (e.g. 'dog'): the "
-                                "new word starts at its embedding, the nearest real tokens."),
+                                "new word starts at its embedding, the nearest real tokens. A word of several "
+                                "tokens needs num_vectors = its token count to start from all of them."),
                 io.Int.Input("num_vectors", default=1, min=1, max=16),
                 io.Int.Input("rank", default=4, min=1, max=64),
                 io.Float.Input("alpha", default=4.0, min=0.01, max=1024.0, step=0.5),
                 io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention"),
                 io.Float.Input("nn_weight", default=0.01, min=0.0, max=10.0, step=0.001, round=False,
-                               tooltip="Nearest-neighbour contrastive regulariser on the word (0: off)."),
+                               tooltip="Nearest-neighbour contrastive regulariser on the word, with a pull to that "
+                                       "word's vector that keeps its length real (0: off)."),
                 io.Float.Input("l2_weight", default=0.01, min=0.0, max=10.0, step=0.001, round=False,
-                               tooltip="L2 of the LoRA's distance from its start (0: off)."),
+                               tooltip="L2 of the LoRA's distance from its start: weight decay toward the start "
+                                       "(0: off)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.LoraModel.Output(display_name="lora"), Embedding.Output(display_name="embedding"),

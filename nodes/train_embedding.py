@@ -56,7 +56,8 @@ def _make_inversion(session: TrainingSession, token: str, init_word: str, num_ve
 
 
 def _fast_tune_regularizer(clip, inversion: TextualInversion, net: LoRANetwork, fast: dict, device):
-    """The fast-tune regulariser: the vectors near real tokens of their own encoder's table, the LoRA near zero."""
+    """The fast-tune regulariser: the vectors near real tokens of their own encoder's table, the LoRA near its
+    start (zero change: the up factors start at zero)."""
     contrastive = {}
     for key, (_, tok, encoder) in text_encoders(clip).items():
         special = {t for t in (tok.start_token, tok.end_token, tok.pad_token) if t is not None}

@@ -11,15 +11,23 @@ from torch import nn
 
 
 class NearestTokenContrastive:
-    """DATE's nearest-neighbour contrastive regulariser for learned token vectors: the cross-entropy of a vector's
-    cosine similarities to every real token of the encoder's table (over ``temperature``) with its nearest real
-    token as the target. It pulls the vector toward that word and away from every other one; the nearest token is
-    chosen again at every step. ``exclude``: ids never chosen (start/end/padding)."""
+    """DATE's nearest-neighbour contrastive regulariser for learned token vectors, with a pull that bounds it.
+
+    * contrastive: the cross-entropy of a vector's cosine similarities to every real token of the encoder's table
+      (over ``temperature``) with its nearest real token as the target: toward that word, away from the others;
+    * pull: the squared distance to that nearest token relative to its length, ``|v - e|^2 / |e|^2``. Cosine
+      alone leaves the vector's length free, and Adam lets it grow; a token twice as long as any real one would
+      dominate the prompt. The pull is zero at the real word, the contrastive term is not (it also asks the word
+      to stand apart from its neighbours).
+
+    The nearest token is chosen again at every step, on the device. ``exclude``: ids never chosen (start, end,
+    padding)."""
 
     def __init__(self, table: torch.Tensor, temperature: float = 0.07, exclude: Iterable[int] = ()):
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.unit_table = F.normalize(table.detach().float(), dim=-1)  # [V, D], normalised once
+        self.table = table.detach().float()
+        self.unit_table = F.normalize(self.table, dim=-1)  # [V, D], normalised once
         self.temperature = temperature
         self.mask = torch.zeros(table.shape[0], device=table.device)
         banned = sorted(set(exclude))
@@ -27,7 +35,7 @@ class NearestTokenContrastive:
             self.mask[banned] = -float("inf")
 
     def to(self, device) -> "NearestTokenContrastive":
-        self.unit_table, self.mask = self.unit_table.to(device), self.mask.to(device)
+        self.table, self.unit_table, self.mask = self.table.to(device), self.unit_table.to(device), self.mask.to(device)
         return self
 
     def logits(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -35,11 +43,15 @@ class NearestTokenContrastive:
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         logits = self.logits(vectors)
-        return F.cross_entropy(logits, logits.detach().argmax(dim=-1))
+        nearest = logits.detach().argmax(dim=-1)
+        word = self.table.index_select(0, nearest)
+        pull = (vectors.float() - word).square().sum(-1) / word.square().sum(-1).clamp_min(1e-12)
+        return F.cross_entropy(logits, nearest) + pull.mean()
 
 
 class DistanceToStart:
-    """Sum of squared distances of ``params`` from their values when this was made (L2 toward the init)."""
+    """Sum of squared distances of ``params`` from their values when this was made (L2 toward the init): each
+    weight is pulled by 2 * weight * (w - w0), weight decay toward the start rather than toward zero."""
 
     def __init__(self, params: Sequence[nn.Parameter]):
         self.params = list(params)

@@ -118,8 +118,8 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
           cfg: TrainConfig, progress: Progress | None = None,
           frozen: Callable[[], ContextManager] | None = None,
           regularizer: Callable[[], torch.Tensor] | None = None) -> list[float]:
-    """Minimise the objective over ``params`` on ``data``; returns the per-step loss (``regularizer()``, a term
-    on the trained parameters alone, is added once per optimiser step and counted in it).
+    """Minimise the objective over ``params`` on ``data``; returns the per-step diffusion loss. ``regularizer()``,
+    a term on the trained parameters alone, is added to the objective once per optimiser step (not reported).
 
     The step runs as a CUDA graph when everything it reads is on the device: cached conditioning and one
     bucket. ``frozen()`` must switch the trained adapters off for its block (the "prior_prediction" mode's
@@ -220,10 +220,9 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
             loss = prior_preservation_loss(per_sample_mse(pred, target), weights, bs, data.prior_weight)
         if accum > 1:
             loss = loss / accum
-        if regularizer is not None and k == 0:
-            loss = loss + regularizer().to(loss.device, loss.dtype)
-        scaler.scale(loss).backward()
-        return loss.detach()
+        objective = loss if regularizer is None or k else loss + regularizer().to(loss.device, loss.dtype)
+        scaler.scale(objective).backward()
+        return loss.detach()  # the reported loss stays the diffusion loss, comparable across trainers
 
     def step(i: int | None = None) -> None:
         """One optimiser step; ``i`` (the host's step index) is None when recorded into a CUDA graph."""

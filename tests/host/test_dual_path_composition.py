@@ -88,3 +88,15 @@ def test_two_chained_blends_keep_both_out_deltas(comfy, tiny_sd15, nodes):  # no
     got = sample(comfy, chained, soft, empty_latent(), clip)
     stock = sample(comfy, with_lora(with_lora(model, first), second), soft, empty_latent(), clip)
     torch.testing.assert_close(got, stock, atol=5e-3, rtol=1e-3)
+
+
+def test_cross_only_says_when_it_leaves_self_attention_factors_out(comfy, tiny_sd15, nodes):  # noqa: F811
+    from test_train_lora import run_node
+
+    model, clip, _ = tiny_sd15
+    soft = encode(comfy, clip, "a photo of zwx dog")
+    args = dict(model=model, hard=soft, lora_name="none", a_blend=1.0, start_percent=0.0, end_percent=1.0)
+    out = run_node(nodes["dual"], paths="cross", lora=attention_lora(model), **args)
+    assert "self+cross" in out.ui.as_dict()["text"][0]
+    cross_only = {k: v for k, v in attention_lora(model).items() if "attn1" not in k}
+    assert run_node(nodes["dual"], paths="cross", lora=cross_only, **args).ui is None

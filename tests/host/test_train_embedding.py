@@ -35,8 +35,11 @@ def encode(comfy, clip, text):
 
 
 def test_textual_inversion_trains_only_the_token_and_the_file_gives_the_same_conditioning(comfy, tiny_sd15, nodes):
+    import comfy.model_management as mm
+
     train_ti, _, save_embedding, _ = nodes
     model, clip, vae = tiny_sd15
+    mm.unload_all_models()  # hash the shared model's own weights, not an earlier test's patched ones
     table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
     before_table, before_clip, before_unet = table.detach().to("cpu", copy=True), weights_hash(clip.cond_stage_model), \
         weights_hash(model.model)
@@ -44,7 +47,6 @@ def test_textual_inversion_trains_only_the_token_and_the_file_gives_the_same_con
     assert len(loss["loss"]) == 3 and set(embedding) == {"clip_l"} and embedding["clip_l"].shape == (2, 768)
     init = before_table[clip.tokenizer.clip_l.tokenizer("dog")["input_ids"][1]]
     assert (embedding["clip_l"] - init.float()).abs().max() > 1e-4  # the vectors moved from the init word
-    import comfy.model_management as mm
     mm.unload_all_models()
     assert torch.equal(clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.cpu(), before_table)
     assert weights_hash(clip.cond_stage_model) == before_clip and weights_hash(model.model) == before_unet

@@ -31,6 +31,30 @@ def test_contrastive_target_is_the_nearest_real_token_and_a_step_moves_toward_it
     assert cos(vector.detach(), 7) > cos(start, 7) and cos(vector.detach(), 3) < cos(start, 3)
 
 
+def test_the_pull_bounds_the_length_and_is_zero_at_the_word():
+    words = table()
+    term = NearestTokenContrastive(words)
+    at_word = term(words[5][None])
+    contrastive_only = F.cross_entropy(term.logits(words[5][None]), torch.tensor([5]))
+    torch.testing.assert_close(at_word, contrastive_only)  # the pull adds nothing at the real word
+    longer = (2 * words[5][None]).requires_grad_(True)  # same direction: the cosine part cannot see it
+    assert term(longer).item() == pytest.approx(contrastive_only.item() + 1.0, rel=1e-4)
+    term(longer).backward()
+    assert (longer.grad * longer.detach()).sum() > 0  # descending the gradient shortens the vector
+
+
+def test_the_nearest_token_is_chosen_again_each_call():
+    words = table()
+    term = NearestTokenContrastive(words)
+    for index in (3, 9, 3):
+        vector = (words[index] + 0.01 * words[0])[None].requires_grad_(True)
+        term(vector).backward()
+        step = -vector.grad[0]
+        towards = F.cosine_similarity((vector.detach()[0] + 0.1 * step)[None], words[index][None]).item()
+        assert towards > F.cosine_similarity(vector.detach(), words[index][None]).item() - 1e-6
+        assert term.logits(vector.detach()).argmax().item() == index
+
+
 def test_excluded_tokens_are_never_the_target():
     words = table()
     term = NearestTokenContrastive(words, exclude=[7])
@@ -80,7 +104,7 @@ def test_trainer_adds_the_regularizer_once_per_step_and_it_holds_the_weights(hos
 
         def regularizer():
             calls.append(1)
-            return l2_weight * distance()
+            return l2_weight * distance() + 1000.0  # a constant: changes no gradient, would show if reported
         with net.attached():
             losses = train(host.task(), _dataset(host, latents), params, cfg, regularizer=regularizer)
         moved = sum((p.detach() - s).square().sum().item() for p, s in zip(params, start))
@@ -91,3 +115,4 @@ def test_trainer_adds_the_regularizer_once_per_step_and_it_holds_the_weights(hos
     assert calls == cfg.steps  # once per optimiser step, not per micro-batch
     assert held_moved < 0.5 * free_moved, (held_moved, free_moved)
     assert held[0] == pytest.approx(free[0])  # the first step starts at the init: the L2 term is 0 there
+    assert max(free + held) < 100  # the reported loss is the diffusion loss alone
