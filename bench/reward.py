@@ -42,6 +42,8 @@ if "comfyui_personalize" not in sys.modules:
     pkg.__path__ = [str(ROOT)]
     sys.modules["comfyui_personalize"] = pkg
 
+from report import write_results  # noqa: E402  (bench/, next to this file)
+
 from comfyui_personalize.headless.tiny_reward import write_vocab  # noqa: E402
 from comfyui_personalize.scoring.model import MAX_PROMPT_TOKENS, build_model  # noqa: E402
 from comfyui_personalize.scoring.preprocess import CLIP_MEAN, CLIP_STD, preprocess  # noqa: E402
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
     log.info("official-size ImageReward port: %.1f M parameters (random weights)", params / 1e6)
     with tempfile.TemporaryDirectory() as tmp:  # a WordPiece vocab: only the token count (35) matters for speed
         vocab = Path(tmp) / "vocab.txt"
-        write_vocab(vocab)
+        write_vocab(vocab, size=30522)  # bert-base-uncased's size: the official embedding table has 30524 rows
         tokenizer = build_tokenizer(vocab)
     images = {b: comfy_images(b, seed=b) for b in args.batches}
     rows: list[dict] = []
@@ -192,10 +194,7 @@ def main(argv=None) -> int:
     table = render(rows, device, params, args)
     log.info("%s\n(%.0f s in all)", table, time.perf_counter() - started)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(table + "\n\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
-        os.replace(tmp, out)
+        write_results(args.out, table, rows)
     return 0
 
 

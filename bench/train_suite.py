@@ -75,6 +75,7 @@ import comfy.sd  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import shapes  # noqa: E402  (bench/, next to this file)
 import suite_peers  # noqa: E402
+from report import write_results  # noqa: E402
 
 from comfyui_personalize.nodes.embeddings import (  # noqa: E402
     clip_with_embeddings,
@@ -356,7 +357,4 @@ for r in rows:
 table = "\n".join(lines)
 log.info("%s\n(%.0f s in all)", table, time.perf_counter() - started)
 if args.out:
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(table + "\n\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
-    os.replace(tmp, out)
+    write_results(args.out, table, rows)

@@ -42,12 +42,15 @@ TINY = dict(vision_width=128, vision_layers=2, vision_mlp=256, patch=16, image_s
             text_width=32, text_layers=2, text_ffn=64, text_heads=2, max_positions=64, head=(64, 32, 16, 8))
 
 
-def write_vocab(path: Path) -> list[str]:
+def write_vocab(path: Path, size: int | None = None) -> list[str]:
     """A WordPiece vocab: specials, punctuation, digits, letters and ``##`` letters (any lowercase word
-    tokenizes without [UNK]), then whole words so common prompt words are single tokens."""
+    tokenizes without [UNK]), then whole words so common prompt words are single tokens. ``size``: padded with
+    ``[unused N]`` lines to that many (30522 for an official-size model's embedding table)."""
     letters = list(string.ascii_lowercase)
     tokens = list(dict.fromkeys([*SPECIAL_TOKENS, *string.punctuation, *string.digits, *letters,
                                  *(f"##{c}" for c in letters + list(string.digits)), *WORDS.split()]))
+    if size is not None:
+        tokens += [f"[unused{i}]" for i in range(size - len(tokens))]
     path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
     return tokens
 

@@ -10,8 +10,7 @@ from comfy_api.latest import io
 from ..training.errors import InputError
 from ..training.lora import UNET_TARGET_PRESETS
 from .session import common_inputs
-from .train_embedding import pivotal_outputs
-from .types import Embedding
+from .train_embedding import pivotal_output_sockets, pivotal_outputs
 
 
 class PersonalizeFastTune(io.ComfyNode):
@@ -43,9 +42,7 @@ class PersonalizeFastTune(io.ComfyNode):
                                tooltip="L2 of the LoRA's distance from its start: weight decay toward the start "
                                        "(0: off)."),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
-                     io.LoraModel.Output(display_name="lora"), Embedding.Output(display_name="embedding"),
-                     io.LossMap.Output(display_name="loss")],
+            outputs=pivotal_output_sockets(),
             hidden=[io.Hidden.unique_id],
         )
 

@@ -166,9 +166,7 @@ class PersonalizeTrainPivotal(io.ComfyNode):
                 io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.5),
                 io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention"),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
-                     io.LoraModel.Output(display_name="lora"), Embedding.Output(display_name="embedding"),
-                     io.LossMap.Output(display_name="loss")],
+            outputs=pivotal_output_sockets(),
             hidden=[io.Hidden.unique_id],
         )
 
@@ -183,6 +181,13 @@ class PersonalizeTrainPivotal(io.ComfyNode):
         lora_args = dict(rank=rank, alpha=alpha, targets=targets, embedding_lr=embedding_lr)
         return pivotal_outputs(cls, model, clip, vae, dataset, prior, options, cfg_args, token, init_word,
                                num_vectors, lora_args, "Personalize pivotal LoRA")
+
+
+def pivotal_output_sockets() -> list:
+    """What Train Pivotal and Fast Tune output, in this order (``pivotal_outputs`` fills them)."""
+    return [io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+            io.LoraModel.Output(display_name="lora"), Embedding.Output(display_name="embedding"),
+            io.LossMap.Output(display_name="loss")]
 
 
 def pivotal_outputs(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token: str, init_word: str,
