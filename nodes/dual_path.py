@@ -110,7 +110,7 @@ def sampling() -> bool:
 class _Blend:
     """One block's blend. Sampling (no autograd) takes the launch-lean path of attention.dual_path; with autograd
     on, the differentiable functions. Per-run caches (the hard prompt's base k/v) are dropped by ``reset`` at
-    every sampling run's start (ON_PRE_RUN), since the weights may be patched between runs."""
+    every sampling run's start (ON_PRE_RUN) and when hooks re-patch the weights within a run (ON_APPLY_HOOKS)."""
 
     def __init__(self, block: Block, deltas: AttentionDeltas, hard: torch.Tensor | None, a: float,
                  window: tuple[float, float]):
