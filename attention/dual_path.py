@@ -166,10 +166,13 @@ def self_blend(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 # ---------------------------------------------------------------- sampling (no autograd): fewer kernel launches
-# On a fast GPU the sampler is bound by kernel launches, not arithmetic. For sampling the same math runs with fewer:
-# factors of projections that read the same input are stacked (one matmul to the joint rank, one addmm per
-# projection), the out delta stays a rank-r product that the output patch adds in place after to_out, one lerp.
-# q/k/v are never changed in place: a replace may be called by another pack's replace that reuses them.
+# On a fast GPU the sampler is bound by kernel launches, not arithmetic (the wall time of an SDXL step follows its
+# kernel count). For sampling the same math runs with fewer: the soft and the hard path are stacked on the batch
+# axis, [soft rows; hard rows], so ONE fused attention call serves both; the cross-attention k/v pair is built once
+# per run by the caller; factors of projections that read the same input are stacked (one matmul to the joint rank,
+# one in-place addmm per projection on the new stacked tensor); the out delta stays a rank-r product that the
+# output patch adds in place after to_out. The host's q/k/v are never changed: another pack's replace that calls
+# ours may reuse them.
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -218,44 +221,74 @@ class SamplingDeltas:
                                   [self.parts[n][1] for n in names])
         return self.stacks[names]
 
-    def soft(self, projections: dict[str, torch.Tensor],
-             sources: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-        """New q/k/v tensors with their deltas added; projections reading the same input share one matmul."""
+    def paired(self, projections: dict[str, torch.Tensor], sources: dict[str, torch.Tensor | None],
+               hard: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per projection [B, N, C], a new [2B, N, C] tensor: rows :B the projection plus its delta (the soft
+        path), rows B: the hard path's projection (``hard[name]``, default the projection itself)."""
+        hard = hard or {}
+        out = {}
+        for name, t in projections.items():
+            other = hard.get(name, t)
+            out[name] = t.repeat(2, *([1] * (t.dim() - 1))) if other is t else torch.cat([t, other])
         groups: dict[int, list[str]] = {}
-        for name in ("q", "k", "v"):
+        for name in projections:
             if name in self.parts:
-                if sources[name] is None:
+                if sources.get(name) is None:
                     raise ValueError(f"a LoRA delta on to_{name} needs its pre-projection input; the host did not "
                                      "pass it")
                 groups.setdefault(id(sources[name]), []).append(name)
-        out = dict(projections)
         for names in map(tuple, groups.values()):
             down, ups = self._stack(names)
             joint, start = _rows(sources[names[0]]) @ down, 0
             for name, up in zip(names, ups):
-                target = projections[name]
-                out[name] = torch.addmm(_rows(target), joint[:, start:start + up.shape[0]], up).view_as(target)
+                batch = projections[name].shape[0]
+                _rows(out[name][:batch]).addmm_(joint[:, start:start + up.shape[0]], up)  # rows :B are contiguous
                 start += up.shape[0]
         return out
 
+    def out_update(self, soft: torch.Tensor, a: float) -> OutUpdate | None:
+        if "out" not in self.parts:
+            return None
+        down, up = self.parts["out"]
+        return OutUpdate(_rows(soft) @ down, up, a)
+
+
+def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(soft rows, hard rows) of a stacked tensor. Per tensor: q may have more rows than k/v when a patch split
+    the queries into tiles (HyperTile), and the attention kernel's view splits k/v alike."""
+    half = t.shape[0] // 2
+    return t[:half], t[half:]
+
 
 @torch.no_grad()
-def blend_for_sampling(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       k_hard: torch.Tensor | None, v_hard: torch.Tensor | None, x: torch.Tensor | None,
-                       context: torch.Tensor | None, value: torch.Tensor | None, deltas: SamplingDeltas,
-                       a: float) -> tuple[torch.Tensor, OutUpdate | None]:
-    """cross_blend (k_hard/v_hard given) or self_blend (None: the hard path reads q, k, v) for sampling, with a
-    float ``a`` in [0, 1]; ``x`` / ``context`` / ``value`` are what to_q / to_k / to_v read. Returns (blended
-    attention for to_out, the out delta for the output patch, or None)."""
-    hard_k, hard_v = (k, v) if k_hard is None else (k_hard, v_hard)
+def blend_pairs(attention: Attention, q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, deltas: SamplingDeltas,
+                a: float, together: bool = True) -> tuple[torch.Tensor, OutUpdate | None]:
+    """The blend for sampling from stacked inputs [soft rows; hard rows] (``SamplingDeltas.paired``), a float ``a``
+    in [0, 1]. ``together``: one attention call over both halves (False: one per path, for a replace of another
+    pack that reads the row layout). Returns (blended attention for to_out, the out delta for the output patch).
+    a = 1 / a = 0 attend only the soft / hard rows."""
+    (q_soft, q_hard), (k_soft, k_hard), (v_soft, v_hard) = _halves(q2), _halves(k2), _halves(v2)
     if a == 0.0:
-        return attention(q, hard_k, hard_v), None
-    soft_qkv = deltas.soft({"q": q, "k": k, "v": v}, {"q": x, "k": context, "v": value})
-    soft = attention(soft_qkv["q"], soft_qkv["k"], soft_qkv["v"])
-    update = None
-    if "out" in deltas.parts:
-        down, up = deltas.parts["out"]
-        update = OutUpdate(_rows(soft) @ down, up, a)
-    if a == 1.0 or (not deltas.changes_attention and hard_k is k and hard_v is v):
-        return soft, update  # a = 1, or both paths attend alike (self-attention without q/k/v deltas)
-    return torch.lerp(attention(q, hard_k, hard_v), soft, a), update
+        return attention(q_hard, k_hard, v_hard), None
+    if a == 1.0:
+        soft = attention(q_soft, k_soft, v_soft)
+        return soft, deltas.out_update(soft, a)
+    if together:
+        soft, hard = _halves(attention(q2, k2, v2))
+    else:
+        soft, hard = attention(q_soft, k_soft, v_soft), attention(q_hard, k_hard, v_hard)
+    return torch.lerp(hard, soft, a), deltas.out_update(soft, a)
+
+
+@torch.no_grad()
+def self_blend_for_sampling(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            x: torch.Tensor | None, context: torch.Tensor | None, value: torch.Tensor | None,
+                            deltas: SamplingDeltas, a: float, together: bool = True
+                            ) -> tuple[torch.Tensor, OutUpdate | None]:
+    """self_blend for sampling: both paths read x (``context`` / ``value``: what to_k / to_v read). Without q/k/v
+    deltas the two paths attend alike: one attention, only the out delta differs."""
+    if not deltas.changes_attention:
+        out = attention(q, k, v)
+        return out, deltas.out_update(out, a) if a > 0.0 else None
+    pair = deltas.paired({"q": q, "k": k, "v": v}, {"q": x, "k": context, "v": value})
+    return blend_pairs(attention, pair["q"], pair["k"], pair["v"], deltas, a, together)

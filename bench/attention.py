@@ -3,8 +3,8 @@ materialises the attention maps (the paper's controllers), in one process on SD1
 
 Modes (our nodes' patches on a clone): reweight value (attn2_patch), reweight renormalized (attn2 replace with a
 logit bias), P2P word swap with self-attention injection (paired batch: both images count), dual-path blend
-(rank-8 LoRA deltas, a = 0.7, cross attention). The reference runs the same P2P edit with explicit maps
-(attention.reference) in the attn2 replace.
+(the node itself on a rank-8 attention LoRA, a = 0.7, cross attention only and self + cross). The reference runs
+the same P2P edit with explicit maps (attention.reference) in the attn2 replace.
 
 Usage: python bench/attention.py --comfyui COMFYUI_DIR [--models sd15,sdxl] [--steps 20] [--tiny] [--out FILE.md]
 """
@@ -30,6 +30,7 @@ ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--tiny", action="store_true")
 ap.add_argument("--out", default=None)
 ap.add_argument("--repeats", type=int, default=5, help="rounds of timed runs (every mode once per round)")
+ap.add_argument("--images", type=int, default=1, help="images per run (P2P: pairs); more makes the run GPU-bound")
 args = ap.parse_args()
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,15 +52,14 @@ import shapes  # noqa: E402
 
 from comfyui_personalize.attention import reference  # noqa: E402
 from comfyui_personalize.attention.align import swap_mapper  # noqa: E402
-from comfyui_personalize.attention.dual_path import AttentionDeltas, LowRankDelta  # noqa: E402
 from comfyui_personalize.nodes import dual_path as dual  # noqa: E402
 from comfyui_personalize.nodes.attention_hooks import (  # noqa: E402
     COND,
     chunks,
     paired_rows,
-    set_replace,
     transformer_blocks,
 )
+from comfyui_personalize.nodes.comfy_adapter import ComfyHost  # noqa: E402
 from comfyui_personalize.nodes.p2p_patches import (  # noqa: E402
     CrossPlan,
     install,
@@ -68,6 +68,7 @@ from comfyui_personalize.nodes.p2p_patches import (  # noqa: E402
     renormalized_replace,
     value_reweight_patch,
 )
+from comfyui_personalize.nodes.prompt_cache import PromptCache  # noqa: E402
 
 FAMILIES = {"sd15": (comfy.supported_models.SD15, shapes.sd15(args.tiny), 64, 768, None),
             "sdxl": (comfy.supported_models.SDXL, shapes.sdxl(args.tiny), 128, 2048, 2816 - 1536)}
@@ -95,10 +96,10 @@ def cond(n, dim, pooled):
     return [[torch.randn(n, 77, dim), extra]]
 
 
-def sample(model, positive, negative, latent_batch, lat, steps):
-    """One KSampler run; the P2P rows' paired batch shares its initial noise, as the node sets it up."""
+def sample(model, positive, negative, latent_batch, paired, lat, steps):
+    """One KSampler run; each P2P pair [source, target] shares its initial noise, as the node sets it up."""
     latent = torch.zeros(latent_batch, 4, lat, lat)
-    noise = comfy.sample.prepare_noise(latent, 0, [0] * latent_batch if latent_batch == 2 else None)
+    noise = comfy.sample.prepare_noise(latent, 0, [i // 2 for i in range(latent_batch)] if paired else None)
     return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent, seed=0,
                                disable_pbar=True)
 
@@ -118,6 +119,21 @@ def count_syncs(run) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def gpu_work(run) -> tuple[int, float] | tuple[None, None]:
+    """(GPU operations launched: kernels, copies, memsets; their summed GPU time in ms) during ``run``. On a
+    launch-bound host the wall time of a sampler step follows the count; on a GPU-bound one, the GPU time. Unlike
+    the wall time, neither drifts from minute to minute."""
+    if dev != "cuda":
+        return None, None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(ops), sum(e.time_range.elapsed_us() for e in ops) / 1000
+
+
 def timed(run) -> float:
     t0 = time.perf_counter()
     run()
@@ -127,29 +143,36 @@ def timed(run) -> float:
 
 
 def measure_family(family, modes, lat):
-    """``modes``: [(name, model, positive, negative, images)]. Warm-up, a sync count and the peak per mode, then
+    """``modes``: [(name, model, positive, negative, images, paired)]. Warm-up, a sync count and the peak per mode, then
     ``--repeats`` rounds that run every mode once in turn: the host's speed drifts by tens of percent between
     minutes (the sampler is launch-bound), so each mode is compared with the plain run of the same round."""
     runs = {}
-    for name, model, positive, negative, images in modes:
-        go = functools.partial(sample, model, positive, negative, images, lat)
+    for name, model, positive, negative, images, paired in modes:
+        go = functools.partial(sample, model, positive, negative, images, paired, lat)
         go(2)  # load + warm-up
         syncs = count_syncs(lambda: go(2))
+        kernels, gpu_ms = gpu_work(lambda: go(2))
         if dev == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         go(2)
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
-        runs[name] = dict(go=go, images=images, syncs=syncs, peak=peak, times=[])
+        runs[name] = dict(go=go, images=images, baseline=modes[1][0] if paired else "plain", syncs=syncs,
+                          kernels=kernels, gpu_ms=gpu_ms, peak=peak, times=[])
     for _ in range(args.repeats):
         for r in runs.values():
             r["times"].append(timed(lambda: r["go"](args.steps)) / r["images"])
     for name, r in runs.items():
-        base = runs["plain" if r["images"] == 1 else "plain batch 2"]["times"]
+        base = runs[r["baseline"]]["times"]
         ratios = [t / b for t, b in zip(r["times"], base)]
+        ref = runs[r["baseline"]]
+        ratio_of = lambda k: None if r[k] is None else round(r[k] / ref[k], 3)  # noqa: E731
         row = dict(model=family, mode=name, images=r["images"], s_per_image=round(statistics.median(r["times"]), 3),
                    ratio=round(statistics.median(ratios), 3), runs=[round(t, 3) for t in r["times"]],
-                   syncs_per_2_steps=r["syncs"], peak_gib=None if r["peak"] is None else round(r["peak"], 2))
+                   syncs_per_2_steps=r["syncs"], kernels_per_2_steps=r["kernels"], kernel_ratio=ratio_of("kernels"),
+                   gpu_ms_per_2_steps=None if r["gpu_ms"] is None else round(r["gpu_ms"], 1),
+                   gpu_time_ratio=ratio_of("gpu_ms"),
+                   peak_gib=None if r["peak"] is None else round(r["peak"], 2))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -171,11 +194,21 @@ def reference_replace(plan, heads_of):
     return make
 
 
-def deltas_for(block, rank=8):
-    a = block.module.attn2
-    mk = lambda lin: LowRankDelta.from_weights(torch.randn(rank, lin.in_features) * 0.01,  # noqa: E731
-                                               torch.randn(lin.out_features, rank) * 0.01, rank)
-    return AttentionDeltas(mk(a.to_q), mk(a.to_k), mk(a.to_v), mk(a.to_out[0]))
+def attention_lora(model, rank=8):
+    """A kohya-key rank-``rank`` LoRA on every attention projection (q/k/v/out of attn1 and attn2)."""
+    lora = {}
+    for name, lin in ComfyHost(model, None, None).unet_lora_targets("attention").items():
+        lora[f"{name}.lora_down.weight"] = torch.randn(rank, lin.in_features) * 0.01
+        lora[f"{name}.lora_up.weight"] = torch.randn(lin.out_features, rank) * 0.01
+        lora[f"{name}.alpha"] = torch.tensor(float(rank))
+    return lora
+
+
+def dual_path(model, hard, lora, paths):
+    """The node itself (its patches, caches and run-start callbacks), a = 0.7 over the whole run."""
+    with torch.inference_mode():
+        return dual.PersonalizeDualPathBlend.execute(model=model, hard=hard, lora=lora, lora_name="none", a_blend=0.7,
+                                                     paths=paths, start_percent=0.0, end_percent=1.0).args[0]
 
 
 for family in args.models.split(","):
@@ -183,42 +216,43 @@ for family in args.models.split(","):
     base = model_for(config_class, unet_config)
     blocks = transformer_blocks(base)
     pos1, neg1, pos2 = cond(1, dim, pooled), cond(1, dim, pooled), cond(2, dim, pooled)
-    modes = [("plain", base, pos1, neg1, 1), ("plain batch 2", base, pos2, neg1, 2)]
+    n = args.images
+    modes = [("plain", base, pos1, neg1, n, False), (f"plain batch {2 * n}", base, pos2, neg1, 2 * n, True)]
     w = torch.ones(77)
     w[5] = 2.5
     m = base.clone()
     m.set_model_attn2_patch(value_reweight_patch(w, (COND,), ALL))
-    modes.append(("reweight value", m, pos1, neg1, 1))
+    modes.append(("reweight value", m, pos1, neg1, n, False))
     m = base.clone()
     install(m, blocks, "attn2", renormalized_replace(w, (COND,), ALL))
-    modes.append(("reweight renormalized", m, pos1, neg1, 1))
+    modes.append(("reweight renormalized", m, pos1, neg1, n, False))
     words = [([i], [i]) for i in range(1, 9)]
     mapper = swap_mapper(words, words, 77)
     plan = CrossPlan(mapper, torch.ones(77), torch.ones(77), ALL)
     m = base.clone()
-    install(m, blocks, "attn2", p2p_cross_replace(plan, None))
+    prompts = PromptCache(max_entries=8 * len(blocks))  # as the P2P node sets it up
+    prompts.install(m)
+    install(m, blocks, "attn2", p2p_cross_replace(plan, None, prompts))
     install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
-    modes.append(("p2p swap + self injection", m, pos2, neg1, 2))
+    modes.append(("p2p swap + self injection", m, pos2, neg1, 2 * n, True))
     m = base.clone()
     install(m, blocks, "attn2", reference_replace(plan, None))
     install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
-    modes.append(("p2p reference (maps materialised)", m, pos2, neg1, 2))
-    m = base.clone()
-    hard = pos1[0][0][:1]
-    for b in blocks:
-        set_replace(m, "attn2", b, dual._Blend(b, deltas_for(b), hard, 0.7, ALL).cross)
-    m.set_model_attn2_patch(dual.stash_patch)
-    m.set_model_attn2_output_patch(dual.add_delta_out)
-    modes.append(("dual-path a=0.7 (cross)", m, pos1, neg1, 1))
+    modes.append(("p2p reference (maps materialised)", m, pos2, neg1, 2 * n, True))
+    lora = attention_lora(base)
+    modes.append(("dual-path a=0.7 (cross)", dual_path(base, pos1, lora, "cross"), pos1, neg1, n, False))
+    modes.append(("dual-path a=0.7 (self+cross)", dual_path(base, pos1, lora, "self+cross"), pos1, neg1, n, False))
     measure_family(family, modes, lat)
     mm.unload_all_models()
     del base, m, modes
 
-table = ["| model | mode | s/image (median) | x plain (same batch and round) | syncs per 2 steps | peak GiB |",
-         "|---|---|---|---|---|---|"]
+table = [f"{args.images} image(s) per run (P2P: pairs), {args.steps} steps, {args.repeats} rounds", "",
+         "| model | mode | s/image (median) | x plain (same batch and round) | GPU ops per 2 steps (x plain) "
+         "| GPU ms per 2 steps (x plain) | syncs per 2 steps | peak GiB |", "|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    table.append(f"| {r['model']} | {r['mode']} | {r['s_per_image']} | {r['ratio']:.2f} | {r['syncs_per_2_steps']} "
-                 f"| {r['peak_gib']} |")
+    table.append(f"| {r['model']} | {r['mode']} | {r['s_per_image']} | {r['ratio']:.2f} | {r['kernels_per_2_steps']} "
+                 f"({r['kernel_ratio']}) | {r['gpu_ms_per_2_steps']} ({r['gpu_time_ratio']}) | "
+                 f"{r['syncs_per_2_steps']} | {r['peak_gib']} |")
 print("\n".join(table))
 if args.out:
     Path(args.out).write_text("\n".join(table) + "\n\n" + "\n".join(json.dumps(r) for r in rows) + "\n")

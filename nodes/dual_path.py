@@ -16,9 +16,10 @@ from ..attention.dual_path import (
     LowRankDelta,
     OutUpdate,
     SamplingDeltas,
-    blend_for_sampling,
+    blend_pairs,
     cross_blend,
     self_blend,
+    self_blend_for_sampling,
 )
 from ..training.errors import InputError
 from .attention_hooks import (
@@ -34,6 +35,7 @@ from .attention_hooks import (
 from .attention_reweight import window_inputs
 from .comfy_adapter import ComfyHost
 from .embeddings import hard_tokens
+from .prompt_cache import PromptCache, keeps_prompt
 
 log = logging.getLogger(__name__)
 PATHS = ("cross", "self+cross")
@@ -66,6 +68,7 @@ def _cond_rows(extra_options: dict, batch: int) -> list[slice]:
     return [rows for kind, rows in chunks(extra_options, batch) if kind == COND]
 
 
+@keeps_prompt
 def stash_patch(n, context, value, extra_options):
     """attn1/attn2_patch: keep what to_q / to_k / to_v read for the replace of this call."""
     extra_options[_X], extra_options[_CTX], extra_options[_VALUE] = n, context, value
@@ -109,16 +112,19 @@ def sampling() -> bool:
 
 class _Blend:
     """One block's blend. Sampling (no autograd) takes the launch-lean path of attention.dual_path; with autograd
-    on, the differentiable functions. Per-run caches (the hard prompt's base k/v) are dropped by ``reset`` at
-    every sampling run's start (ON_PRE_RUN) and when hooks re-patch the weights within a run (ON_APPLY_HOOKS)."""
+    on, the differentiable functions. Per-run caches (the hard prompt's base k/v; both paths' k/v per batch of
+    conditionings) are dropped by ``reset`` at every sampling run's start (ON_PRE_RUN) and when hooks re-patch the
+    weights within a run (ON_APPLY_HOOKS)."""
 
     def __init__(self, block: Block, deltas: AttentionDeltas, hard: torch.Tensor | None, a: float,
                  window: tuple[float, float]):
         self.block, self.hard, self.a, self.window = block, hard, a, window
         self._deltas, self._placed, self._hard_placed, self._hard_kv = deltas, {}, {}, {}
+        self.prompts = PromptCache()
 
-    def reset(self, *_):
+    def reset(self, patcher=None, *_):
         self._hard_kv.clear()
+        self.prompts.reset(patcher)
 
     def deltas(self, like: torch.Tensor) -> AttentionDeltas:
         """The LoRA factors on the sampler's device and dtype, moved once (they are constants here)."""
@@ -168,23 +174,38 @@ class _Blend:
             self._hard_placed[key] = rows.to(like.device) if rows.any() else None
         return self._hard_placed[key]
 
+    def hard_rows(self, extra_options: dict, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hard path's k/v: the hard prompt's on positive rows; negative rows keep their own."""
+        positive = self.positive_rows(extra_options, q)
+        if positive is None:
+            return k, v
+        hard_k, hard_v = self.hard_kv(q, k.shape[1])
+        return torch.where(positive, hard_k, k), torch.where(positive, hard_v, v)
+
+    def kv_pair(self, extra_options: dict, q, k, v, context, value) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v stacked [soft rows; hard rows] for one attention call over both paths, once per run and batch of
+        conditionings (the prompts are fixed within a run)."""
+        def build():
+            k_h, v_h = self.hard_rows(extra_options, q, k, v)
+            pair = self.sampling_deltas(q).paired({"k": k, "v": v}, {"k": context, "v": value},
+                                                  {"k": k_h, "v": v_h})
+            return pair["k"], pair["v"]
+        return self.prompts.get_or_make(extra_options, k, build)
+
     def a_now(self, extra_options) -> float:
         return self.a if in_window(extra_options, self.window) else 1.0  # outside the window: the tuned path
 
     def cross(self, previous):
         def replace(q, k, v, extra_options):
             attend, a = fused_attention(extra_options, previous), self.a_now(extra_options)
-            k_h, v_h = k, v
-            if a < 1.0:
-                positive = self.positive_rows(extra_options, q)
-                if positive is not None:  # the hard prompt on positive rows; negative rows keep their own
-                    hard_k, hard_v = self.hard_kv(q, k.shape[1])
-                    k_h, v_h = torch.where(positive, hard_k, k), torch.where(positive, hard_v, v)
             x, context, value = stashed_inputs(extra_options, q, k, v)
             if sampling():
-                out, delta = blend_for_sampling(attend, q, k, v, k_h, v_h, x, context, value,
-                                                self.sampling_deltas(q), a)
+                deltas = self.sampling_deltas(q)
+                k2, v2 = self.kv_pair(extra_options, q, k, v, context, value)
+                q2 = deltas.paired({"q": q}, {"q": x})["q"]
+                out, delta = blend_pairs(attend, q2, k2, v2, deltas, a, together=previous is None)
             else:
+                k_h, v_h = self.hard_rows(extra_options, q, k, v) if a < 1.0 else (k, v)
                 out, delta = cross_blend(attend, q, k, v, k_h, v_h, x, context, self.deltas(q), a, value)
             _leave_out_delta(extra_options, delta)
             return out
@@ -195,8 +216,8 @@ class _Blend:
             attend, a = fused_attention(extra_options, previous), self.a_now(extra_options)
             x, context, value = stashed_inputs(extra_options, q, k, v)
             if sampling():
-                out, delta = blend_for_sampling(attend, q, k, v, None, None, x, context, value,
-                                                self.sampling_deltas(q), a)
+                out, delta = self_blend_for_sampling(attend, q, k, v, x, context, value, self.sampling_deltas(q), a,
+                                                     together=previous is None)
             else:
                 out, delta = self_blend(attend, q, k, v, x, self.deltas(q), a, context, value)
             _leave_out_delta(extra_options, delta)

@@ -22,6 +22,7 @@ from .attention_text import (
     words_with_positions,
 )
 from .p2p_patches import BlendRecorder, CrossPlan, install, p2p_cross_replace, p2p_self_replace
+from .prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "swap", "refine")
@@ -127,7 +128,9 @@ class PersonalizeP2P(io.ComfyNode):
         if blend_words.strip():
             recorder = cls._blend(model, src, tgt, blend_words, ids_of, blend_threshold, blend_start_percent)
         m = model.clone()
-        install(m, blocks, "attn2", p2p_cross_replace(plan, recorder))
+        prompts = PromptCache(max_entries=8 * len(blocks))
+        prompts.install(m)
+        install(m, blocks, "attn2", p2p_cross_replace(plan, recorder, prompts))
         if self_end_percent > self_start_percent:
             install(m, blocks, "attn1", p2p_self_replace(self_window, min(SELF_MAX_DOWNSCALE, _max_downscale(m))))
         if recorder is not None:

@@ -25,6 +25,7 @@ from .attention_hooks import (
     set_replace,
     source_of_rows,
 )
+from .prompt_cache import PromptCache
 
 Window = tuple[float, float]  # (sigma_high, sigma_low)
 
@@ -161,15 +162,19 @@ def _row_mixing(extra_options: dict, batch: int, mixed: torch.Tensor) -> torch.T
     return out
 
 
-def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None):
+def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: PromptCache | None = None):
     """attn2 replace: targets of positive chunks get the source's maps; maps for local blend are recorded.
     Where the target's own map drops out (a swap or a reweight inside its window) the whole batch is one attention
     call: targets take their source's q/k by one row gather and M * c_src applied to their values by one batched
     matmul (the identity on other rows). Otherwise every row runs the plain attention and the edited targets are
-    recomputed and written over theirs. Either way no boolean split of the batch (each would wait for the GPU)."""
+    recomputed and written over theirs. Either way no boolean split of the batch (each would wait for the GPU).
+    What is built from k/v alone (the gathered keys, the mixed values) is kept in ``prompts`` for the run."""
     mixing = _LayoutCache()
+    prompts = PromptCache() if prompts is None else prompts  # one never installed builds every time
 
     def make(previous):
+        layer = object()  # this layer's tag in the shared cache
+
         def replace(q, k, v, extra_options):
             attend = fused_attention(extra_options, previous)
             if recorder is not None:
@@ -183,14 +188,17 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None):
                 values = mixing.get_or_make(extra_options, q.shape[0], k.shape[1], v,
                                             lambda: _row_mixing(extra_options, q.shape[0], mixed.cpu()),
                                             tag=id(mixed))  # plan keeps each window state's operands alive
-                return attend(q.index_select(0, rows), k.index_select(0, rows), torch.bmm(values, v))
+                keys, mixed_values = prompts.get_or_make(
+                    extra_options, k, lambda: (k.index_select(0, rows), torch.bmm(values, v)), (layer, id(mixed)))
+                return attend(q.index_select(0, rows), keys, mixed_values)
             out = attend(q, k, v)
             src, tgt = paired_index(extra_options, q.shape[0], q.device)
             if not len(tgt):
                 return out
             pick = lambda t, rows: t.index_select(0, rows)  # noqa: E731
-            edited = edits.p2p_cross_with(attend, pick(q, src), pick(k, src), pick(q, tgt), pick(k, tgt),
-                                          pick(v, tgt), *operands)
+            k_src, k_tgt, v_tgt = prompts.get_or_make(
+                extra_options, k, lambda: (pick(k, src), pick(k, tgt), pick(v, tgt)), (layer, "targets"))
+            edited = edits.p2p_cross_with(attend, pick(q, src), k_src, pick(q, tgt), k_tgt, v_tgt, *operands)
             return out.index_copy(0, tgt, edited.to(out.dtype))
         return replace
     return make

@@ -226,8 +226,8 @@ def test_dual_path_ends_are_the_lora_model_and_the_base_model(comfy, tiny_sd15, 
 
 
 def test_dual_path_sampling_path_equals_the_differentiable_one(comfy, tiny_sd15, nodes, monkeypatch):
-    """Under inference mode the blend takes the launch-lean path (in-place deltas, per-run hard k/v); with
-    autograd on, the differentiable functions. Both sample the same image, run after run."""
+    """Under inference mode the blend takes the launch-lean path (both paths in one attention call, per-run k/v
+    pairs); with autograd on, the differentiable functions. Both sample the same image, run after run."""
     from comfy.patcher_extension import CallbacksMP
 
     from comfyui_personalize.nodes import dual_path
@@ -236,12 +236,12 @@ def test_dual_path_sampling_path_equals_the_differentiable_one(comfy, tiny_sd15,
     calls = {"lean": 0, "differentiable": 0}
 
     def counted(name, function):
-        def wrapper(*args):
+        def wrapper(*args, **kwargs):
             calls[name] += 1
-            return function(*args)
+            return function(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(dual_path, "blend_for_sampling", counted("lean", dual_path.blend_for_sampling))
+    monkeypatch.setattr(dual_path, "blend_pairs", counted("lean", dual_path.blend_pairs))
     monkeypatch.setattr(dual_path, "cross_blend", counted("differentiable", dual_path.cross_blend))
     model, clip, _ = tiny_sd15
     lora = attention_lora(model)

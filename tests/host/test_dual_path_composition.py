@@ -37,6 +37,22 @@ def test_a_token_reshaping_patch_applied_first_composes(comfy, tiny_sd15, nodes,
 
 
 @pytest.mark.parametrize("reshaper", [hypertile, tome], ids=["hypertile", "tome"])
+def test_a_token_reshaping_patch_applied_first_composes_when_both_paths_run(comfy, tiny_sd15, nodes,  # noqa: F811
+                                                                           reshaper, monkeypatch):
+    """HyperTile splits the queries into tiles and leaves k/v whole: the stacked [soft; hard] rows must be split
+    per tensor, as the differentiable path (one attention call per path) does."""
+    from comfyui_personalize.nodes import dual_path
+
+    model, clip, _ = tiny_sd15
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    blended = dual(nodes, reshaper(model), hard, attention_lora(model), 0.5)
+    lean = sample(comfy, blended, soft, empty_latent(size=16), clip, steps=2)
+    monkeypatch.setattr(dual_path, "sampling", lambda: False)
+    differentiable = sample(comfy, blended, soft, empty_latent(size=16), clip, steps=2)
+    torch.testing.assert_close(lean, differentiable, atol=5e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("reshaper", [hypertile, tome], ids=["hypertile", "tome"])
 def test_a_token_reshaping_patch_applied_after_is_refused_with_advice(comfy, tiny_sd15, nodes, reshaper):  # noqa: F811
     model, clip, _ = tiny_sd15
     soft = encode(comfy, clip, "a photo of zwx dog")
@@ -100,3 +116,31 @@ def test_cross_only_says_when_it_leaves_self_attention_factors_out(comfy, tiny_s
     assert "self+cross" in out.ui.as_dict()["text"][0]
     cross_only = {k: v for k, v in attention_lora(model).items() if "attn1" not in k}
     assert run_node(nodes["dual"], paths="cross", lora=cross_only, **args).ui is None
+
+
+def test_k_v_pairs_are_built_once_per_run_unless_another_patch_edits_the_prompt(comfy, tiny_sd15, nodes,  # noqa: F811
+                                                                                  monkeypatch):
+    """Both paths' k/v depend only on the prompts and the weights: the blend builds them at the first step and
+    reuses them. Another node's attn2_patch may change the prompt at any step: then they are built at every step,
+    and the image is the same as with the cache."""
+    from comfyui_personalize.nodes import dual_path
+    from comfyui_personalize.nodes.attention_hooks import transformer_blocks
+
+    model, clip, _ = tiny_sd15
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    builds = []
+    build = dual_path._Blend.hard_rows
+    monkeypatch.setattr(dual_path._Blend, "hard_rows", lambda self, *args: builds.append(1) or build(self, *args))
+    blended = dual(nodes, model, hard, attention_lora(model), 0.5, paths="cross")
+    layers, steps = len(transformer_blocks(model)), 3
+    cached = sample(comfy, blended, soft, empty_latent(), clip, steps=steps)
+    assert len(builds) == layers  # cond and uncond run as one batch here: one build per layer
+    builds.clear()
+    again = sample(comfy, blended, soft, empty_latent(), clip, steps=steps)
+    assert len(builds) == layers and torch.equal(again, cached)  # a new run builds anew
+    builds.clear()
+    foreign = blended.clone()
+    foreign.set_model_attn2_patch(lambda n, context, value, extra_options: (n, context, value))
+    uncached = sample(comfy, foreign, soft, empty_latent(), clip, steps=steps)
+    assert len(builds) == layers * steps
+    torch.testing.assert_close(uncached, cached, atol=1e-6, rtol=1e-6)

@@ -11,9 +11,10 @@ from comfyui_personalize.attention.dual_path import (
     AttentionDeltas,
     LowRankDelta,
     SamplingDeltas,
-    blend_for_sampling,
+    blend_pairs,
     cross_blend,
     self_blend,
+    self_blend_for_sampling,
 )
 from comfyui_personalize.training.errors import InputError
 
@@ -29,10 +30,11 @@ def sdpa(q, k, v):
 
 class CountingAttention:
     def __init__(self):
-        self.calls = 0
+        self.calls, self.rows = 0, []
 
     def __call__(self, q, k, v):
         self.calls += 1
+        self.rows.append(q.shape[0])
         return sdpa(q, k, v)
 
 
@@ -219,23 +221,27 @@ def test_folded_delta_equals_the_scaled_one():
     torch.testing.assert_close(delta(x), 0.5 * x @ delta.down.double().t() @ delta.up.double().t())
 
 
-def run_sampling(block, x, soft, hard, deltas, a, attention=sdpa):
+def run_sampling(block, x, soft, hard, deltas, a, attention=sdpa, together=True):
     """The launch-lean sampling path, through the same block; hard None = self-attention."""
-    cross = hard is not None
-    ctx = soft if cross else x
     prepared = SamplingDeltas.prepare(deltas, x.device, x.dtype)
+    ctx = x if hard is None else soft
     q, k, v = block.to_q(x), block.to_k(ctx), block.to_v(ctx)
     before = [t.clone() for t in (q, k, v)]
-    k_h, v_h = (block.to_k(hard), block.to_v(hard)) if cross else (None, None)
-    out, update = blend_for_sampling(attention, q, k, v, k_h, v_h, x, ctx, ctx, prepared, a)
+    if hard is None:
+        out, update = self_blend_for_sampling(attention, q, k, v, x, x, x, prepared, a, together)
+    else:
+        pair = prepared.paired({"k": k, "v": v}, {"k": soft, "v": soft}, {"k": block.to_k(hard), "v": block.to_v(hard)})
+        q2 = prepared.paired({"q": q}, {"q": x})["q"]
+        out, update = blend_pairs(attention, q2, pair["k"], pair["v"], prepared, a, together)
     assert all(torch.equal(t, b) for t, b in zip((q, k, v), before))  # the host's projections are left alone
     n = block.to_out(out)
     return n if update is None else update.apply_(n)
 
 
+@pytest.mark.parametrize("together", [True, False])
 @pytest.mark.parametrize("a", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("which", ["all", "k only", "out only", "none"])
-def test_sampling_path_equals_the_differentiable_blend(a, which):
+def test_sampling_path_equals_the_differentiable_blend(a, which, together):
     x, soft, hard = inputs()
     for cross in (True, False):
         block, full = make_block(CTX_DIM if cross else C), make_deltas(CTX_DIM if cross else C)
@@ -244,10 +250,26 @@ def test_sampling_path_equals_the_differentiable_blend(a, which):
         with torch.no_grad():
             expected = run_cross(block, x, soft, hard, deltas, a) if cross else run_self(block, x, deltas, a)
             counting = CountingAttention()
-            got = run_sampling(block, x, soft, hard if cross else None, deltas, a, counting)
+            got = run_sampling(block, x, soft, hard if cross else None, deltas, a, counting, together)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-        changes = which in ("all", "k only")
-        assert counting.calls == (2 if 0 < a < 1 and (cross or changes) else 1), (cross, which, a)
+        both_paths = 0 < a < 1 and (cross or which in ("all", "k only"))
+        # one call over [soft rows; hard rows] serves both paths unless told to split them
+        assert counting.calls == (2 if both_paths and not together else 1), (cross, which, a)
+        assert counting.rows == [2 * x.shape[0] if both_paths and together else x.shape[0]] * counting.calls
+
+
+def test_paired_rows_are_the_soft_then_the_hard_projections():
+    block, deltas = make_block(CTX_DIM), make_deltas(CTX_DIM)
+    x, soft, hard = inputs()
+    with torch.no_grad():
+        prepared = SamplingDeltas.prepare(deltas, x.device, x.dtype)
+        k, k_hard = block.to_k(soft), block.to_k(hard)
+        got = prepared.paired({"k": k}, {"k": soft}, {"k": k_hard})["k"]
+        batch = x.shape[0]
+        torch.testing.assert_close(got[:batch], merged(block, deltas).to_k(soft), atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[batch:], k_hard)
+        same = prepared.paired({"k": k}, {"k": soft})["k"]  # no hard projection given: the base one
+        assert torch.equal(same[batch:], k) and torch.equal(same[:batch], got[:batch])
 
 
 def test_v_delta_reads_the_value_input_when_a_patch_gave_it_its_own():
@@ -258,13 +280,15 @@ def test_v_delta_reads_the_value_input_when_a_patch_gave_it_its_own():
     with torch.no_grad():
         merged_v = merged(block, deltas).to_v(other)
         prepared = SamplingDeltas.prepare(deltas, x.device, x.dtype)
-        soft_qkv = prepared.soft({"q": q, "k": k, "v": v}, {"q": x, "k": soft, "v": other})
-        torch.testing.assert_close(soft_qkv["v"], merged_v, atol=1e-5, rtol=1e-5)
-        got, _ = blend_for_sampling(sdpa, q, k, v, k, v, x, soft, other, prepared, 1.0)
+        pair = prepared.paired({"q": q, "k": k, "v": v}, {"q": x, "k": soft, "v": other})
+        torch.testing.assert_close(pair["v"][:x.shape[0]], merged_v, atol=1e-5, rtol=1e-5)
+        got, _ = blend_pairs(sdpa, pair["q"], pair["k"], pair["v"], prepared, 1.0)
         expected, _ = cross_blend(sdpa, q, k, v, k, v, x, soft, deltas, 1.0, other)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         self_got, _ = self_blend(sdpa, q, k, v, x, deltas, 1.0, soft, other)
         torch.testing.assert_close(self_got, expected, atol=1e-5, rtol=1e-5)
+        lean_self, _ = self_blend_for_sampling(sdpa, q, k, v, x, soft, other, prepared, 1.0)
+        torch.testing.assert_close(lean_self, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_path_keeps_half_precision():

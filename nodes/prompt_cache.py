@@ -1,0 +1,60 @@
+"""Per-run caches of what depends only on the prompts and the weights: cross-attention k/v and what patches build
+from them. ComfyUI recomputes k/v of the same prompts at every step; a patch that edits them (the dual-path pair,
+P2P's gathered source keys and mixed values) would redo its edit at every step too, each a kernel launch per
+layer, which is what a launch-bound sampler pays for. Within one run a batch of conditionings (ComfyUI gives each
+a uuid per run) has the same context at every step, so the edit is built at its first step and reused."""
+from __future__ import annotations
+
+from typing import Callable
+
+import comfy.patcher_extension
+import torch
+
+KEEPS_PROMPT = "personalize_keeps_prompt"  # attribute of an attn2_patch that never changes the context
+
+
+def keeps_prompt(patch: Callable) -> Callable:
+    """Mark an attn2_patch of ours that leaves the prompt alone (it only reads it)."""
+    setattr(patch, KEEPS_PROMPT, True)
+    return patch
+
+
+def prompt_is_fixed(patcher) -> bool:
+    """True when no attn2_patch may change the prompt between steps (another node's may: a windowed reweight
+    scales the values inside its window only). Then equal uuids mean equal k/v for the whole run."""
+    patches = patcher.model_options.get("transformer_options", {}).get("patches", {})
+    return all(getattr(p, KEEPS_PROMPT, False) for p in patches.get("attn2_patch", []))
+
+
+class PromptCache:
+    """Values keyed by the batch of conditionings (uuids), its layout (cond_or_uncond), a tensor's shape, device and
+    dtype, and a tag; dropped at every run start (ON_PRE_RUN, which also decides whether the run may cache) and
+    when hooks re-patch the weights within a run (ON_APPLY_HOOKS). Without uuids or with a prompt-changing patch,
+    ``get_or_make`` builds every time."""
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries  # bounds memory when the layouts change (cond/uncond split when memory is low)
+        self.enabled = False
+        self._values: dict = {}
+
+    def install(self, model) -> None:
+        """Register the resets on ``model`` (a clone; clones made from it downstream carry them)."""
+        model.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, self.reset)
+        model.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, self.reset)
+
+    def reset(self, patcher=None, *_) -> None:
+        self._values.clear()
+        if patcher is not None and hasattr(patcher, "model_options"):  # ON_PRE_RUN: the patcher that samples
+            self.enabled = prompt_is_fixed(patcher)
+
+    def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None):
+        uuids = extra_options.get("uuids")
+        if not (self.enabled and uuids):
+            return make()
+        key = (tuple(uuids), tuple(extra_options.get("cond_or_uncond") or ()), tuple(like.shape), like.device,
+               like.dtype, tag)
+        if key not in self._values:
+            if len(self._values) >= self.max_entries:
+                self._values.clear()
+            self._values[key] = make()
+        return self._values[key]
