@@ -273,11 +273,12 @@ def blend_pairs(attention: Attention, q2: torch.Tensor, k2: torch.Tensor, v2: to
     if a == 1.0:
         soft = attention(q_soft, k_soft, v_soft)
         return soft, deltas.out_update(soft, a)
-    if together:
-        soft, hard = _halves(attention(q2, k2, v2))
-    else:
+    if not together:  # another pack's outputs may alias their inputs: blend out of place
         soft, hard = attention(q_soft, k_soft, v_soft), attention(q_hard, k_hard, v_hard)
-    return torch.lerp(hard, soft, a), deltas.out_update(soft, a)
+        return torch.lerp(hard, soft, a), deltas.out_update(soft, a)
+    soft, hard = _halves(attention(q2, k2, v2))
+    update = deltas.out_update(soft, a)  # queued before the blend overwrites the soft rows
+    return soft.lerp_(hard, 1.0 - a), update  # in place: no third [B, N, C] tensor at the peak
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from .attention_hooks import (
 from .attention_reweight import window_inputs
 from .comfy_adapter import ComfyHost
 from .embeddings import hard_tokens
-from .prompt_cache import PromptCache, keeps_prompt
+from .prompt_cache import PromptCache, cache_budget, keeps_prompt
 
 log = logging.getLogger(__name__)
 PATHS = ("cross", "self+cross")
@@ -117,14 +117,13 @@ class _Blend:
     weights within a run (ON_APPLY_HOOKS)."""
 
     def __init__(self, block: Block, deltas: AttentionDeltas, hard: torch.Tensor | None, a: float,
-                 window: tuple[float, float]):
+                 window: tuple[float, float], prompts: PromptCache | None = None):
         self.block, self.hard, self.a, self.window = block, hard, a, window
+        self.prompts = PromptCache() if prompts is None else prompts  # one never installed builds every call
         self._deltas, self._placed, self._hard_placed, self._hard_kv = deltas, {}, {}, {}
-        self.prompts = PromptCache()
 
-    def reset(self, patcher=None, *_):
+    def reset(self, *_):
         self._hard_kv.clear()
-        self.prompts.reset(patcher)
 
     def deltas(self, like: torch.Tensor) -> AttentionDeltas:
         """The LoRA factors on the sampler's device and dtype, moved once (they are constants here)."""
@@ -190,7 +189,7 @@ class _Blend:
             pair = self.sampling_deltas(q).paired({"k": k, "v": v}, {"k": context, "v": value},
                                                   {"k": k_h, "v": v_h})
             return pair["k"], pair["v"]
-        return self.prompts.get_or_make(extra_options, k, build)
+        return self.prompts.get_or_make(extra_options, k, build, self.block.key)
 
     def a_now(self, extra_options) -> float:
         return self.a if in_window(extra_options, self.window) else 1.0  # outside the window: the tuned path
@@ -293,11 +292,13 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         blocks = {b.key: b for b in transformer_blocks(model)}
         m = model.clone()
         hard_ctx = hard[0][0][:1].detach()
+        prompts = PromptCache(cache_budget(model))  # both paths' k/v, kept per run (shared by the layers)
+        prompts.install(m)
         applied = 0
         for attn in ("attn2",) + (("attn1",) if paths == "self+cross" else ()):
             deltas = block_deltas(model, lora, attn)
             for key, d in deltas.items():
-                blend = _Blend(blocks[key], d, hard_ctx, a_blend, window)
+                blend = _Blend(blocks[key], d, hard_ctx, a_blend, window, prompts)
                 set_replace(m, attn, blocks[key], blend.cross if attn == "attn2" else blend.self)
                 # weights change between runs and, with scheduled hooks, within one: drop the cached hard k/v
                 m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, blend.reset)

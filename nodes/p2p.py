@@ -22,7 +22,7 @@ from .attention_text import (
     words_with_positions,
 )
 from .p2p_patches import BlendRecorder, CrossPlan, install, p2p_cross_replace, p2p_self_replace
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, cache_budget
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "swap", "refine")
@@ -128,7 +128,7 @@ class PersonalizeP2P(io.ComfyNode):
         if blend_words.strip():
             recorder = cls._blend(model, src, tgt, blend_words, ids_of, blend_threshold, blend_start_percent)
         m = model.clone()
-        prompts = PromptCache(max_entries=8 * len(blocks))
+        prompts = PromptCache(cache_budget(model))  # gathered keys and mixed values, kept per run
         prompts.install(m)
         install(m, blocks, "attn2", p2p_cross_replace(plan, recorder, prompts))
         if self_end_percent > self_start_percent:

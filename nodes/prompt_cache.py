@@ -26,26 +26,45 @@ def prompt_is_fixed(patcher) -> bool:
     return all(getattr(p, KEEPS_PROMPT, False) for p in patches.get("attn2_patch", []))
 
 
+def cache_budget(model) -> int:
+    """Bytes a node may keep per run: 4% of the model's weights (at least 64 MiB). The kept k/v grow with the
+    batch (SDXL, 4 images with CFG: ~0.4 GiB for every layer's pair), past the budget they are built per call."""
+    return max(int(0.04 * model.model_size()), 64 * 2**20)
+
+
+def _nbytes(value) -> int:
+    tensors = value if isinstance(value, (tuple, list)) else (value,)
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 class PromptCache:
     """Values keyed by the batch of conditionings (uuids), its layout (cond_or_uncond), a tensor's shape, device and
-    dtype, and a tag; dropped at every run start (ON_PRE_RUN, which also decides whether the run may cache) and
-    when hooks re-patch the weights within a run (ON_APPLY_HOOKS). Without uuids or with a prompt-changing patch,
-    ``get_or_make`` builds every time."""
+    dtype, and a tag (the layer); one per node, shared by its layers. Dropped at every run start (ON_PRE_RUN,
+    which also decides whether the run may cache), when hooks re-patch the weights within a run (ON_APPLY_HOOKS)
+    and when the run ends (ON_CLEANUP: nothing stays on the GPU between runs). Without uuids, with a
+    prompt-changing patch, or past ``max_bytes``, ``get_or_make`` builds every time."""
 
-    def __init__(self, max_entries: int = 8):
-        self.max_entries = max_entries  # bounds memory when the layouts change (cond/uncond split when memory is low)
+    def __init__(self, max_bytes: int = 0):
+        self.max_bytes = max_bytes
         self.enabled = False
         self._values: dict = {}
+        self._used = 0
 
     def install(self, model) -> None:
         """Register the resets on ``model`` (a clone; clones made from it downstream carry them)."""
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, self.reset)
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, self.reset)
+        model.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, self.release)
 
     def reset(self, patcher=None, *_) -> None:
         self._values.clear()
+        self._used = 0
         if patcher is not None and hasattr(patcher, "model_options"):  # ON_PRE_RUN: the patcher that samples
             self.enabled = prompt_is_fixed(patcher)
+
+    def release(self, *_) -> None:
+        self.reset()
+        self.enabled = False
 
     def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None):
         uuids = extra_options.get("uuids")
@@ -53,8 +72,11 @@ class PromptCache:
             return make()
         key = (tuple(uuids), tuple(extra_options.get("cond_or_uncond") or ()), tuple(like.shape), like.device,
                like.dtype, tag)
-        if key not in self._values:
-            if len(self._values) >= self.max_entries:
-                self._values.clear()
-            self._values[key] = make()
-        return self._values[key]
+        if key in self._values:
+            return self._values[key]
+        value = make()
+        size = _nbytes(value)
+        if self._used + size <= self.max_bytes:
+            self._values[key] = value
+            self._used += size
+        return value

@@ -17,27 +17,54 @@ def patcher_with(attn2_patches):
 def test_the_cache_keys_by_conditionings_and_layout_and_drops_everything_at_a_run_start(comfy):
     from comfyui_personalize.nodes.prompt_cache import PromptCache, keeps_prompt
 
-    cache, built = PromptCache(max_entries=2), []
-    make = lambda: built.append(1) or len(built)  # noqa: E731
-    like = torch.zeros(2, 3)
+    cache, built = PromptCache(max_bytes=2**20), []
+
+    def make():
+        built.append(1)
+        return torch.full((4,), float(len(built)))  # 16 bytes
+
+    got = lambda options, like=torch.zeros(2, 3): int(cache.get_or_make(options, like, make, "layer")[0])  # noqa
     call = {"uuids": ["u", "c"], "cond_or_uncond": [1, 0]}
-    assert cache.get_or_make(call, like, make) == 1 and cache.get_or_make(call, like, make) == 2  # not yet enabled
+    assert got(call) == 1 and got(call) == 2  # not enabled before a run starts
     cache.reset(patcher_with([keeps_prompt(lambda *a: a)]))
-    assert cache.get_or_make(call, like, make) == 3 and cache.get_or_make(call, like, make) == 3
-    assert cache.get_or_make({**call, "uuids": ["u", "d"]}, like, make) == 4  # another batch of prompts
-    assert cache.get_or_make({**call, "cond_or_uncond": [0, 1]}, like, make) == 5  # another layout
-    assert cache.get_or_make(call, torch.zeros(4, 3), make) == 6  # another shape (and the bound clears)
-    assert cache.get_or_make({"cond_or_uncond": [1, 0]}, like, make) == 7  # no uuids: nothing to key on
+    assert got(call) == 3 and got(call) == 3
+    assert int(cache.get_or_make(call, torch.zeros(2, 3), make, "other layer")[0]) == 4
+    assert got({**call, "uuids": ["u", "d"]}) == 5  # another batch of prompts
+    assert got({**call, "cond_or_uncond": [0, 1]}) == 6  # another layout
+    assert got(call, torch.zeros(4, 3)) == 7  # another shape
+    assert got({"cond_or_uncond": [1, 0]}) == 8 and got({"cond_or_uncond": [1, 0]}) == 9  # no uuids: no key
     cache.reset(patcher_with([keeps_prompt(lambda *a: a)]))
-    assert cache.get_or_make(call, like, make) == 8  # a new run builds anew
+    assert got(call) == 10 and got(call) == 10  # a new run builds anew
     cache.reset(patcher_with([keeps_prompt(lambda *a: a), lambda *a: a]))  # a patch that may edit the prompt
-    assert cache.get_or_make(call, like, make) == 9 and cache.get_or_make(call, like, make) == 10
+    assert got(call) == 11 and got(call) == 12
+
+
+def test_the_cache_keeps_no_more_than_its_budget(comfy):
+    from comfyui_personalize.nodes.prompt_cache import PromptCache
+
+    cache, built = PromptCache(max_bytes=40), []
+
+    def make():
+        built.append(1)
+        return torch.zeros(2), torch.zeros(2, dtype=torch.float64)  # 8 + 16 bytes
+
+    cache.reset(patcher_with([]))
+    for layer in range(3):
+        for _ in range(2):
+            cache.get_or_make({"uuids": ["u"]}, torch.zeros(1), make, layer)
+    assert len(built) == 1 + 2 + 2  # the first layer's pair fits (24 of 40 bytes), the others are built per call
+    cache.reset(patcher_with([]))
+    cache.get_or_make({"uuids": ["u"]}, torch.zeros(1), make, 2)
+    cache.get_or_make({"uuids": ["u"]}, torch.zeros(1), make, 2)
+    assert len(built) == 6  # a run start frees the budget
 
 
 def test_p2p_builds_its_prompt_edits_once_per_run_and_samples_the_same_image(comfy, tiny_sd15, nodes,  # noqa: F811
                                                                             monkeypatch):
     """The swap gathers the source's keys and mixes the target's values: once per run. With another node's
     attn2_patch in the model they are built at every step, and the pair is the same."""
+    from comfy.patcher_extension import CallbacksMP
+
     from comfyui_personalize.nodes.attention_hooks import transformer_blocks
     from comfyui_personalize.nodes.prompt_cache import PromptCache
 
@@ -51,6 +78,9 @@ def test_p2p_builds_its_prompt_edits_once_per_run_and_samples_the_same_image(com
     layers, steps = len(transformer_blocks(model)), 3
     cached = sample(comfy, m, positive, latent, clip, steps=steps)
     assert len(builds) == layers
+    caches = [getattr(r, "__self__", None) for r in m.get_all_callbacks(CallbacksMP.ON_PRE_RUN)]
+    caches = [c for c in caches if isinstance(c, PromptCache)]
+    assert len(caches) == 1 and not caches[0]._values  # nothing is kept on the device once a run has ended
     builds.clear()
     foreign = m.clone()
     foreign.set_model_attn2_patch(lambda n, context, value, extra_options: (n, context, value))
