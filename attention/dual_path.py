@@ -246,6 +246,17 @@ class SamplingDeltas:
                 start += up.shape[0]
         return out
 
+    def paired_one(self, name: str, t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        """``paired`` for one projection whose hard rows are its base rows (the cross-attention q, every step):
+        the same ops, less Python per call."""
+        t2 = t.repeat(2, *([1] * (t.dim() - 1)))
+        if name in self.parts:
+            if source is None:
+                raise ValueError(f"a LoRA delta on to_{name} needs its pre-projection input; the host did not pass it")
+            down, up = self.parts[name]
+            _rows(t2[:t.shape[0]]).addmm_(_rows(source) @ down, up)
+        return t2
+
     def out_update(self, soft: torch.Tensor, a: float) -> OutUpdate | None:
         if "out" not in self.parts:
             return None
@@ -267,18 +278,18 @@ def blend_pairs(attention: Attention, q2: torch.Tensor, k2: torch.Tensor, v2: to
     in [0, 1]. ``together``: one attention call over both halves (False: one per path, for a replace of another
     pack that reads the row layout). Returns (blended attention for to_out, the out delta for the output patch).
     a = 1 / a = 0 attend only the soft / hard rows."""
+    if 0.0 < a < 1.0 and together:  # the common case first, slicing no input (every op costs a dispatch)
+        soft, hard = _halves(attention(q2, k2, v2))
+        update = deltas.out_update(soft, a)  # queued before the blend overwrites the soft rows
+        return soft.lerp_(hard, 1.0 - a), update  # in place: no third [B, N, C] tensor at the peak
     (q_soft, q_hard), (k_soft, k_hard), (v_soft, v_hard) = _halves(q2), _halves(k2), _halves(v2)
     if a == 0.0:
         return attention(q_hard, k_hard, v_hard), None
+    soft = attention(q_soft, k_soft, v_soft)
     if a == 1.0:
-        soft = attention(q_soft, k_soft, v_soft)
         return soft, deltas.out_update(soft, a)
-    if not together:  # another pack's outputs may alias their inputs: blend out of place
-        soft, hard = attention(q_soft, k_soft, v_soft), attention(q_hard, k_hard, v_hard)
-        return torch.lerp(hard, soft, a), deltas.out_update(soft, a)
-    soft, hard = _halves(attention(q2, k2, v2))
-    update = deltas.out_update(soft, a)  # queued before the blend overwrites the soft rows
-    return soft.lerp_(hard, 1.0 - a), update  # in place: no third [B, N, C] tensor at the peak
+    # another pack's replace reads the row layout, and its outputs may alias its inputs: a call per path, out of place
+    return torch.lerp(attention(q_hard, k_hard, v_hard), soft, a), deltas.out_update(soft, a)
 
 
 @torch.no_grad()

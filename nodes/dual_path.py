@@ -201,7 +201,7 @@ class _Blend:
             if sampling():
                 deltas = self.sampling_deltas(q)
                 k2, v2 = self.kv_pair(extra_options, q, k, v, context, value)
-                q2 = deltas.paired({"q": q}, {"q": x})["q"]
+                q2 = deltas.paired_one("q", q, x)
                 out, delta = blend_pairs(attend, q2, k2, v2, deltas, a, together=previous is None)
             else:
                 k_h, v_h = self.hard_rows(extra_options, q, k, v) if a < 1.0 else (k, v)

@@ -231,7 +231,7 @@ def run_sampling(block, x, soft, hard, deltas, a, attention=sdpa, together=True)
         out, update = self_blend_for_sampling(attention, q, k, v, x, x, x, prepared, a, together)
     else:
         pair = prepared.paired({"k": k, "v": v}, {"k": soft, "v": soft}, {"k": block.to_k(hard), "v": block.to_v(hard)})
-        q2 = prepared.paired({"q": q}, {"q": x})["q"]
+        q2 = prepared.paired_one("q", q, x)  # as the node pairs the cross-attention q
         out, update = blend_pairs(attention, q2, pair["k"], pair["v"], prepared, a, together)
     assert all(torch.equal(t, b) for t, b in zip((q, k, v), before))  # the host's projections are left alone
     n = block.to_out(out)
@@ -270,6 +270,9 @@ def test_paired_rows_are_the_soft_then_the_hard_projections():
         assert torch.equal(got[batch:], k_hard)
         same = prepared.paired({"k": k}, {"k": soft})["k"]  # no hard projection given: the base one
         assert torch.equal(same[batch:], k) and torch.equal(same[:batch], got[:batch])
+        assert torch.equal(prepared.paired_one("k", k, soft), same)
+        assert torch.equal(SamplingDeltas.prepare(AttentionDeltas(), x.device, x.dtype).paired_one("k", k, None),
+                           torch.cat([k, k]))  # no delta on this projection: both halves are the base rows
 
 
 def test_v_delta_reads_the_value_input_when_a_patch_gave_it_its_own():
