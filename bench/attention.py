@@ -233,6 +233,7 @@ for family in args.models.split(","):
     prompts = PromptCache(cache_budget(base))  # as the P2P node sets it up
     prompts.install(m)
     install(m, blocks, "attn2", p2p_cross_replace(plan, None, prompts))
+    prompts.watch(m, [b.key for b in blocks])
     install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
     modes.append(("p2p swap + self injection", m, pos2, neg1, 2 * n, True))
     m = base.clone()

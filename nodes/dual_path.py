@@ -189,7 +189,7 @@ class _Blend:
             pair = self.sampling_deltas(q).paired({"k": k, "v": v}, {"k": context, "v": value},
                                                   {"k": k_h, "v": v_h})
             return pair["k"], pair["v"]
-        return self.prompts.get_or_make(extra_options, k, build, self.block.key)
+        return self.prompts.get_or_make(extra_options, k, build)
 
     def a_now(self, extra_options) -> float:
         return self.a if in_window(extra_options, self.window) else 1.0  # outside the window: the tuned path
@@ -300,9 +300,11 @@ class PersonalizeDualPathBlend(io.ComfyNode):
             for key, d in deltas.items():
                 blend = _Blend(blocks[key], d, hard_ctx, a_blend, window, prompts)
                 set_replace(m, attn, blocks[key], blend.cross if attn == "attn2" else blend.self)
+                if attn == "attn2":
+                    prompts.watch(m, [key])
                 # weights change between runs and, with scheduled hooks, within one: drop the cached hard k/v
-                m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, blend.reset)
-                m.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, blend.reset)
+                for when in ("ON_PRE_RUN", "ON_APPLY_HOOKS", "ON_CLEANUP"):
+                    m.add_callback(getattr(comfy.patcher_extension.CallbacksMP, when), blend.reset)
             if deltas:
                 (m.set_model_attn2_patch if attn == "attn2" else m.set_model_attn1_patch)(stash_patch)
                 install_output_patch_first(m, f"{attn}_output_patch", add_delta_out)

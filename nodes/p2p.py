@@ -131,6 +131,7 @@ class PersonalizeP2P(io.ComfyNode):
         prompts = PromptCache(cache_budget(model))  # gathered keys and mixed values, kept per run
         prompts.install(m)
         install(m, blocks, "attn2", p2p_cross_replace(plan, recorder, prompts))
+        prompts.watch(m, [b.key for b in blocks])
         if self_end_percent > self_start_percent:
             install(m, blocks, "attn1", p2p_self_replace(self_window, min(SELF_MAX_DOWNSCALE, _max_downscale(m))))
         if recorder is not None:

@@ -173,8 +173,6 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
     prompts = PromptCache() if prompts is None else prompts  # one never installed builds every time
 
     def make(previous):
-        layer = object()  # this layer's tag in the shared cache
-
         def replace(q, k, v, extra_options):
             attend = fused_attention(extra_options, previous)
             if recorder is not None:
@@ -189,7 +187,7 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
                                             lambda: _row_mixing(extra_options, q.shape[0], mixed.cpu()),
                                             tag=id(mixed))  # plan keeps each window state's operands alive
                 keys, mixed_values = prompts.get_or_make(
-                    extra_options, k, lambda: (k.index_select(0, rows), torch.bmm(values, v)), (layer, id(mixed)))
+                    extra_options, k, lambda: (k.index_select(0, rows), torch.bmm(values, v)), id(mixed))
                 return attend(q.index_select(0, rows), keys, mixed_values)
             out = attend(q, k, v)
             src, tgt = paired_index(extra_options, q.shape[0], q.device)
@@ -197,7 +195,7 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
                 return out
             pick = lambda t, rows: t.index_select(0, rows)  # noqa: E731
             k_src, k_tgt, v_tgt = prompts.get_or_make(
-                extra_options, k, lambda: (pick(k, src), pick(k, tgt), pick(v, tgt)), (layer, "targets"))
+                extra_options, k, lambda: (pick(k, src), pick(k, tgt), pick(v, tgt)), "targets")
             edited = edits.p2p_cross_with(attend, pick(q, src), k_src, pick(q, tgt), k_tgt, v_tgt, *operands)
             return out.index_copy(0, tgt, edited.to(out.dtype))
         return replace

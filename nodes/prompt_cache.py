@@ -2,13 +2,18 @@
 from them. ComfyUI recomputes k/v of the same prompts at every step; a patch that edits them (the dual-path pair,
 P2P's gathered source keys and mixed values) would redo its edit at every step too, each a kernel launch per
 layer, which is what a launch-bound sampler pays for. Within one run a batch of conditionings (ComfyUI gives each
-a uuid per run) has the same context at every step, so the edit is built at its first step and reused."""
+a uuid per run) has the same context at every step, so the edit is built at its first step and reused: in a layer
+whose attn2 replace ComfyUI calls directly (a replace that wraps ours may hand it other k/v at every call, e.g. a
+second blend's soft and hard paths, or P2P inside and outside its window), with no attn2_patch that may change the
+prompt, and outside context windows (they slice the prompt per window under the same uuid)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import comfy.patcher_extension
 import torch
+
+from .attention_hooks import existing_replace
 
 KEEPS_PROMPT = "personalize_keeps_prompt"  # attribute of an attn2_patch that never changes the context
 
@@ -40,15 +45,16 @@ def _nbytes(value) -> int:
 
 
 class PromptCache:
-    """Values keyed by the batch of conditionings (uuids), its layout (cond_or_uncond), a tensor's shape, device and
-    dtype, and a tag (the layer); one per node, shared by its layers. Dropped at every run start (ON_PRE_RUN,
-    which also decides whether the run may cache), when hooks re-patch the weights within a run (ON_APPLY_HOOKS)
-    and when the run ends (ON_CLEANUP: nothing stays on the GPU between runs). Without uuids, with a
-    prompt-changing patch, or past ``max_bytes``, ``get_or_make`` builds every time."""
+    """Values keyed by the layer, the batch of conditionings (uuids), its layout (cond_or_uncond), a tensor's shape,
+    device and dtype, and a tag; one per node, shared by its layers. ``watch`` names the layers and the replace the
+    node installed in each. Dropped at every run start (ON_PRE_RUN, which also decides where the run may cache),
+    when hooks re-patch the weights within a run (ON_APPLY_HOOKS) and when the run ends (ON_CLEANUP: nothing of it
+    stays on the device between runs). Elsewhere, or past ``max_bytes``, ``get_or_make`` builds every time."""
 
     def __init__(self, max_bytes: int = 0):
         self.max_bytes = max_bytes
-        self.enabled = False
+        self._installed: dict[tuple, Callable] = {}  # block key -> the attn2 replace this node installed there
+        self._direct: set[tuple] = set()  # the layers where ComfyUI calls that replace itself, this run
         self._values: dict = {}
         self._used = 0
 
@@ -58,22 +64,30 @@ class PromptCache:
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, self.reset)
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, self.release)
 
+    def watch(self, model, block_keys) -> None:
+        """Record the attn2 replace just installed on ``model`` for each block key."""
+        for key in block_keys:
+            self._installed[tuple(key)] = existing_replace(model, "attn2", tuple(key))
+
     def reset(self, patcher=None, *_) -> None:
         self._values.clear()
         self._used = 0
         if patcher is not None and hasattr(patcher, "model_options"):  # ON_PRE_RUN: the patcher that samples
-            self.enabled = prompt_is_fixed(patcher)
+            fixed = prompt_is_fixed(patcher)
+            self._direct = {key for key, replace in self._installed.items()
+                            if fixed and existing_replace(patcher, "attn2", key) is replace}
 
     def release(self, *_) -> None:
         self.reset()
-        self.enabled = False
+        self._direct = set()
 
     def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None):
-        uuids = extra_options.get("uuids")
-        if not (self.enabled and uuids):
+        uuids, block = extra_options.get("uuids"), extra_options.get("block")
+        layer = None if block is None else (block[0], block[1], extra_options.get("block_index", 0))
+        if not uuids or layer not in self._direct or extra_options.get("context_window") is not None:
             return make()
-        key = (tuple(uuids), tuple(extra_options.get("cond_or_uncond") or ()), tuple(like.shape), like.device,
-               like.dtype, tag)
+        key = (layer, tuple(uuids), tuple(extra_options.get("cond_or_uncond") or ()), tuple(like.shape),
+               like.device, like.dtype, tag)
         if key in self._values:
             return self._values[key]
         value = make()

@@ -4,59 +4,110 @@ import types
 
 import pytest
 import torch
-from test_attention_nodes import PROMPT, encode, nodes, p2p, sample  # noqa: F401
+from test_attention_nodes import PROMPT, attention_lora, dual, empty_latent, encode, nodes, p2p, sample  # noqa: F401
 
 pytestmark = pytest.mark.host
 
 
-def patcher_with(attn2_patches):
-    options = {"transformer_options": {"patches": {"attn2_patch": list(attn2_patches)}}}
+KEY = ("input", 1, 0)
+
+
+def patcher_with(attn2_patches, replace=None):
+    """A stand-in for the sampling ModelPatcher: its attn2_patch list and the attn2 replace of block KEY."""
+    options = {"transformer_options": {"patches": {"attn2_patch": list(attn2_patches)},
+                                       "patches_replace": {"attn2": {} if replace is None else {KEY: replace}}}}
     return types.SimpleNamespace(model_options=options)
 
 
-def test_the_cache_keys_by_conditionings_and_layout_and_drops_everything_at_a_run_start(comfy):
+def call_options(**kw):
+    return {"uuids": ["u", "c"], "cond_or_uncond": [1, 0], "block": KEY[:2], "block_index": KEY[2], **kw}
+
+
+def test_the_cache_keys_by_layer_conditionings_and_layout_and_drops_everything_at_a_run_start(comfy):
     from comfyui_personalize.nodes.prompt_cache import PromptCache, keeps_prompt
 
-    cache, built = PromptCache(max_bytes=2**20), []
+    ours, cache, built = (lambda *a: a), PromptCache(max_bytes=2**20), []
+    cache.watch(patcher_with([], ours), [KEY])
 
     def make():
         built.append(1)
         return torch.full((4,), float(len(built)))  # 16 bytes
 
-    got = lambda options, like=torch.zeros(2, 3): int(cache.get_or_make(options, like, make, "layer")[0])  # noqa
-    call = {"uuids": ["u", "c"], "cond_or_uncond": [1, 0]}
+    got = lambda options, like=torch.zeros(2, 3): int(cache.get_or_make(options, like, make)[0])  # noqa: E731
+    call = call_options()
     assert got(call) == 1 and got(call) == 2  # not enabled before a run starts
-    cache.reset(patcher_with([keeps_prompt(lambda *a: a)]))
+    cache.reset(patcher_with([keeps_prompt(lambda *a: a)], ours))
     assert got(call) == 3 and got(call) == 3
-    assert int(cache.get_or_make(call, torch.zeros(2, 3), make, "other layer")[0]) == 4
+    assert int(cache.get_or_make(call, torch.zeros(2, 3), make, "other value")[0]) == 4
     assert got({**call, "uuids": ["u", "d"]}) == 5  # another batch of prompts
     assert got({**call, "cond_or_uncond": [0, 1]}) == 6  # another layout
     assert got(call, torch.zeros(4, 3)) == 7  # another shape
-    assert got({"cond_or_uncond": [1, 0]}) == 8 and got({"cond_or_uncond": [1, 0]}) == 9  # no uuids: no key
-    cache.reset(patcher_with([keeps_prompt(lambda *a: a)]))
-    assert got(call) == 10 and got(call) == 10  # a new run builds anew
-    cache.reset(patcher_with([keeps_prompt(lambda *a: a), lambda *a: a]))  # a patch that may edit the prompt
-    assert got(call) == 11 and got(call) == 12
+    assert got(call_options(uuids=None)) == 8 and got(call_options(uuids=None)) == 9  # no uuids: no key
+    assert got(call_options(block_index=1)) == 10 and got(call_options(block_index=1)) == 11  # a layer not watched
+    assert got(call_options(context_window=object())) == 12  # context windows slice the prompt per window
+    cache.reset(patcher_with([keeps_prompt(lambda *a: a)], ours))
+    assert got(call) == 13 and got(call) == 13  # a new run builds anew
+    cache.reset(patcher_with([keeps_prompt(lambda *a: a), lambda *a: a], ours))  # a patch that may edit the prompt
+    assert got(call) == 14 and got(call) == 15
+    cache.reset(patcher_with([], lambda *a: ours(*a)))  # another replace wraps ours: it may pass other k/v
+    assert got(call) == 16 and got(call) == 17
 
 
 def test_the_cache_keeps_no_more_than_its_budget(comfy):
     from comfyui_personalize.nodes.prompt_cache import PromptCache
 
-    cache, built = PromptCache(max_bytes=40), []
+    ours, cache, built = (lambda *a: a), PromptCache(max_bytes=40), []
+    cache.watch(patcher_with([], ours), [KEY])
 
     def make():
         built.append(1)
         return torch.zeros(2), torch.zeros(2, dtype=torch.float64)  # 8 + 16 bytes
 
-    cache.reset(patcher_with([]))
-    for layer in range(3):
+    cache.reset(patcher_with([], ours))
+    for tag in range(3):
         for _ in range(2):
-            cache.get_or_make({"uuids": ["u"]}, torch.zeros(1), make, layer)
-    assert len(built) == 1 + 2 + 2  # the first layer's pair fits (24 of 40 bytes), the others are built per call
-    cache.reset(patcher_with([]))
-    cache.get_or_make({"uuids": ["u"]}, torch.zeros(1), make, 2)
-    cache.get_or_make({"uuids": ["u"]}, torch.zeros(1), make, 2)
+            cache.get_or_make(call_options(), torch.zeros(1), make, tag)
+    assert len(built) == 1 + 2 + 2  # the first pair fits (24 of 40 bytes), the others are built per call
+    cache.reset(patcher_with([], ours))
+    cache.get_or_make(call_options(), torch.zeros(1), make, 2)
+    cache.get_or_make(call_options(), torch.zeros(1), make, 2)
     assert len(built) == 6  # a run start frees the budget
+
+
+def no_cache(monkeypatch):
+    from comfyui_personalize.nodes.prompt_cache import PromptCache
+    monkeypatch.setattr(PromptCache, "get_or_make", lambda self, options, like, make, tag=None: make())
+
+
+def blend_over_blend(node_classes, model, clip, comfy):
+    soft, hard = encode(comfy, clip, PROMPT.replace("car", "zwx car")), encode(comfy, clip, PROMPT)
+    inner = dual(node_classes, model, hard, attention_lora(model), 0.5, paths="cross")
+    return dual(node_classes, inner, hard, attention_lora(model, seed=11, scale=0.3), 0.5, paths="cross"), soft, \
+        empty_latent()
+
+
+def blend_over_p2p(node_classes, model, clip, comfy):
+    m, positive, latent = p2p(node_classes, model, clip, PROMPT, PROMPT.replace("car", "bus"), mode="swap",
+                              cross_end_percent=1.0, self_end_percent=0.0)
+    blended = dual(node_classes, m, encode(comfy, clip, PROMPT), attention_lora(model), 0.5, paths="cross")
+    return blended, positive, latent
+
+
+def p2p_over_blend(node_classes, model, clip, comfy):
+    blended = dual(node_classes, model, encode(comfy, clip, PROMPT), attention_lora(model), 0.5, paths="cross")
+    return p2p(node_classes, blended, clip, PROMPT, PROMPT.replace("car", "bus"), mode="swap", cross_end_percent=0.5,
+               self_end_percent=0.0)
+
+
+@pytest.mark.parametrize("chain", [blend_over_blend, blend_over_p2p, p2p_over_blend])
+def test_a_replace_wrapping_ours_gets_no_stale_k_v(comfy, tiny_sd15, nodes, monkeypatch, chain):  # noqa: F811
+    """The outer replace hands the inner one other k/v at every call (the soft and the hard path; P2P's swapped
+    keys inside its window, the plain ones after): the inner node must not serve them from its cache."""
+    model, clip, _ = tiny_sd15
+    m, positive, latent = chain(nodes, model, clip, comfy)
+    cached = sample(comfy, m, positive, latent, clip, steps=4)
+    no_cache(monkeypatch)
+    torch.testing.assert_close(cached, sample(comfy, m, positive, latent, clip, steps=4), atol=1e-5, rtol=1e-5)
 
 
 def test_p2p_builds_its_prompt_edits_once_per_run_and_samples_the_same_image(comfy, tiny_sd15, nodes,  # noqa: F811
