@@ -112,9 +112,9 @@ def sampling() -> bool:
 
 class _Blend:
     """One block's blend. Sampling (no autograd) takes the launch-lean path of attention.dual_path; with autograd
-    on, the differentiable functions. Per-run caches (the hard prompt's base k/v; both paths' k/v per batch of
-    conditionings) are dropped by ``reset`` at every sampling run's start (ON_PRE_RUN) and when hooks re-patch the
-    weights within a run (ON_APPLY_HOOKS)."""
+    on, the differentiable functions. The hard prompt's base k/v are dropped by ``reset`` at every sampling run's
+    start (ON_PRE_RUN), when hooks re-patch the weights within a run (ON_APPLY_HOOKS) and at its end (ON_CLEANUP);
+    both paths' stacked k/v live in the node's ``PromptCache``, under the same rules."""
 
     def __init__(self, block: Block, deltas: AttentionDeltas, hard: torch.Tensor | None, a: float,
                  window: tuple[float, float], prompts: PromptCache | None = None):
