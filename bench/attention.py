@@ -63,12 +63,11 @@ from comfyui_personalize.nodes.comfy_adapter import ComfyHost  # noqa: E402
 from comfyui_personalize.nodes.p2p_patches import (  # noqa: E402
     CrossPlan,
     install,
-    p2p_cross_replace,
+    install_cross,
     p2p_self_replace,
     renormalized_replace,
     value_reweight_patch,
 )
-from comfyui_personalize.nodes.prompt_cache import PromptCache, cache_budget  # noqa: E402
 
 FAMILIES = {"sd15": (comfy.supported_models.SD15, shapes.sd15(args.tiny), 64, 768, None),
             "sdxl": (comfy.supported_models.SDXL, shapes.sdxl(args.tiny), 128, 2048, 2816 - 1536)}
@@ -163,9 +162,8 @@ def measure_family(family, modes, lat):
         for r in runs.values():
             r["times"].append(timed(lambda: r["go"](args.steps)) / r["images"])
     for name, r in runs.items():
-        base = runs[r["baseline"]]["times"]
-        ratios = [t / b for t, b in zip(r["times"], base)]
         ref = runs[r["baseline"]]
+        ratios = [t / b for t, b in zip(r["times"], ref["times"])]
         ratio_of = lambda k: None if r[k] is None else round(r[k] / ref[k], 3)  # noqa: E731
         row = dict(model=family, mode=name, images=r["images"], s_per_image=round(statistics.median(r["times"]), 3),
                    ratio=round(statistics.median(ratios), 3), runs=[round(t, 3) for t in r["times"]],
@@ -230,10 +228,7 @@ for family in args.models.split(","):
     mapper = swap_mapper(words, words, 77)
     plan = CrossPlan(mapper, torch.ones(77), torch.ones(77), ALL)
     m = base.clone()
-    prompts = PromptCache(cache_budget(base))  # as the P2P node sets it up
-    prompts.install(m)
-    install(m, blocks, "attn2", p2p_cross_replace(plan, None, prompts))
-    prompts.watch(m, [b.key for b in blocks])
+    install_cross(m, blocks, plan, None)  # as the P2P node sets it up
     install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
     modes.append(("p2p swap + self injection", m, pos2, neg1, 2 * n, True))
     m = base.clone()

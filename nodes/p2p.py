@@ -21,8 +21,7 @@ from .attention_text import (
     word_tokenizer,
     words_with_positions,
 )
-from .p2p_patches import BlendRecorder, CrossPlan, install, p2p_cross_replace, p2p_self_replace
-from .prompt_cache import PromptCache, cache_budget
+from .p2p_patches import BlendRecorder, CrossPlan, install, install_cross, p2p_self_replace
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "swap", "refine")
@@ -128,10 +127,7 @@ class PersonalizeP2P(io.ComfyNode):
         if blend_words.strip():
             recorder = cls._blend(model, src, tgt, blend_words, ids_of, blend_threshold, blend_start_percent)
         m = model.clone()
-        prompts = PromptCache(cache_budget(model))  # gathered keys and mixed values, kept per run
-        prompts.install(m)
-        install(m, blocks, "attn2", p2p_cross_replace(plan, recorder, prompts))
-        prompts.watch(m, [b.key for b in blocks])
+        install_cross(m, blocks, plan, recorder)
         if self_end_percent > self_start_percent:
             install(m, blocks, "attn1", p2p_self_replace(self_window, min(SELF_MAX_DOWNSCALE, _max_downscale(m))))
         if recorder is not None:

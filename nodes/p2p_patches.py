@@ -25,7 +25,7 @@ from .attention_hooks import (
     set_replace,
     source_of_rows,
 )
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, cache_budget
 
 Window = tuple[float, float]  # (sigma_high, sigma_low)
 
@@ -219,3 +219,12 @@ def p2p_self_replace(window: Window, max_downscale_ratio: float):
 def install(model, blocks: list[Block], kind: str, make) -> None:
     for block in blocks:
         set_replace(model, kind, block, make)
+
+
+def install_cross(model, blocks: list[Block], plan: CrossPlan, recorder: BlendRecorder | None) -> None:
+    """The P2P attn2 replace on every block of ``model`` (a clone), with its per-run cache of what it builds from
+    the prompts' k/v (kept where ComfyUI calls this replace itself)."""
+    prompts = PromptCache(cache_budget(model))
+    prompts.install(model)
+    install(model, blocks, "attn2", p2p_cross_replace(plan, recorder, prompts))
+    prompts.watch(model, [b.key for b in blocks])
