@@ -246,15 +246,20 @@ class SamplingDeltas:
                 start += up.shape[0]
         return out
 
-    def paired_one(self, name: str, t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
-        """``paired`` for one projection whose hard rows are its base rows (the cross-attention q, every step):
-        the same ops, less Python per call."""
-        t2 = t.repeat(2, *([1] * (t.dim() - 1)))
+    def plus_(self, name: str, t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        """``t`` (contiguous, the caller's own) plus the delta of projection ``name`` on ``source``, in place."""
         if name in self.parts:
             if source is None:
                 raise ValueError(f"a LoRA delta on to_{name} needs its pre-projection input; the host did not pass it")
             down, up = self.parts[name]
-            _rows(t2[:t.shape[0]]).addmm_(_rows(source) @ down, up)
+            _rows(t).addmm_(_rows(source) @ down, up)
+        return t
+
+    def paired_one(self, name: str, t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        """``paired`` for one projection whose hard rows are its base rows (the cross-attention q, every step):
+        the same ops, less Python per call."""
+        t2 = t.repeat(2, *([1] * (t.dim() - 1)))
+        self.plus_(name, t2[:t.shape[0]], source)  # rows :B are contiguous
         return t2
 
     def out_update(self, soft: torch.Tensor, a: float) -> OutUpdate | None:
@@ -271,17 +276,31 @@ def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t[:half], t[half:]
 
 
+def scale_values_(v2: torch.Tensor, a: float) -> torch.Tensor:
+    """[soft rows; hard rows] values scaled in place by a and 1 - a: attention is linear in v, so the stacked call
+    then returns a * attn_soft and (1 - a) * attn_hard, and the blend is their sum (``blend_pairs(prescaled=True)``).
+    Done once per run on the cached values, it takes the blend's scaling off every step."""
+    soft, hard = _halves(v2)
+    soft.mul_(a)
+    hard.mul_(1.0 - a)
+    return v2
+
+
 @torch.no_grad()
 def blend_pairs(attention: Attention, q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, deltas: SamplingDeltas,
-                a: float, together: bool = True) -> tuple[torch.Tensor, OutUpdate | None]:
+                a: float, together: bool = True, prescaled: bool = False) -> tuple[torch.Tensor, OutUpdate | None]:
     """The blend for sampling from stacked inputs [soft rows; hard rows] (``SamplingDeltas.paired``), a float ``a``
     in [0, 1]. ``together``: one attention call over both halves (False: one per path, for a replace of another
-    pack that reads the row layout). Returns (blended attention for to_out, the out delta for the output patch).
-    a = 1 / a = 0 attend only the soft / hard rows."""
+    pack that reads the row layout). ``prescaled``: v2 already carries a and 1 - a (``scale_values_``; together
+    only). Returns (blended attention for to_out, the out delta for the output patch). a = 1 / a = 0 attend only
+    the soft / hard rows."""
     if 0.0 < a < 1.0 and together:  # the common case first, slicing no input (every op costs a dispatch)
         soft, hard = _halves(attention(q2, k2, v2))
-        update = deltas.out_update(soft, a)  # queued before the blend overwrites the soft rows
-        return soft.lerp_(hard, 1.0 - a), update  # in place: no third [B, N, C] tensor at the peak
+        update = deltas.out_update(soft, 1.0 if prescaled else a)  # queued before the blend overwrites the soft rows
+        # in place: no third [B, N, C] tensor at the peak
+        return (soft.add_(hard) if prescaled else soft.lerp_(hard, 1.0 - a)), update
+    if prescaled:
+        raise ValueError("prescaled values hold a blend of both paths: attend them together, with 0 < a < 1")
     (q_soft, q_hard), (k_soft, k_hard), (v_soft, v_hard) = _halves(q2), _halves(k2), _halves(v2)
     if a == 0.0:
         return attention(q_hard, k_hard, v_hard), None

@@ -27,6 +27,7 @@ class Block:
 
     key: tuple[str, int, int]
     module: BasicTransformerBlock
+    path: str = ""  # its attribute path in the ModelPatcher's model ("diffusion_model.input_blocks.4.1...")
 
 
 def require_unet(model, input_name: str = "model") -> UNetModel:
@@ -41,13 +42,15 @@ def require_unet(model, input_name: str = "model") -> UNetModel:
 def transformer_blocks(model) -> list[Block]:
     """Every BasicTransformerBlock with the key ComfyUI's UNet gives it, enumerated from the loaded model."""
     unet = require_unet(model)
-    groups = [("input", i, b) for i, b in enumerate(unet.input_blocks)] + [("middle", 0, unet.middle_block)]
-    groups += [("output", i, b) for i, b in enumerate(unet.output_blocks)]
+    groups = [("input", i, b, f"input_blocks.{i}") for i, b in enumerate(unet.input_blocks)]
+    groups += [("middle", 0, unet.middle_block, "middle_block")]
+    groups += [("output", i, b, f"output_blocks.{i}") for i, b in enumerate(unet.output_blocks)]
     found = []
-    for name, number, block in groups:
-        for layer in block:
+    for name, number, block, path in groups:
+        for at, layer in enumerate(block):
             if isinstance(layer, SpatialTransformer):
-                found += [Block((name, number, j), tb) for j, tb in enumerate(layer.transformer_blocks)]
+                found += [Block((name, number, j), tb, f"diffusion_model.{path}.{at}.transformer_blocks.{j}")
+                          for j, tb in enumerate(layer.transformer_blocks)]
     if not found:
         raise InputError("model", "this UNet has no cross-attention transformer blocks to edit")
     return found
@@ -114,8 +117,25 @@ def existing_replace(model, kind: str, key: tuple[str, int, int]) -> Callable | 
     return table.get(key) or table.get(key[:2])
 
 
+def direct_layer(model, block: Block):
+    """The object patch standing in for ``block``'s attn2 on ``model`` when it is one of ours that can go back to
+    the replace route (the Dual-Path blend's direct layer, which has ``demote``), else None."""
+    layer = model.get_model_object(f"{block.path}.attn2")
+    return layer if callable(getattr(layer, "demote", None)) else None
+
+
+def replaces_cross_attention(model, block: Block) -> bool:
+    """True when something on ``model`` already stands in for ``block``'s cross-attention: a replace or our layer."""
+    return existing_replace(model, "attn2", block.key) is not None or direct_layer(model, block) is not None
+
+
 def set_replace(model, kind: str, block: Block, make: Callable[[Callable | None], Callable]) -> None:
-    """Install ``make(previous)`` as the ``kind`` ("attn1"/"attn2") replace of ``block`` on ``model`` (a clone)."""
+    """Install ``make(previous)`` as the ``kind`` ("attn1"/"attn2") replace of ``block`` on ``model`` (a clone).
+    A direct layer of ours on the block goes back to the replace route first, so that ``make`` chains it: ComfyUI
+    would skip the layer's own forward under a replace."""
+    layer = direct_layer(model, block) if kind == "attn2" else None
+    if layer is not None:
+        layer.demote(model)
     previous = existing_replace(model, kind, block.key)
     setter = model.set_model_attn1_replace if kind == "attn1" else model.set_model_attn2_replace
     setter(make(previous), *block.key)

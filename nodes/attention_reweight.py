@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..attention.tokens import parse_word_weights, token_weights, word_positions
 from ..training.errors import InputError
-from .attention_hooks import APPLY_TO, existing_replace, percent_window, transformer_blocks
+from .attention_hooks import APPLY_TO, percent_window, replaces_cross_attention, transformer_blocks
 from .attention_text import encode, paired_conditioning, paired_latent, prompt_tokens, word_tokenizer
 from .p2p_patches import CrossPlan, install, p2p_cross_replace, renormalized_replace, value_reweight_patch
 
@@ -69,11 +69,11 @@ class PersonalizeAttentionReweight(io.ComfyNode):
         weights = token_weights(tokens.length, positions, dict(weighted))
         if mode == "renormalized" and bool((weights < 0).any()):
             raise InputError("words", "renormalized mode needs weights >= 0; use value mode for negative weights")
-        if mode == "renormalized" and any(existing_replace(model, "attn2", b.key) for b in blocks):
+        if mode == "renormalized" and any(replaces_cross_attention(model, b) for b in blocks):
             # its logit bias needs the attention kernel itself; it cannot pass a bias through another replace
-            raise InputError("mode", "another node already replaces cross-attention on this model (IPAdapter or "
-                                     "similar), which renormalized mode would drop; use value or p2p_locked mode, "
-                                     "which run on top of it")
+            raise InputError("mode", "another node already replaces cross-attention on this model (IPAdapter, "
+                                     "a Dual-Path blend or similar), which renormalized mode would drop; use value "
+                                     "or p2p_locked mode, which run on top of it")
         m = model.clone()
         positive = encode(clip, text)
         if mode == "value":

@@ -18,6 +18,7 @@ from ..attention.dual_path import (
     SamplingDeltas,
     blend_pairs,
     cross_blend,
+    scale_values_,
     self_blend,
     self_blend_for_sampling,
 )
@@ -34,6 +35,7 @@ from .attention_hooks import (
 )
 from .attention_reweight import window_inputs
 from .comfy_adapter import ComfyHost
+from .dual_path_direct import can_go_direct, check_not_bypassed, install_direct
 from .embeddings import hard_tokens
 from .prompt_cache import PromptCache, cache_budget, keeps_prompt
 
@@ -191,6 +193,43 @@ class _Blend:
             return pair["k"], pair["v"]
         return self.prompts.get_or_make(extra_options, k, build)
 
+    def direct_kv(self, layer, extra_options: dict, context, value, what) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v for the direct layer (``dual_path_direct``), once per run and batch of conditionings: "soft" (W + dW
+        on the soft prompt), "hard" (W on the hard prompt in positive rows, the row's own prompt elsewhere), or for
+        a blend ``what`` = a, the [soft; hard] pair with its values scaled by a and 1 - a."""
+        def build():
+            k, v = layer.to_k(context), layer.to_v(value)
+            deltas = self.sampling_deltas(k)
+            if what == "soft":
+                return deltas.plus_("k", k, context), deltas.plus_("v", v, value)
+            k_h, v_h = self.hard_rows(extra_options, k, k, v)
+            if what == "hard":
+                return k_h, v_h
+            pair = deltas.paired({"k": k, "v": v}, {"k": context, "v": value}, {"k": k_h, "v": v_h})
+            return pair["k"], scale_values_(pair["v"], what)
+        return self.prompts.get_or_make(extra_options, context, build, tag=("direct", what))
+
+    def through_replace(self, layer, x, context, value, transformer_options: dict) -> torch.Tensor:
+        """What the replace route computes, from inside the direct layer: for the calls it does not take (autograd
+        on, an attention mask, rows that do not pair with the prompt's)."""
+        extra_options = {**transformer_options, "n_heads": layer.heads, "dim_head": layer.dim_head,
+                         "attn_precision": layer.attn_precision}
+        stash_patch(x, context, value, extra_options)
+        out = self.cross(None)(layer.to_q(x), layer.to_k(context), layer.to_v(value), extra_options)
+        return add_delta_out(layer.to_out(out), extra_options)
+
+    def install_replace(self, model) -> None:
+        """The cross-attention blend on ComfyUI's replace route of ``model`` (a clone), chaining a replace already on
+        the block: the pre-projection stash, the replace, the out delta's output patch."""
+        set_replace(model, "attn2", self.block, self.cross)
+        self.prompts.watch(model, [self.block.key])
+        install_patch_once(model, "attn2_patch", stash_patch)
+        install_output_patch_first(model, "attn2_output_patch", add_delta_out)
+
+    @staticmethod
+    def lean() -> bool:
+        return sampling()
+
     def a_now(self, extra_options) -> float:
         return self.a if in_window(extra_options, self.window) else 1.0  # outside the window: the tuned path
 
@@ -222,6 +261,13 @@ class _Blend:
             _leave_out_delta(extra_options, delta)
             return out
         return replace
+
+
+def install_patch_once(model, name: str, patch) -> None:
+    """Append ``patch`` to the clone's ``name`` list unless it is there (blends share the stash)."""
+    patches = model.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
+    if patch not in patches.get(name, []):
+        patches[name] = patches.get(name, []) + [patch]  # a new list, as ComfyUI's own setters make
 
 
 def install_output_patch_first(model, name: str, patch) -> None:
@@ -294,21 +340,25 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         hard_ctx = hard[0][0][:1].detach()
         prompts = PromptCache(cache_budget(model))  # both paths' k/v, kept per run (shared by the layers)
         prompts.install(m)
-        applied = 0
+        applied, direct = 0, []
         for attn in ("attn2",) + (("attn1",) if paths == "self+cross" else ()):
             deltas = block_deltas(model, lora, attn)
             for key, d in deltas.items():
                 blend = _Blend(blocks[key], d, hard_ctx, a_blend, window, prompts)
-                set_replace(m, attn, blocks[key], blend.cross if attn == "attn2" else blend.self)
-                if attn == "attn2":
-                    prompts.watch(m, [key])
+                if attn == "attn1":
+                    set_replace(m, attn, blocks[key], blend.self)
+                    install_patch_once(m, "attn1_patch", stash_patch)
+                    install_output_patch_first(m, "attn1_output_patch", add_delta_out)
+                elif can_go_direct(m, blocks[key]):
+                    direct.append(install_direct(m, blocks[key], blend))
+                else:
+                    blend.install_replace(m)
                 # weights change between runs and, with scheduled hooks, within one: drop the cached hard k/v
                 for when in ("ON_PRE_RUN", "ON_APPLY_HOOKS", "ON_CLEANUP"):
                     m.add_callback(getattr(comfy.patcher_extension.CallbacksMP, when), blend.reset)
-            if deltas:
-                (m.set_model_attn2_patch if attn == "attn2" else m.set_model_attn1_patch)(stash_patch)
-                install_output_patch_first(m, f"{attn}_output_patch", add_delta_out)
             applied += len(deltas)
+        if direct:
+            m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, check_not_bypassed(direct))
         if not applied:
             raise InputError("lora_name", "the LoRA has no attention (q/k/v/out) factors for this model's blocks; "
                                           "train it with attention targets on this model family")

@@ -53,7 +53,8 @@ class PromptCache:
 
     def __init__(self, max_bytes: int = 0):
         self.max_bytes = max_bytes
-        self._installed: dict[tuple, Callable] = {}  # block key -> the attn2 replace this node installed there
+        # block key -> tests of a sampling patcher: does ComfyUI call this node's attn2 code there directly?
+        self._installed: dict[tuple, list[Callable]] = {}
         self._direct: set[tuple] = set()  # the layers where ComfyUI calls that replace itself, this run
         self._values: dict = {}
         self._used = 0
@@ -67,15 +68,21 @@ class PromptCache:
     def watch(self, model, block_keys) -> None:
         """Record the attn2 replace just installed on ``model`` for each block key."""
         for key in block_keys:
-            self._installed[tuple(key)] = existing_replace(model, "attn2", tuple(key))
+            replace = existing_replace(model, "attn2", tuple(key))
+            self.watch_when(key, lambda patcher, key=tuple(key), ours=replace:
+                            existing_replace(patcher, "attn2", key) is ours)
+
+    def watch_when(self, key, direct: Callable) -> None:
+        """Cache in layer ``key`` in the runs of a patcher for which ``direct(patcher)`` holds (and the prompt is
+        fixed); a layer may have several tests (a direct layer and the replace it goes back to)."""
+        self._installed.setdefault(tuple(key), []).append(direct)
 
     def reset(self, patcher=None, *_) -> None:
         self._values.clear()
         self._used = 0
         if patcher is not None and hasattr(patcher, "model_options"):  # ON_PRE_RUN: the patcher that samples
             fixed = prompt_is_fixed(patcher)
-            self._direct = {key for key, replace in self._installed.items()
-                            if fixed and existing_replace(patcher, "attn2", key) is replace}
+            self._direct = {key for key, tests in self._installed.items() if fixed and any(t(patcher) for t in tests)}
 
     def release(self, *_) -> None:
         self.reset()

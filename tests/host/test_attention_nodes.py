@@ -230,7 +230,7 @@ def test_dual_path_sampling_path_equals_the_differentiable_one(comfy, tiny_sd15,
     pairs); with autograd on, the differentiable functions. Both sample the same image, run after run."""
     from comfy.patcher_extension import CallbacksMP
 
-    from comfyui_personalize.nodes import dual_path
+    from comfyui_personalize.nodes import dual_path, dual_path_direct
     from comfyui_personalize.nodes.attention_hooks import transformer_blocks
 
     calls = {"lean": 0, "differentiable": 0}
@@ -241,7 +241,7 @@ def test_dual_path_sampling_path_equals_the_differentiable_one(comfy, tiny_sd15,
             return function(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(dual_path, "blend_pairs", counted("lean", dual_path.blend_pairs))
+    monkeypatch.setattr(dual_path_direct, "blend_pairs", counted("lean", dual_path_direct.blend_pairs))
     monkeypatch.setattr(dual_path, "cross_blend", counted("differentiable", dual_path.cross_blend))
     model, clip, _ = tiny_sd15
     lora = attention_lora(model)

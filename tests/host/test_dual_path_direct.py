@@ -1,0 +1,92 @@
+"""The Dual-Path blend's cross-attention as the layer itself (an object patch on the node's clone): used where
+nothing else replaces the block's attn2, the same image as ComfyUI's replace route, sent back to that route when
+our nodes chain a replace over it, and refused when another pack's replace would bypass it."""
+import pytest
+import torch
+from comfy_tiny import weights_hash
+from test_attention_nodes import PROMPT, attention_lora, dual, empty_latent, encode, nodes, p2p, reweight, sample  # noqa: F401
+from test_train_lora import run_node
+
+from comfyui_personalize.training.errors import InputError
+
+pytestmark = pytest.mark.host
+
+
+def direct_layers(model):
+    from comfyui_personalize.nodes.dual_path_direct import DirectCrossAttention
+    return {k: v for k, v in model.object_patches.items() if isinstance(v, DirectCrossAttention)}
+
+
+def windowed(nodes, model, hard, lora, a, start, end):  # noqa: F811
+    return run_node(nodes["dual"], model=model, hard=hard, lora_name="none", a_blend=a, paths="cross",
+                    start_percent=start, end_percent=end, lora=lora).result[0]
+
+
+def test_the_blend_is_the_layer_itself_on_the_clone_and_the_input_stays_as_it_was(comfy, tiny_sd15, nodes):  # noqa: F811
+    from comfyui_personalize.nodes.attention_hooks import transformer_blocks
+
+    model, clip, _ = tiny_sd15
+    before = weights_hash(model.model)
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    blended = dual(nodes, model, hard, attention_lora(model), 0.5, paths="cross")
+    blocks = transformer_blocks(model)
+    assert sorted(direct_layers(blended)) == sorted(f"{b.path}.attn2" for b in blocks)
+    options = blended.model_options.get("transformer_options", {})
+    assert not options.get("patches_replace", {}).get("attn2")  # no replace route, no stash or output patch
+    assert not options.get("patches", {}).get("attn2_patch") and not options.get("patches", {}).get(
+        "attn2_output_patch")
+    assert not direct_layers(model)
+    image = sample(comfy, blended, soft, empty_latent(), clip)
+    assert (image - sample(comfy, model, soft, empty_latent(), clip)).abs().max() > 1e-3
+    import comfy.ldm.modules.attention as attention
+    assert all(type(b.module.attn2) is attention.CrossAttention for b in blocks)  # unpatched after the run
+    assert weights_hash(model.model) == before
+
+
+@pytest.mark.parametrize("a, start, end", [(0.3, 0.0, 1.0), (0.6, 0.25, 0.6), (0.0, 0.0, 1.0)])
+def test_the_layer_samples_what_the_replace_route_samples(comfy, tiny_sd15, nodes, monkeypatch, a, start, end):  # noqa: F811
+    """Windows included: outside it the layer runs the tuned block alone (a = 1), inside both paths at once."""
+    from comfyui_personalize.nodes import dual_path
+
+    model, clip, _ = tiny_sd15
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    blended = windowed(nodes, model, hard, attention_lora(model), a, start, end)
+    direct = sample(comfy, blended, soft, empty_latent(), clip, steps=5)
+    monkeypatch.setattr(dual_path, "sampling", lambda: False)  # the replace route's math (differentiable)
+    torch.testing.assert_close(direct, sample(comfy, blended, soft, empty_latent(), clip, steps=5), atol=5e-3,
+                               rtol=1e-3)
+
+
+def test_our_replace_over_the_blend_sends_it_back_to_the_replace_route(comfy, tiny_sd15, nodes):  # noqa: F811
+    """P2P over the blend chains it as a replace on P2P's clone; the blend's own MODEL keeps the direct layer. With
+    identical prompts P2P changes nothing: both images of the pair are the blend's image."""
+    model, clip, _ = tiny_sd15
+    positive = encode(comfy, clip, PROMPT)
+    blended = dual(nodes, model, positive, attention_lora(model), 0.5, paths="cross")
+    alone = sample(comfy, blended, positive, empty_latent(), clip)
+    m, paired, latent = p2p(nodes, blended, clip, PROMPT, PROMPT)
+    assert not direct_layers(m) and len(direct_layers(blended)) == len(m.object_patches)
+    pair = sample(comfy, m, paired, latent, clip)
+    torch.testing.assert_close(pair[1], pair[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pair[:1], alone, atol=2e-3, rtol=1e-3)  # batch 2 vs 1: summation order only
+    torch.testing.assert_close(sample(comfy, blended, positive, empty_latent(), clip), alone, atol=0, rtol=0)
+
+
+def test_a_later_replace_of_another_pack_is_refused_and_renormalized_reweight_too(comfy, tiny_sd15, nodes):  # noqa: F811
+    import comfy.ldm.modules.attention as attention
+
+    from comfyui_personalize.nodes.attention_hooks import transformer_blocks
+
+    model, clip, _ = tiny_sd15
+    positive = encode(comfy, clip, PROMPT)
+    blended = dual(nodes, model, positive, attention_lora(model), 0.5, paths="cross")
+    theirs = blended.clone()
+    theirs.set_model_attn2_replace(lambda q, k, v, extra: attention.optimized_attention(q, k, v, extra["n_heads"]),
+                                   *transformer_blocks(model)[0].key)
+    with pytest.raises(InputError) as e:
+        sample(comfy, theirs, positive, empty_latent(), clip, steps=2)
+    assert e.value.input_name == "model" and "after that node" in str(e.value)
+    with pytest.raises(InputError) as e:
+        reweight(nodes, blended, clip, "red:2", mode="renormalized")
+    assert e.value.input_name == "mode"
+    sample(comfy, blended, positive, empty_latent(), clip, steps=2)  # the blend's own MODEL still samples
