@@ -7,6 +7,7 @@ logit bias), P2P word swap with self-attention injection (paired batch: both ima
 the same P2P edit with explicit maps (attention.reference) in the attn2 replace.
 
 Usage: python bench/attention.py --comfyui COMFYUI_DIR [--models sd15,sdxl] [--steps 20] [--tiny] [--out FILE.md]
+       [--repeats 5] [--images 1] [--only dual,p2p]
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ ap.add_argument("--tiny", action="store_true")
 ap.add_argument("--out", default=None)
 ap.add_argument("--repeats", type=int, default=5, help="rounds of timed runs (every mode once per round)")
 ap.add_argument("--images", type=int, default=1, help="images per run (P2P: pairs); more makes the run GPU-bound")
+ap.add_argument("--only", default="", help="comma-separated words: run only the modes whose name has one (and plain)")
 args = ap.parse_args()
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,8 +145,9 @@ def timed(run) -> float:
 
 def measure_family(family, modes, lat):
     """``modes``: [(name, model, positive, negative, images, paired)]. Warm-up, a sync count and the peak per mode, then
-    ``--repeats`` rounds that run every mode once in turn: the host's speed drifts by tens of percent between
-    minutes (the sampler is launch-bound), so each mode is compared with the plain run of the same round."""
+    ``--repeats`` rounds that run every mode once, in an order rotated per round: the host's speed drifts by tens of
+    percent between minutes (the sampler is launch-bound), so each mode is compared with the plain run of the same
+    round."""
     runs = {}
     for name, model, positive, negative, images, paired in modes:
         go = functools.partial(sample, model, positive, negative, images, paired, lat)
@@ -158,8 +161,11 @@ def measure_family(family, modes, lat):
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
         runs[name] = dict(go=go, images=images, baseline=modes[1][0] if paired else "plain", syncs=syncs,
                           kernels=kernels, gpu_ms=gpu_ms, peak=peak, times=[])
-    for _ in range(args.repeats):
-        for r in runs.values():
+    names = list(runs)
+    for round_ in range(args.repeats):
+        shift = round_ % len(names)  # each round starts at another mode: no mode always runs last (drift)
+        for name in names[shift:] + names[:shift]:
+            r = runs[name]
             r["times"].append(timed(lambda: r["go"](args.steps)) / r["images"])
     for name, r in runs.items():
         ref = runs[r["baseline"]]
@@ -238,6 +244,8 @@ for family in args.models.split(","):
     lora = attention_lora(base)
     modes.append(("dual-path a=0.7 (cross)", dual_path(base, pos1, lora, "cross"), pos1, neg1, n, False))
     modes.append(("dual-path a=0.7 (self+cross)", dual_path(base, pos1, lora, "self+cross"), pos1, neg1, n, False))
+    wanted = [w for w in args.only.split(",") if w]
+    modes = [m for m in modes if m[0].startswith("plain") or not wanted or any(w in m[0] for w in wanted)]
     measure_family(family, modes, lat)
     mm.unload_all_models()
     del base, m, modes
