@@ -76,12 +76,8 @@ def install_direct(model, block: Block, blend) -> DirectCrossAttention:
     in the runs where that layer is the one ComfyUI calls."""
     layer = DirectCrossAttention(model.get_model_object(f"{block.path}.attn2"), blend, block)
     model.add_object_patch(layer.path, layer)
-    blend.prompts.watch_when(block.key, lambda patcher: called_directly(patcher, layer))
+    blend.prompts.watch_layer(block.key, lambda patcher: patcher.get_model_object(layer.path) is layer)
     return layer
-
-
-def called_directly(patcher, layer: DirectCrossAttention) -> bool:
-    return patcher.get_model_object(layer.path) is layer and existing_replace(patcher, "attn2", layer.block.key) is None
 
 
 def check_not_bypassed(layers: list[DirectCrossAttention]):

@@ -8,6 +8,7 @@ second blend's soft and hard paths, or P2P inside and outside its window), with 
 prompt, and outside context windows (they slice the prompt per window under the same uuid)."""
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import comfy.patcher_extension
@@ -53,8 +54,8 @@ class PromptCache:
 
     def __init__(self, max_bytes: int = 0):
         self.max_bytes = max_bytes
-        # block key -> tests of a sampling patcher: does ComfyUI call this node's attn2 code there directly?
-        self._installed: dict[tuple, list[Callable]] = {}
+        self._replaces: dict[tuple, weakref.WeakSet] = {}  # block key -> attn2 replaces this node installed there
+        self._layers: dict[tuple, list[Callable]] = {}  # block key -> tests: is our layer the one ComfyUI calls?
         self._direct: set[tuple] = set()  # the layers where ComfyUI calls that replace itself, this run
         self._values: dict = {}
         self._used = 0
@@ -66,23 +67,29 @@ class PromptCache:
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, self.release)
 
     def watch(self, model, block_keys) -> None:
-        """Record the attn2 replace just installed on ``model`` for each block key."""
-        for key in block_keys:
-            replace = existing_replace(model, "attn2", tuple(key))
-            self.watch_when(key, lambda patcher, key=tuple(key), ours=replace:
-                            existing_replace(patcher, "attn2", key) is ours)
+        """Record the attn2 replace just installed on ``model`` for each block key (weakly: a clone that made one,
+        e.g. where our direct layer went back to the replace route, may be dropped)."""
+        for key in map(tuple, block_keys):
+            self._replaces.setdefault(key, weakref.WeakSet()).add(existing_replace(model, "attn2", key))
 
-    def watch_when(self, key, direct: Callable) -> None:
-        """Cache in layer ``key`` in the runs of a patcher for which ``direct(patcher)`` holds (and the prompt is
-        fixed); a layer may have several tests (a direct layer and the replace it goes back to)."""
-        self._installed.setdefault(tuple(key), []).append(direct)
+    def watch_layer(self, key, called: Callable) -> None:
+        """Cache in layer ``key`` in the runs of a patcher for which ``called(patcher)`` holds: a direct layer of ours
+        (an object patch) that ComfyUI calls itself there."""
+        self._layers.setdefault(tuple(key), []).append(called)
+
+    def _called_directly(self, patcher, key: tuple) -> bool:
+        replace = existing_replace(patcher, "attn2", key)
+        if replace is not None:
+            return replace in self._replaces.get(key, ())
+        return any(called(patcher) for called in self._layers.get(key, ()))
 
     def reset(self, patcher=None, *_) -> None:
         self._values.clear()
         self._used = 0
         if patcher is not None and hasattr(patcher, "model_options"):  # ON_PRE_RUN: the patcher that samples
             fixed = prompt_is_fixed(patcher)
-            self._direct = {key for key, tests in self._installed.items() if fixed and any(t(patcher) for t in tests)}
+            keys = set(self._replaces) | set(self._layers)
+            self._direct = {key for key in keys if fixed and self._called_directly(patcher, key)}
 
     def release(self, *_) -> None:
         self.reset()
