@@ -1,6 +1,8 @@
 """Personalize Dual-Path Attention Blend: out = a Block(soft prompt, W + dW) + (1 - a) Block(hard prompt, W),
 inside each attention layer on the fused kernel (no second UNet pass). The math is ``attention/dual_path.py``;
-here: which LoRA factors belong to which block, and the hooks (pre-projection stash, replace, output add)."""
+here: which LoRA factors belong to which block, and the hooks. Cross-attention is blended by the layer itself
+where nothing else replaces it (``dual_path_direct``), else on ComfyUI's replace route (pre-projection stash,
+replace, output add), which self-attention always takes."""
 from __future__ import annotations
 
 import logging
