@@ -229,7 +229,7 @@ class SamplingDeltas:
         out = {}
         for name, t in projections.items():
             other = hard.get(name, t)
-            out[name] = t.repeat(2, *([1] * (t.dim() - 1))) if other is t else torch.cat([t, other])
+            out[name] = torch.cat([t, other])  # one op (Tensor.repeat is a dozen on the host)
         groups: dict[int, list[str]] = {}
         for name in projections:
             if name in self.parts:
@@ -258,7 +258,7 @@ class SamplingDeltas:
     def paired_one(self, name: str, t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
         """``paired`` for one projection whose hard rows are its base rows (the cross-attention q, every step):
         the same ops, less Python per call."""
-        t2 = t.repeat(2, *([1] * (t.dim() - 1)))
+        t2 = torch.cat([t, t])
         self.plus_(name, t2[:t.shape[0]], source)  # rows :B are contiguous
         return t2
 
