@@ -13,6 +13,7 @@ from comfyui_personalize.attention.dual_path import (
     SamplingDeltas,
     blend_pairs,
     cross_blend,
+    scale_values_,
     self_blend,
     self_blend_for_sampling,
 )
@@ -256,6 +257,29 @@ def test_sampling_path_equals_the_differentiable_blend(a, which, together):
         # one call over [soft rows; hard rows] serves both paths unless told to split them
         assert counting.calls == (2 if both_paths and not together else 1), (cross, which, a)
         assert counting.rows == [2 * x.shape[0] if both_paths and together else x.shape[0]] * counting.calls
+
+
+@pytest.mark.parametrize("which", ["all", "out only"])
+def test_prescaled_values_give_the_same_blend_in_one_attention_call(which):
+    """The direct layer scales the cached values by a and 1 - a once per run; the blend is then a sum."""
+    x, soft, hard = inputs()
+    block, full = make_block(CTX_DIM), make_deltas(CTX_DIM)
+    deltas = full if which == "all" else AttentionDeltas(out=full.out)
+    prepared = SamplingDeltas.prepare(deltas, x.device, x.dtype)
+    with torch.no_grad():
+        expected = run_cross(block, x, soft, hard, deltas, 0.3)
+        k, v = block.to_k(soft), block.to_v(soft)
+        pair = prepared.paired({"k": k, "v": v}, {"k": soft, "v": soft}, {"k": block.to_k(hard), "v": block.to_v(hard)})
+        v2 = scale_values_(pair["v"].clone(), 0.3)
+        torch.testing.assert_close(v2[:2], 0.3 * pair["v"][:2])
+        torch.testing.assert_close(v2[2:], 0.7 * pair["v"][2:])
+        counting = CountingAttention()
+        out, update = blend_pairs(counting, prepared.paired_one("q", block.to_q(x), x), pair["k"], v2, prepared, 0.3,
+                                  prescaled=True)
+        torch.testing.assert_close(update.apply_(block.to_out(out)), expected, atol=1e-5, rtol=1e-5)
+    assert counting.calls == 1 and counting.rows == [4]
+    with pytest.raises(ValueError):  # a prescaled pair cannot be split into one path
+        blend_pairs(sdpa, prepared.paired_one("q", block.to_q(x), x), pair["k"], v2, prepared, 1.0, prescaled=True)
 
 
 def test_paired_rows_are_the_soft_then_the_hard_projections():
