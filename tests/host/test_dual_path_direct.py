@@ -90,3 +90,22 @@ def test_a_later_replace_of_another_pack_is_refused_and_renormalized_reweight_to
         reweight(nodes, blended, clip, "red:2", mode="renormalized")
     assert e.value.input_name == "mode"
     sample(comfy, blended, positive, empty_latent(), clip, steps=2)  # the blend's own MODEL still samples
+
+
+def test_a_blend_left_loaded_does_not_leak_into_another_branch(comfy, tiny_sd15, nodes):  # noqa: F811
+    """ComfyUI keeps the last sampled model patched in place (our layers live in the shared UNet until another clone
+    loads): a node building on the plain MODEL meanwhile must see ComfyUI's own layer, not the blend."""
+    from comfyui_personalize.nodes.attention_hooks import direct_layer, transformer_blocks
+
+    model, clip, _ = tiny_sd15
+    positive = encode(comfy, clip, PROMPT)
+    target = PROMPT.replace("car", "bus")
+    before, paired, latent = p2p(nodes, model, clip, PROMPT, target)
+    expected = sample(comfy, before, paired, latent, clip)
+    blended = dual(nodes, model, positive, attention_lora(model), 0.5, paths="cross")
+    sample(comfy, blended, positive, empty_latent(), clip)
+    blocks = transformer_blocks(model)
+    assert any(type(b.module.attn2).__name__ == "DirectCrossAttention" for b in blocks)  # still applied in place
+    assert all(direct_layer(model, b) is None for b in blocks)
+    after, paired, latent = p2p(nodes, model, clip, PROMPT, target)
+    torch.testing.assert_close(sample(comfy, after, paired, latent, clip), expected, atol=0, rtol=0)
