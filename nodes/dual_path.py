@@ -188,12 +188,13 @@ class _Blend:
     def kv_pair(self, extra_options: dict, q, k, v, context, value) -> tuple[torch.Tensor, torch.Tensor]:
         """k/v stacked [soft rows; hard rows] for one attention call over both paths, once per run and batch of
         conditionings (the prompts are fixed within a run)."""
-        def build():
-            k_h, v_h = self.hard_rows(extra_options, q, k, v)
-            pair = self.sampling_deltas(q).paired({"k": k, "v": v}, {"k": context, "v": value},
-                                                  {"k": k_h, "v": v_h})
-            return pair["k"], pair["v"]
-        return self.prompts.get_or_make(extra_options, k, build)
+        return self.prompts.get_or_make(extra_options, k, lambda: self.paired_kv(extra_options, k, v, context, value))
+
+    def paired_kv(self, extra_options: dict, k, v, context, value) -> tuple[torch.Tensor, torch.Tensor]:
+        """[soft rows (k/v + their deltas); hard rows (``hard_rows``)], from the base projections of the prompt."""
+        k_h, v_h = self.hard_rows(extra_options, k, k, v)
+        pair = self.sampling_deltas(k).paired({"k": k, "v": v}, {"k": context, "v": value}, {"k": k_h, "v": v_h})
+        return pair["k"], pair["v"]
 
     def direct_kv(self, layer, extra_options: dict, context, value, what) -> tuple[torch.Tensor, torch.Tensor]:
         """k/v for the direct layer (``dual_path_direct``), once per run and batch of conditionings: "soft" (W + dW
@@ -201,14 +202,13 @@ class _Blend:
         a blend ``what`` = a, the [soft; hard] pair with its values scaled by a and 1 - a."""
         def build():
             k, v = layer.to_k(context), layer.to_v(value)
-            deltas = self.sampling_deltas(k)
             if what == "soft":
+                deltas = self.sampling_deltas(k)
                 return deltas.plus_("k", k, context), deltas.plus_("v", v, value)
-            k_h, v_h = self.hard_rows(extra_options, k, k, v)
             if what == "hard":
-                return k_h, v_h
-            pair = deltas.paired({"k": k, "v": v}, {"k": context, "v": value}, {"k": k_h, "v": v_h})
-            return pair["k"], scale_values_(pair["v"], what)
+                return self.hard_rows(extra_options, k, k, v)
+            k2, v2 = self.paired_kv(extra_options, k, v, context, value)
+            return k2, scale_values_(v2, what)
         return self.prompts.get_or_make(extra_options, context, build, tag=("direct", what))
 
     def through_replace(self, layer, x, context, value, transformer_options: dict) -> torch.Tensor:
