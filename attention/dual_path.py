@@ -229,7 +229,7 @@ class SamplingDeltas:
         out = {}
         for name, t in projections.items():
             other = hard.get(name, t)
-            out[name] = torch.cat([t, other])  # one op (Tensor.repeat is a dozen on the host)
+            out[name] = torch.cat([t, other])  # one op (Tensor.repeat dispatches about thirty on torch 2.14)
         groups: dict[int, list[str]] = {}
         for name in projections:
             if name in self.parts:
