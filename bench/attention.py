@@ -3,7 +3,8 @@ materialises the attention maps (the paper's controllers), in one process on SD1
 
 Modes (our nodes' patches on a clone): reweight value (attn2_patch), reweight renormalized (attn2 replace with a
 logit bias), P2P word swap with self-attention injection (paired batch: both images count), dual-path blend
-(the node itself on a rank-8 attention LoRA, a = 0.7, cross attention only and self + cross). The reference runs
+(the node itself on a rank-8 attention LoRA, a = 0.7, cross attention only and self + cross; cross also as on
+projections that are not plain weights, "by modules"). The reference runs
 the same P2P edit with explicit maps (attention.reference) in the attn2 replace.
 
 Usage: python bench/attention.py --comfyui COMFYUI_DIR [--models sd15,sdxl] [--steps 20] [--tiny] [--out FILE.md]
@@ -12,6 +13,7 @@ Usage: python bench/attention.py --comfyui COMFYUI_DIR [--models sd15,sdxl] [--s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -55,6 +57,7 @@ import shapes  # noqa: E402
 from comfyui_personalize.attention import reference  # noqa: E402
 from comfyui_personalize.attention.align import swap_mapper  # noqa: E402
 from comfyui_personalize.nodes import dual_path as dual  # noqa: E402
+from comfyui_personalize.nodes import dual_path_direct as dual_direct  # noqa: E402
 from comfyui_personalize.nodes.attention_hooks import (  # noqa: E402
     COND,
     chunks,
@@ -97,12 +100,26 @@ def cond(n, dim, pooled):
     return [[torch.randn(n, 77, dim), extra]]
 
 
-def sample(model, positive, negative, latent_batch, paired, lat, steps):
-    """One KSampler run; each P2P pair [source, target] shares its initial noise, as the node sets it up."""
+def sample(model, positive, negative, latent_batch, paired, lat, around, steps):
+    """One KSampler run (inside the mode's ``around`` context); each P2P pair [source, target] shares its initial
+    noise, as the node sets it up."""
     latent = torch.zeros(latent_batch, 4, lat, lat)
     noise = comfy.sample.prepare_noise(latent, 0, [i // 2 for i in range(latent_batch)] if paired else None)
-    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent, seed=0,
-                               disable_pbar=True)
+    with around():
+        return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent, seed=0,
+                                   disable_pbar=True)
+
+
+@contextlib.contextmanager
+def by_modules():
+    """The dual-path layer as on projections it cannot use as plain weights (lowvram, manual cast, fp8): through
+    the modules, rank-r deltas after them."""
+    plain_linear = dual_direct.plain_linear
+    dual_direct.plain_linear = lambda module, like: None
+    try:
+        yield
+    finally:
+        dual_direct.plain_linear = plain_linear
 
 
 def count_syncs(run) -> int:
@@ -144,13 +161,14 @@ def timed(run) -> float:
 
 
 def measure_family(family, modes, lat):
-    """``modes``: [(name, model, positive, negative, images, paired)]. Warm-up, a sync count and the peak per mode, then
-    ``--repeats`` rounds that run every mode once, in an order rotated per round: the host's speed drifts by tens of
-    percent between minutes (the sampler is launch-bound), so each mode is compared with the plain run of the same
-    round."""
+    """``modes``: [(name, model, positive, negative, images, paired[, around])]. Warm-up, a sync count and the peak
+    per mode, then ``--repeats`` rounds that run every mode once, in an order rotated per round: the host's speed
+    drifts by tens of percent between minutes (the sampler is launch-bound), so each mode is compared with the plain
+    run of the same round."""
     runs = {}
-    for name, model, positive, negative, images, paired in modes:
-        go = functools.partial(sample, model, positive, negative, images, paired, lat)
+    for name, model, positive, negative, images, paired, *around in modes:
+        go = functools.partial(sample, model, positive, negative, images, paired, lat,
+                               around[0] if around else contextlib.nullcontext)
         go(2)  # load + warm-up
         syncs = count_syncs(lambda: go(2))
         kernels, gpu_ms = gpu_work(lambda: go(args.steps))  # a whole run: per-run builds count once, as in use
@@ -242,7 +260,9 @@ for family in args.models.split(","):
     install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
     modes.append(("p2p reference (maps materialised)", m, pos2, neg1, 2 * n, True))
     lora = attention_lora(base)
-    modes.append(("dual-path a=0.7 (cross)", dual_path(base, pos1, lora, "cross"), pos1, neg1, n, False))
+    cross = dual_path(base, pos1, lora, "cross")
+    modes.append(("dual-path a=0.7 (cross)", cross, pos1, neg1, n, False))
+    modes.append(("dual-path a=0.7 (cross, by modules)", cross, pos1, neg1, n, False, by_modules))
     modes.append(("dual-path a=0.7 (self+cross)", dual_path(base, pos1, lora, "self+cross"), pos1, neg1, n, False))
     wanted = [w for w in args.only.split(",") if w]
     modes = [m for m in modes if m[0].startswith("plain") or not wanted or any(w in m[0] for w in wanted)]

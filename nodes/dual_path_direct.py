@@ -3,17 +3,23 @@ node object-patches that layer on its clone with ``DirectCrossAttention``: one f
 projections and fused kernel, the soft and hard paths stacked on the batch axis, their k/v (values scaled by a and
 1 - a) built once per run. ComfyUI's replace route would project the soft prompt's k/v at every step and call three
 patches per layer (stash, replace, output add): more kernel launches and Python per layer, which is what a
-launch-bound sampler pays for.
+launch-bound sampler pays for. Where the projections are plain linear layers on the sampler's device, their weights
+are used as such (``attention.dual_path_weights``: q pair written by the GEMMs, to_out with W + dW merged for the
+run), two GEMMs fewer per call.
 
 A replace that our nodes install on the block later sends the blend back to that route first (``demote``, called by
 ``attention_hooks.set_replace``), so it chains as before; another pack's replace added later would bypass the
 layer, which the run start refuses (``check_not_bypassed``)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.ops
 import torch
 
 from ..attention.dual_path import blend_pairs
+from ..attention.dual_path_weights import merged_weight, paired_out, paired_projection
 from ..training.errors import InputError
 from .attention_hooks import Block, existing_replace
 
@@ -52,17 +58,67 @@ class DirectCrossAttention(torch.nn.Module):
             return comfy_attention.optimized_attention(q, k, v, self.heads, attn_precision=self.attn_precision,
                                                        transformer_options=transformer_options)
 
-        q, update = self.to_q(x), None
         if a == 0.0:  # the base block on the hard prompt: no deltas
-            out = attend(q, *blend.direct_kv(self, transformer_options, context, value, "hard"))
-        elif a == 1.0:  # outside the window: the tuned block alone
-            out = attend(deltas.plus_("q", q, x), *blend.direct_kv(self, transformer_options, context, value, "soft"))
-            update = deltas.out_update(out, 1.0)
-        else:
-            k2, v2 = blend.direct_kv(self, transformer_options, context, value, a)
-            out, update = blend_pairs(attend, deltas.paired_one("q", q, x), k2, v2, deltas, a, prescaled=True)
+            return self.to_out(attend(self.to_q(x), *blend.direct_kv(self, transformer_options, context, value,
+                                                                      "hard")))
+        weights = self.run_weights(x, transformer_options, deltas)
+        if a == 1.0:  # outside the window: the tuned block alone
+            out = attend(deltas.plus_("q", self.to_q(x), x),
+                         *blend.direct_kv(self, transformer_options, context, value, "soft"))
+            if weights is not None:
+                return torch.nn.functional.linear(out, weights.out_merged, weights.out_bias)
+            return deltas.out_update(out, 1.0).apply_(self.to_out(out)) if "out" in deltas.parts else self.to_out(out)
+        k2, v2 = blend.direct_kv(self, transformer_options, context, value, a)
+        if weights is not None:
+            q2 = paired_projection(x, weights.q_weight, weights.q_bias, deltas.parts.get("q"))
+            return paired_out(attend(q2, k2, v2), weights.out_weight, weights.out_merged, weights.out_bias)
+        out, update = blend_pairs(attend, deltas.paired_one("q", self.to_q(x), x), k2, v2, deltas, a, prescaled=True)
         n = self.to_out(out)
         return n if update is None else update.apply_(n)
+
+    def run_weights(self, like: torch.Tensor, transformer_options: dict, deltas) -> RunWeights | None:
+        """The projections' weights for this run, W + dW of to_out merged (``PromptCache.keep_for_run``, within its
+        budget); None where a projection is not a plain linear layer on the sampler's device (its module computes
+        it) or the run cannot keep W + dW: then the modules and the rank-r deltas."""
+        def make():
+            q, out = plain_linear(self.to_q, like), self.plain_out(like)
+            if q is None or out is None:
+                return None, 0
+            merged = merged_weight(out[0], deltas.parts.get("out"))
+            kept = 0 if merged is out[0] else merged.numel() * merged.element_size()
+            return RunWeights(*q, out[0], merged, out[1]), kept
+        return self.blend.prompts.keep_for_run(transformer_options, ("weights", like.device, like.dtype), make)
+
+    def plain_out(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        linear, dropout = (self.to_out[0], self.to_out[1]) if len(self.to_out) == 2 else (None, None)
+        if not isinstance(dropout, torch.nn.Dropout) or (dropout.p and dropout.training):
+            return None
+        return plain_linear(linear, like)
+
+
+class RunWeights(NamedTuple):
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor | None
+    out_weight: torch.Tensor
+    out_merged: torch.Tensor  # W + dW of to_out
+    out_bias: torch.Tensor | None
+
+
+def plain_linear(module: torch.nn.Module | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) when ``module`` computes F.linear(x, weight, bias) with them as they are: ComfyUI's own Linear
+    with no per-call cast (lowvram, manual cast, fp8) or weight function (patches applied per call), on ``like``'s
+    device and dtype. Other ops (fp8, GGUF, cuBLAS ops) compute their own way: None, they keep their own call."""
+    if type(module).forward not in _PLAIN_FORWARDS or getattr(module, "comfy_cast_weights", False):
+        return None
+    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+        return None
+    weight, bias = module.weight, module.bias
+    if weight.device != like.device or weight.dtype != like.dtype or (bias is not None and bias.dtype != like.dtype):
+        return None
+    return weight, bias
+
+
+_PLAIN_FORWARDS = (torch.nn.Linear.forward, comfy.ops.disable_weight_init.Linear.forward)
 
 
 def can_go_direct(model, block: Block) -> bool:

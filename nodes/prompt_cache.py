@@ -45,6 +45,11 @@ def _nbytes(value) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _layer(extra_options: dict) -> tuple | None:
+    block = extra_options.get("block")
+    return None if block is None else (block[0], block[1], extra_options.get("block_index", 0))
+
+
 class PromptCache:
     """Values keyed by the layer, the batch of conditionings (uuids), its layout (cond_or_uncond), a tensor's shape,
     device and dtype, and a tag; one per node, shared by its layers. ``watch`` names the layers and the replace the
@@ -56,7 +61,8 @@ class PromptCache:
         self.max_bytes = max_bytes
         self._replaces: dict[tuple, weakref.WeakSet] = {}  # block key -> attn2 replaces this node installed there
         self._layers: dict[tuple, list[Callable]] = {}  # block key -> tests: is our layer the one ComfyUI calls?
-        self._direct: set[tuple] = set()  # the layers where ComfyUI calls that replace itself, this run
+        self._called: set[tuple] = set()  # the layers where ComfyUI calls that replace (or layer) itself, this run
+        self._direct: set[tuple] = set()  # those of them where the prompt is fixed for the run
         self._values: dict = {}
         self._used = 0
 
@@ -87,17 +93,31 @@ class PromptCache:
         self._values.clear()
         self._used = 0
         if patcher is not None and hasattr(patcher, "model_options"):  # ON_PRE_RUN: the patcher that samples
-            fixed = prompt_is_fixed(patcher)
             keys = set(self._replaces) | set(self._layers)
-            self._direct = {key for key in keys if fixed and self._called_directly(patcher, key)}
+            self._called = {key for key in keys if self._called_directly(patcher, key)}
+            self._direct = self._called if prompt_is_fixed(patcher) else set()
 
     def release(self, *_) -> None:
         self.reset()
-        self._direct = set()
+        self._called, self._direct = set(), set()
+
+    def keep_for_run(self, extra_options: dict, tag, make: Callable):
+        """A value of this layer that depends on the weights only (e.g. W + dW), made once per run in a layer that
+        ComfyUI calls itself (prompt patches do not matter here): ``make()`` returns (value, bytes it adds); past the
+        budget None is kept for the run instead. None elsewhere: the caller then takes a path that needs none (making
+        it at every call would cost more than it saves)."""
+        key = (_layer(extra_options), tag)
+        if key not in self._values:
+            if key[0] not in self._called:
+                return None
+            value, size = make()
+            fits = self._used + size <= self.max_bytes
+            self._values[key] = value if fits else None
+            self._used += size if fits else 0
+        return self._values[key]
 
     def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None):
-        uuids, block = extra_options.get("uuids"), extra_options.get("block")
-        layer = None if block is None else (block[0], block[1], extra_options.get("block_index", 0))
+        uuids, layer = extra_options.get("uuids"), _layer(extra_options)
         if not uuids or layer not in self._direct or extra_options.get("context_window") is not None:
             return make()
         key = (layer, tuple(uuids), tuple(extra_options.get("cond_or_uncond") or ()), tuple(like.shape),

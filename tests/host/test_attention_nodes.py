@@ -242,6 +242,7 @@ def test_dual_path_sampling_path_equals_the_differentiable_one(comfy, tiny_sd15,
         return wrapper
 
     monkeypatch.setattr(dual_path_direct, "blend_pairs", counted("lean", dual_path_direct.blend_pairs))
+    monkeypatch.setattr(dual_path_direct, "paired_out", counted("lean", dual_path_direct.paired_out))  # on weights
     monkeypatch.setattr(dual_path, "cross_blend", counted("differentiable", dual_path.cross_blend))
     model, clip, _ = tiny_sd15
     lora = attention_lora(model)

@@ -109,3 +109,59 @@ def test_a_blend_left_loaded_does_not_leak_into_another_branch(comfy, tiny_sd15,
     assert all(direct_layer(model, b) is None for b in blocks)
     after, paired, latent = p2p(nodes, model, clip, PROMPT, target)
     torch.testing.assert_close(sample(comfy, after, paired, latent, clip), expected, atol=0, rtol=0)
+
+
+def test_the_layers_own_weights_path_samples_what_the_module_path_samples(comfy, tiny_sd15, nodes, monkeypatch):  # noqa: F811
+    """Plain linear projections are used as weights (q pair written by the GEMMs, to_out with W + dW merged for the
+    run); projections that are not (lowvram, manual cast, fp8) and runs whose budget cannot keep W + dW go through
+    the modules. All three give the same image; W + dW is gone after the run."""
+    from comfyui_personalize.nodes import dual_path, dual_path_direct
+
+    model, clip, _ = tiny_sd15
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    lora = attention_lora(model)
+    calls = {"paired_out": 0}
+    paired_out = dual_path_direct.paired_out
+
+    def counting(*args):
+        calls["paired_out"] += 1
+        return paired_out(*args)
+
+    monkeypatch.setattr(dual_path_direct, "paired_out", counting)
+    blended = windowed(nodes, model, hard, lora, 0.4, 0.0, 0.6)  # a = 1 after the window: merged out alone
+    on_weights = sample(comfy, blended, soft, empty_latent(), clip, steps=5)
+    assert calls["paired_out"] > 0
+    layer = next(iter(direct_layers(blended).values()))
+    assert not layer.blend.prompts._values  # W + dW and the k/v released at the run's end
+
+    calls["paired_out"] = 0
+    with monkeypatch.context() as m:
+        m.setattr(dual_path_direct, "plain_linear", lambda module, like: None)
+        torch.testing.assert_close(sample(comfy, blended, soft, empty_latent(), clip, steps=5), on_weights,
+                                   atol=2e-3, rtol=1e-3)
+    with monkeypatch.context() as m:
+        m.setattr(dual_path, "cache_budget", lambda model: 0)  # no room for W + dW: the modules
+        unkept = windowed(nodes, model, hard, lora, 0.4, 0.0, 0.6)
+        torch.testing.assert_close(sample(comfy, unkept, soft, empty_latent(), clip, steps=5), on_weights,
+                                   atol=2e-3, rtol=1e-3)
+    assert calls["paired_out"] == 0
+
+
+def test_only_plain_linear_layers_are_used_as_weights(comfy, tiny_sd15):
+    import comfy.ops
+
+    from comfyui_personalize.nodes.dual_path_direct import plain_linear
+
+    x = torch.zeros(1, 4)
+    plain = comfy.ops.disable_weight_init.Linear(4, 3)
+    plain.weight.data, plain.bias.data = torch.ones(3, 4), torch.zeros(3)
+    assert plain_linear(plain, x) == (plain.weight, plain.bias)
+    assert plain_linear(plain, x.double()) is None  # another dtype: the module casts
+    cast = comfy.ops.manual_cast.Linear(4, 3)
+    cast.weight.data = torch.ones(3, 4)
+    assert plain_linear(cast, x) is None
+    plain.weight_function = [lambda w: w * 2]  # a patch applied per call (lowvram LoRA)
+    assert plain_linear(plain, x) is None
+    fp8 = comfy.ops.fp8_ops.Linear(4, 3)
+    fp8.weight.data = torch.ones(3, 4)
+    assert plain_linear(fp8, x) is None
