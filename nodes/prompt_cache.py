@@ -25,11 +25,15 @@ def keeps_prompt(patch: Callable) -> Callable:
     return patch
 
 
+def keeps_the_prompt(transformer_options: dict) -> bool:
+    """True when none of these attn2_patches may change the prompt between steps (another node's may: a windowed
+    reweight scales the values inside its window only). Then equal uuids mean equal k/v for the whole run."""
+    return all(getattr(p, KEEPS_PROMPT, False) for p in transformer_options.get("patches", {}).get("attn2_patch", ()))
+
+
 def prompt_is_fixed(patcher) -> bool:
-    """True when no attn2_patch may change the prompt between steps (another node's may: a windowed reweight
-    scales the values inside its window only). Then equal uuids mean equal k/v for the whole run."""
-    patches = patcher.model_options.get("transformer_options", {}).get("patches", {})
-    return all(getattr(p, KEEPS_PROMPT, False) for p in patches.get("attn2_patch", []))
+    """``keeps_the_prompt`` for the patcher's own patches, at the run's start."""
+    return keeps_the_prompt(patcher.model_options.get("transformer_options", {}))
 
 
 def cache_budget(model) -> int:
@@ -118,7 +122,8 @@ class PromptCache:
 
     def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None):
         uuids, layer = extra_options.get("uuids"), _layer(extra_options)
-        if not uuids or layer not in self._direct or extra_options.get("context_window") is not None:
+        if (not uuids or layer not in self._direct or extra_options.get("context_window") is not None
+                or not keeps_the_prompt(extra_options)):  # a conditioning's or a hook's patches join at the call
             return make()
         key = (layer, tuple(uuids), tuple(extra_options.get("cond_or_uncond") or ()), tuple(like.shape),
                like.device, like.dtype, tag)

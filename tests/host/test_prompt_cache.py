@@ -139,3 +139,34 @@ def test_p2p_builds_its_prompt_edits_once_per_run_and_samples_the_same_image(com
     assert len(builds) == layers * steps
     torch.testing.assert_close(uncached, cached, atol=1e-6, rtol=1e-6)
     assert (cached[1] - cached[0]).abs().max() > 0  # the swap did edit the target
+
+
+def test_a_prompt_patch_carried_by_a_hook_turns_the_cache_off_at_the_call(comfy, tiny_sd15, nodes, monkeypatch):  # noqa: F811
+    """A TransformerOptionsHook on the conditionings adds its attn2_patch at the call, not to the patcher the run
+    starts with (and, the same hooks on every batch, no ON_APPLY_HOOKS resets the cache): the cache sees it at the
+    call and builds the k/v at every step, the same image as with no cache at all."""
+    from comfy import hooks  # not "import comfy.hooks": that would shadow the fixture
+
+    from comfyui_personalize.nodes.prompt_cache import PromptCache
+
+    model, clip, _ = tiny_sd15
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    blended = dual(nodes, model, hard, attention_lora(model), 0.5, paths="cross")
+
+    def by_sigma(n, context, value, extra_options):  # a different prompt at every step
+        return n, context * (1.0 + 0.2 * float(extra_options["sigmas"].max())), value
+
+    group = hooks.HookGroup()
+    group.add(hooks.TransformerOptionsHook({"patches": {"attn2_patch": [by_sigma]}},
+                                           hook_scope=hooks.EnumHookScope.HookedOnly))
+    positive, negative = (hooks.set_hooks_for_conditioning(c, group) for c in (soft, encode(comfy, clip, "blurry")))
+
+    def run(pos, neg):
+        with torch.inference_mode():
+            return comfy.nodes.common_ksampler(blended, 3, 4, 5.0, "euler", "normal", pos, neg, empty_latent())[0][
+                "samples"]
+
+    image = run(positive, negative)
+    assert (image - run(soft, negative)).abs().max() > 1e-2  # the patch matters
+    monkeypatch.setattr(PromptCache, "get_or_make", lambda self, options, like, make, tag=None: make())
+    torch.testing.assert_close(image, run(positive, negative), atol=1e-5, rtol=1e-5)
