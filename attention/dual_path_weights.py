@@ -59,3 +59,8 @@ def paired_out(o2: torch.Tensor, weight: torch.Tensor, merged: torch.Tensor, bia
     n = _rows(hard) @ weight.t() if bias is None else torch.addmm(bias, _rows(hard), weight.t())
     n.addmm_(_rows(soft), merged.t())
     return n.view(tuple(soft.shape[:-1]) + (weight.shape[0],))
+
+
+def soft_out(o_soft: torch.Tensor, merged: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """to_out of the tuned path alone (a = 1, outside the blend's window): (W + dW) o_soft + b, one GEMM."""
+    return torch.nn.functional.linear(o_soft, merged, bias)

@@ -19,7 +19,7 @@ import comfy.ops
 import torch
 
 from ..attention.dual_path import blend_pairs
-from ..attention.dual_path_weights import merged_weight, paired_out, paired_projection
+from ..attention.dual_path_weights import merged_weight, paired_out, paired_projection, soft_out
 from ..training.errors import InputError
 from .attention_hooks import Block, existing_replace
 
@@ -66,7 +66,7 @@ class DirectCrossAttention(torch.nn.Module):
             out = attend(deltas.plus_("q", self.to_q(x), x),
                          *blend.direct_kv(self, transformer_options, context, value, "soft"))
             if weights is not None:
-                return torch.nn.functional.linear(out, weights.out_merged, weights.out_bias)
+                return soft_out(out, weights.out_merged, weights.out_bias)
             return deltas.out_update(out, 1.0).apply_(self.to_out(out)) if "out" in deltas.parts else self.to_out(out)
         k2, v2 = blend.direct_kv(self, transformer_options, context, value, a)
         if weights is not None:
@@ -79,17 +79,24 @@ class DirectCrossAttention(torch.nn.Module):
     def run_weights(self, like: torch.Tensor, transformer_options: dict, deltas) -> RunWeights | None:
         """The projections' weights for this run, W + dW of to_out merged (``PromptCache.keep_for_run``, within its
         budget); None where a projection is not a plain linear layer on the sampler's device (its module computes
-        it) or the run cannot keep W + dW: then the modules and the rank-r deltas."""
+        it) or the run cannot keep W + dW: then the modules and the rank-r deltas. Made anew if the weights were
+        moved or replaced within the run (a partial unload for another model)."""
         def make():
             q, out = plain_linear(self.to_q, like), self.plain_out(like)
             if q is None or out is None:
                 return None, 0
-            merged = merged_weight(out[0], deltas.parts.get("out"))
-            kept = 0 if merged is out[0] else merged.numel() * merged.element_size()
-            return RunWeights(*q, out[0], merged, out[1]), kept
-        return self.blend.prompts.keep_for_run(transformer_options, ("weights", like.device, like.dtype), make)
+            merged = merged_weight(out[1], deltas.parts.get("out"))
+            kept = 0 if merged is out[1] else merged.numel() * merged.element_size()
+            return RunWeights(*q, *out, merged), kept
 
-    def plain_out(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        def still_valid(w: RunWeights) -> bool:
+            return (w.q_linear.weight is w.q_weight and w.out_linear.weight is w.out_weight
+                    and w.q_weight.device == like.device and w.out_weight.device == like.device)
+
+        return self.blend.prompts.keep_for_run(transformer_options, ("weights", like.device, like.dtype), make,
+                                               still_valid)
+
+    def plain_out(self, like: torch.Tensor) -> tuple | None:
         linear, dropout = (self.to_out[0], self.to_out[1]) if len(self.to_out) == 2 else (None, None)
         if not isinstance(dropout, torch.nn.Dropout) or (dropout.p and dropout.training):
             return None
@@ -97,25 +104,30 @@ class DirectCrossAttention(torch.nn.Module):
 
 
 class RunWeights(NamedTuple):
+    q_linear: torch.nn.Module
     q_weight: torch.Tensor
     q_bias: torch.Tensor | None
+    out_linear: torch.nn.Module
     out_weight: torch.Tensor
-    out_merged: torch.Tensor  # W + dW of to_out
     out_bias: torch.Tensor | None
+    out_merged: torch.Tensor  # W + dW of to_out
 
 
-def plain_linear(module: torch.nn.Module | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) when ``module`` computes F.linear(x, weight, bias) with them as they are: ComfyUI's own Linear
-    with no per-call cast (lowvram, manual cast, fp8) or weight function (patches applied per call), on ``like``'s
-    device and dtype. Other ops (fp8, GGUF, cuBLAS ops) compute their own way: None, they keep their own call."""
+def plain_linear(module: torch.nn.Module | None, like: torch.Tensor) -> tuple | None:
+    """(module, weight, bias) when ``module`` computes F.linear(x, weight, bias) with them as they are: ComfyUI's own
+    Linear with no per-call cast (lowvram, manual cast, fp8) or weight function (patches applied per call), no
+    forward hooks or instance forward, plain tensors on ``like``'s device and dtype. Other ops (fp8, GGUF, cuBLAS
+    ops, quantised tensor subclasses) compute their own way: None, they keep their own call."""
     if type(module).forward not in _PLAIN_FORWARDS or getattr(module, "comfy_cast_weights", False):
         return None
-    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+    if (getattr(module, "weight_function", None) or getattr(module, "bias_function", None) or "forward" in vars(module)
+            or module._forward_hooks or module._forward_pre_hooks):
         return None
     weight, bias = module.weight, module.bias
-    if weight.device != like.device or weight.dtype != like.dtype or (bias is not None and bias.dtype != like.dtype):
-        return None
-    return weight, bias
+    for t in (weight,) if bias is None else (weight, bias):
+        if type(t.data) is not torch.Tensor or t.device != like.device or t.dtype != like.dtype:
+            return None
+    return module, weight, bias
 
 
 _PLAIN_FORWARDS = (torch.nn.Linear.forward, comfy.ops.disable_weight_init.Linear.forward)

@@ -4,8 +4,9 @@ P2P's gathered source keys and mixed values) would redo its edit at every step t
 layer, which is what a launch-bound sampler pays for. Within one run a batch of conditionings (ComfyUI gives each
 a uuid per run) has the same context at every step, so the edit is built at its first step and reused: in a layer
 whose attn2 replace ComfyUI calls directly (a replace that wraps ours may hand it other k/v at every call, e.g. a
-second blend's soft and hard paths, or P2P inside and outside its window), with no attn2_patch that may change the
-prompt, and outside context windows (they slice the prompt per window under the same uuid)."""
+second blend's soft and hard paths, or P2P inside and outside its window), in model calls with no attn2_patch that
+may change the prompt (the model's, a conditioning's or a hook's: noted per model call by a wrapper), and outside
+context windows (they slice the prompt per window under the same uuid)."""
 from __future__ import annotations
 
 import weakref
@@ -31,9 +32,17 @@ def keeps_the_prompt(transformer_options: dict) -> bool:
     return all(getattr(p, KEEPS_PROMPT, False) for p in transformer_options.get("patches", {}).get("attn2_patch", ()))
 
 
-def prompt_is_fixed(patcher) -> bool:
-    """``keeps_the_prompt`` for the patcher's own patches, at the run's start."""
-    return keeps_the_prompt(patcher.model_options.get("transformer_options", {}))
+PROMPT_FIXED = "personalize_prompt_fixed"  # set per model call by ``note_prompt_patches``
+
+
+def note_prompt_patches(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: note in this model call's transformer_options whether all its attn2_patches (the
+    model's, a conditioning's, a hook's: they only meet there) keep the prompt. A replace's extra_options carry the
+    note but not the patches (ComfyUI leaves them out), so the cache reads the note."""
+    options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None)  # UNetModel.forward's 6th
+    if isinstance(options, dict):
+        options[PROMPT_FIXED] = keeps_the_prompt(options)
+    return executor(*args, **kwargs)
 
 
 def cache_budget(model) -> int:
@@ -59,15 +68,17 @@ class PromptCache:
     device and dtype, and a tag; one per node, shared by its layers. ``watch`` names the layers and the replace the
     node installed in each. Dropped at every run start (ON_PRE_RUN, which also decides where the run may cache),
     when hooks re-patch the weights within a run (ON_APPLY_HOOKS) and when the run ends (ON_CLEANUP: nothing of it
-    stays on the device between runs). Elsewhere, or past ``max_bytes``, ``get_or_make`` builds every time."""
+    stays on the device between runs). Elsewhere, in a model call whose attn2_patches may change the prompt, or
+    past ``max_bytes``, ``get_or_make`` builds every time. Values of ``keep_for_run`` (merged weights) give way to
+    k/v when the budget runs out: k/v built at every step cost more launches than a layer without merged weights."""
 
     def __init__(self, max_bytes: int = 0):
         self.max_bytes = max_bytes
         self._replaces: dict[tuple, weakref.WeakSet] = {}  # block key -> attn2 replaces this node installed there
         self._layers: dict[tuple, list[Callable]] = {}  # block key -> tests: is our layer the one ComfyUI calls?
         self._called: set[tuple] = set()  # the layers where ComfyUI calls that replace (or layer) itself, this run
-        self._direct: set[tuple] = set()  # those of them where the prompt is fixed for the run
         self._values: dict = {}
+        self._yielding: dict = {}  # keys of keep_for_run values -> their bytes, evicted first (newest first)
         self._used = 0
 
     def install(self, model) -> None:
@@ -75,6 +86,9 @@ class PromptCache:
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, self.reset)
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, self.reset)
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, self.release)
+        wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+        if note_prompt_patches not in model.get_wrappers(wrappers, PROMPT_FIXED):
+            model.add_wrapper_with_key(wrappers, PROMPT_FIXED, note_prompt_patches)
 
     def watch(self, model, block_keys) -> None:
         """Record the attn2 replace just installed on ``model`` for each block key (weakly: a clone that made one,
@@ -95,35 +109,44 @@ class PromptCache:
 
     def reset(self, patcher=None, *_) -> None:
         self._values.clear()
+        self._yielding.clear()
         self._used = 0
         if patcher is not None and hasattr(patcher, "model_options"):  # ON_PRE_RUN: the patcher that samples
             keys = set(self._replaces) | set(self._layers)
             self._called = {key for key in keys if self._called_directly(patcher, key)}
-            self._direct = self._called if prompt_is_fixed(patcher) else set()
 
     def release(self, *_) -> None:
         self.reset()
-        self._called, self._direct = set(), set()
+        self._called = set()
 
-    def keep_for_run(self, extra_options: dict, tag, make: Callable):
+    def keep_for_run(self, extra_options: dict, tag, make: Callable, still_valid: Callable | None = None):
         """A value of this layer that depends on the weights only (e.g. W + dW), made once per run in a layer that
-        ComfyUI calls itself (prompt patches do not matter here): ``make()`` returns (value, bytes it adds); past the
-        budget None is kept for the run instead. None elsewhere: the caller then takes a path that needs none (making
-        it at every call would cost more than it saves)."""
+        ComfyUI calls itself: ``make()`` returns (value, bytes it adds); past the budget, or once k/v needed its room,
+        None is kept for the run instead. ``still_valid(value)`` false (the weights it read were moved or replaced)
+        makes it anew. None elsewhere: the caller then takes a path that needs none (making it at every call would
+        cost more than it saves)."""
         key = (_layer(extra_options), tag)
-        if key not in self._values:
-            if key[0] not in self._called:
-                return None
-            value, size = make()
-            fits = self._used + size <= self.max_bytes
-            self._values[key] = value if fits else None
-            self._used += size if fits else 0
-        return self._values[key]
+        if key in self._values:
+            value = self._values[key]
+            if value is None or still_valid is None or still_valid(value):
+                return value
+            self._used -= self._yielding.pop(key, 0)
+            del self._values[key]
+        if key[0] not in self._called:
+            return None
+        value, size = make()
+        if value is None or self._used + size > self.max_bytes:
+            value, size = None, 0
+        self._values[key] = value
+        if size:
+            self._used += size
+            self._yielding[key] = size
+        return value
 
     def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None):
         uuids, layer = extra_options.get("uuids"), _layer(extra_options)
-        if (not uuids or layer not in self._direct or extra_options.get("context_window") is not None
-                or not keeps_the_prompt(extra_options)):  # a conditioning's or a hook's patches join at the call
+        if (not uuids or layer not in self._called or extra_options.get("context_window") is not None
+                or extra_options.get(PROMPT_FIXED) is not True):
             return make()
         key = (layer, tuple(uuids), tuple(extra_options.get("cond_or_uncond") or ()), tuple(like.shape),
                like.device, like.dtype, tag)
@@ -131,6 +154,10 @@ class PromptCache:
             return self._values[key]
         value = make()
         size = _nbytes(value)
+        while self._used + size > self.max_bytes and self._yielding:  # merged weights give way to k/v
+            evicted, freed = self._yielding.popitem()
+            self._values[evicted] = None  # that layer runs on its modules for the rest of the run
+            self._used -= freed
         if self._used + size <= self.max_bytes:
             self._values[key] = value
             self._used += size

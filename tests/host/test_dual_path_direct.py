@@ -111,32 +111,59 @@ def test_a_blend_left_loaded_does_not_leak_into_another_branch(comfy, tiny_sd15,
     torch.testing.assert_close(sample(comfy, after, paired, latent, clip), expected, atol=0, rtol=0)
 
 
-def test_the_layers_own_weights_path_samples_what_the_module_path_samples(comfy, tiny_sd15, nodes, monkeypatch):  # noqa: F811
-    """Plain linear projections are used as weights (q pair written by the GEMMs, to_out with W + dW merged for the
-    run); projections that are not (lowvram, manual cast, fp8) and runs whose budget cannot keep W + dW go through
-    the modules. All three give the same image; W + dW is gone after the run."""
-    from comfyui_personalize.nodes import dual_path, dual_path_direct
+@pytest.fixture(scope="module")
+def biased_sd15(comfy, tiny_sd15):
+    """The tiny SD1.5 UNet with random attention biases (the shared one has them at zero, where a bias counted twice
+    or dropped goes unseen), and its CLIP."""
+    import comfy.supported_models
+    from comfy_tiny import TINY_UNET, tiny_unet_patcher
 
-    model, clip, _ = tiny_sd15
+    model = tiny_unet_patcher(comfy.supported_models.SD15, TINY_UNET, seed=1)
+    g = torch.Generator().manual_seed(7)
+    with torch.inference_mode():  # its weights were made in inference mode
+        for name, p in model.model.named_parameters():
+            if "attn2.to_" in name and name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model, tiny_sd15[1]
+
+
+def counting_weight_paths(monkeypatch):
+    """Calls of the weights path's two outputs: the blend (paired_out) and the tuned path alone (soft_out)."""
+    from comfyui_personalize.nodes import dual_path_direct
+
+    calls = {"paired_out": 0, "soft_out": 0}
+    for name in calls:
+        def counted(*args, _name=name, _f=getattr(dual_path_direct, name)):
+            calls[_name] += 1
+            return _f(*args)
+        monkeypatch.setattr(dual_path_direct, name, counted)
+    return calls
+
+
+def by_modules(monkeypatch):
+    from comfyui_personalize.nodes import dual_path_direct
+    monkeypatch.setattr(dual_path_direct, "plain_linear", lambda module, like: None)
+
+
+def test_the_layers_own_weights_path_samples_what_the_module_path_samples(comfy, biased_sd15, nodes, monkeypatch):  # noqa: F811
+    """Plain linear projections are used as weights (q pair by one batched GEMM, to_out with W + dW merged for the
+    run, biases included); projections that are not (lowvram, manual cast, fp8) and runs whose budget cannot keep
+    W + dW go through the modules. All three give the same image; W + dW is gone after the run."""
+    from comfyui_personalize.nodes import dual_path
+
+    model, clip = biased_sd15
     soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
     lora = attention_lora(model)
-    calls = {"paired_out": 0}
-    paired_out = dual_path_direct.paired_out
-
-    def counting(*args):
-        calls["paired_out"] += 1
-        return paired_out(*args)
-
-    monkeypatch.setattr(dual_path_direct, "paired_out", counting)
+    calls = counting_weight_paths(monkeypatch)
     blended = windowed(nodes, model, hard, lora, 0.4, 0.0, 0.6)  # a = 1 after the window: merged out alone
     on_weights = sample(comfy, blended, soft, empty_latent(), clip, steps=5)
-    assert calls["paired_out"] > 0
+    assert calls["paired_out"] > 0 and calls["soft_out"] > 0
     layer = next(iter(direct_layers(blended).values()))
     assert not layer.blend.prompts._values  # W + dW and the k/v released at the run's end
 
-    calls["paired_out"] = 0
+    calls.update(paired_out=0, soft_out=0)
     with monkeypatch.context() as m:
-        m.setattr(dual_path_direct, "plain_linear", lambda module, like: None)
+        by_modules(m)
         torch.testing.assert_close(sample(comfy, blended, soft, empty_latent(), clip, steps=5), on_weights,
                                    atol=2e-3, rtol=1e-3)
     with monkeypatch.context() as m:
@@ -144,7 +171,29 @@ def test_the_layers_own_weights_path_samples_what_the_module_path_samples(comfy,
         unkept = windowed(nodes, model, hard, lora, 0.4, 0.0, 0.6)
         torch.testing.assert_close(sample(comfy, unkept, soft, empty_latent(), clip, steps=5), on_weights,
                                    atol=2e-3, rtol=1e-3)
-    assert calls["paired_out"] == 0
+    assert calls == {"paired_out": 0, "soft_out": 0}
+
+
+def test_scheduled_lora_hooks_reach_the_weights_path(comfy, biased_sd15, nodes, monkeypatch):  # noqa: F811
+    """Hook keyframes re-patch the weights mid-run: W + dW and the weights the layer holds must follow them, inside
+    the blend's window and after it (a = 1)."""
+    from comfy import hooks as comfy_hooks  # not "import comfy.hooks": that would shadow the comfy fixture
+
+    model, clip = biased_sd15
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    hook = comfy_hooks.create_hook_lora(attention_lora(model, seed=11, scale=0.3), 1.0, 1.0).clone()
+    keyframes = comfy_hooks.HookKeyframeGroup()
+    keyframes.add(comfy_hooks.HookKeyframe(strength=1.0, start_percent=0.0))
+    keyframes.add(comfy_hooks.HookKeyframe(strength=0.0, start_percent=0.5))
+    hook.set_keyframes_on_hooks(hook_kf=keyframes)
+    hooked = comfy_hooks.set_hooks_for_conditioning(soft, hook)
+    blended = windowed(nodes, model, hard, attention_lora(model), 0.5, 0.0, 0.7)
+    calls = counting_weight_paths(monkeypatch)
+    got = sample(comfy, blended, hooked, empty_latent(), clip, cfg=1.0, steps=6)
+    assert calls["paired_out"] > 0 and calls["soft_out"] > 0
+    by_modules(monkeypatch)
+    expected = sample(comfy, blended, hooked, empty_latent(), clip, cfg=1.0, steps=6)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)
 
 
 def test_only_plain_linear_layers_are_used_as_weights(comfy, tiny_sd15):
@@ -155,8 +204,19 @@ def test_only_plain_linear_layers_are_used_as_weights(comfy, tiny_sd15):
     x = torch.zeros(1, 4)
     plain = comfy.ops.disable_weight_init.Linear(4, 3)
     plain.weight.data, plain.bias.data = torch.ones(3, 4), torch.zeros(3)
-    assert plain_linear(plain, x) == (plain.weight, plain.bias)
+    assert plain_linear(plain, x) == (plain, plain.weight, plain.bias)
     assert plain_linear(plain, x.double()) is None  # another dtype: the module casts
+    hooked = comfy.ops.disable_weight_init.Linear(4, 3)
+    hooked.weight.data, hooked.bias.data = torch.ones(3, 4), torch.zeros(3)
+    handle = hooked.register_forward_hook(lambda module, args, out: out * 2)  # a pack's hook would be skipped
+    assert plain_linear(hooked, x) is None
+    handle.remove()
+    hooked.forward = lambda t: t  # an instance forward, likewise
+    assert plain_linear(hooked, x) is None
+    del hooked.forward
+    assert plain_linear(hooked, x) is not None
+    hooked.bias = torch.nn.Parameter(torch.zeros(3, device="meta"))  # a bias elsewhere than the input
+    assert plain_linear(hooked, x) is None
     cast = comfy.ops.manual_cast.Linear(4, 3)
     cast.weight.data = torch.ones(3, 4)
     assert plain_linear(cast, x) is None

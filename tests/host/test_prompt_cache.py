@@ -20,7 +20,10 @@ def patcher_with(attn2_patches, replace=None):
 
 
 def call_options(**kw):
-    return {"uuids": ["u", "c"], "cond_or_uncond": [1, 0], "block": KEY[:2], "block_index": KEY[2], **kw}
+    """A layer call's options; the model call's wrapper noted that its attn2_patches keep the prompt."""
+    from comfyui_personalize.nodes.prompt_cache import PROMPT_FIXED
+    return {"uuids": ["u", "c"], "cond_or_uncond": [1, 0], "block": KEY[:2], "block_index": KEY[2], PROMPT_FIXED: True,
+            **kw}
 
 
 def test_the_cache_keys_by_layer_conditionings_and_layout_and_drops_everything_at_a_run_start(comfy):
@@ -47,10 +50,13 @@ def test_the_cache_keys_by_layer_conditionings_and_layout_and_drops_everything_a
     assert got(call_options(context_window=object())) == 12  # context windows slice the prompt per window
     cache.reset(patcher_with([keeps_prompt(lambda *a: a)], ours))
     assert got(call) == 13 and got(call) == 13  # a new run builds anew
-    cache.reset(patcher_with([keeps_prompt(lambda *a: a), lambda *a: a], ours))  # a patch that may edit the prompt
-    assert got(call) == 14 and got(call) == 15
+    prompt_patch = call_options(personalize_prompt_fixed=False)  # this model call has a patch that may edit it
+    assert got(prompt_patch) == 14 and got(prompt_patch) == 15
+    unnoted = {k: v for k, v in call.items() if k != "personalize_prompt_fixed"}  # no note: nothing is known
+    assert got(unnoted) == 16 and got(unnoted) == 17
+    assert got(call) == 13
     cache.reset(patcher_with([], lambda *a: ours(*a)))  # another replace wraps ours: it may pass other k/v
-    assert got(call) == 16 and got(call) == 17
+    assert got(call) == 18 and got(call) == 19
 
 
 def test_the_cache_keeps_no_more_than_its_budget(comfy):
@@ -72,6 +78,36 @@ def test_the_cache_keeps_no_more_than_its_budget(comfy):
     cache.get_or_make(call_options(), torch.zeros(1), make, 2)
     cache.get_or_make(call_options(), torch.zeros(1), make, 2)
     assert len(built) == 6  # a run start frees the budget
+
+
+def test_weights_kept_for_the_run_give_way_to_k_v_and_follow_their_weights(comfy):
+    from comfyui_personalize.nodes.prompt_cache import PromptCache
+
+    ours, cache, made = (lambda *a: a), PromptCache(max_bytes=40), []
+    cache.watch(patcher_with([], ours), [KEY])
+
+    def weights(value, size):
+        def make():
+            made.append(value)
+            return value, size
+        return make
+
+    assert cache.keep_for_run(call_options(), "w", weights("w", 16)) is None and not made  # no run yet
+    cache.reset(patcher_with([], ours))
+    assert cache.keep_for_run(call_options(), "w", weights("w", 16)) == "w"
+    assert cache.keep_for_run(call_options(), "w", weights("w2", 16)) == "w" and made == ["w"]  # once per run
+    assert cache.keep_for_run(call_options(block_index=1), "w", weights("w", 16)) is None  # a layer not ours
+    kv = torch.zeros(8)  # 32 bytes: only with the weights gone
+    assert cache.get_or_make(call_options(), torch.zeros(1), lambda: kv) is kv
+    assert cache.get_or_make(call_options(), torch.zeros(1), lambda: torch.ones(8)) is kv  # k/v kept
+    assert cache.keep_for_run(call_options(), "w", weights("w3", 16)) is None and made == ["w"]  # for the run
+    assert cache.keep_for_run(call_options(), "big", weights("big", 64)) is None  # past the budget: None kept
+    assert cache.keep_for_run(call_options(), "big", weights("big", 8)) is None and made == ["w", "big"]
+    stale = lambda value: False  # noqa: E731  (the weights it read were moved)
+    assert cache.keep_for_run(call_options(), "v", weights("v1", 0), stale) == "v1"
+    assert cache.keep_for_run(call_options(), "v", weights("v2", 0), stale) == "v2"  # made anew
+    cache.reset(patcher_with([], ours))
+    assert cache.keep_for_run(call_options(), "w", weights("w4", 16)) == "w4"  # a new run, a new value
 
 
 def no_cache(monkeypatch):
@@ -141,17 +177,43 @@ def test_p2p_builds_its_prompt_edits_once_per_run_and_samples_the_same_image(com
     assert (cached[1] - cached[0]).abs().max() > 0  # the swap did edit the target
 
 
-def test_a_prompt_patch_carried_by_a_hook_turns_the_cache_off_at_the_call(comfy, tiny_sd15, nodes, monkeypatch):  # noqa: F811
-    """A TransformerOptionsHook on the conditionings adds its attn2_patch at the call, not to the patcher the run
-    starts with (and, the same hooks on every batch, no ON_APPLY_HOOKS resets the cache): the cache sees it at the
-    call and builds the k/v at every step, the same image as with no cache at all."""
+def direct_blend(node_classes, model, clip, comfy):
+    hard = encode(comfy, clip, "a photo of a dog")
+    blended = dual(node_classes, model, hard, attention_lora(model), 0.5, paths="cross")
+    return blended, encode(comfy, clip, "a photo of zwx dog"), empty_latent()
+
+
+def blend_over_a_replace(node_classes, model, clip, comfy):
+    """The blend on ComfyUI's replace route: another pack's replace (pass-through) was there first."""
+    import comfy.ldm.modules.attention as attention
+
+    from comfyui_personalize.nodes.attention_hooks import transformer_blocks
+
+    base = model.clone()
+    for block in transformer_blocks(model):
+        base.set_model_attn2_replace(lambda q, k, v, extra: attention.optimized_attention(q, k, v, extra["n_heads"]),
+                                     *block.key)
+    return direct_blend(node_classes, base, clip, comfy)
+
+
+def p2p_swap(node_classes, model, clip, comfy):
+    return p2p(node_classes, model, clip, PROMPT, PROMPT.replace("car", "bus"), mode="swap", cross_end_percent=1.0,
+               self_end_percent=0.0)
+
+
+@pytest.mark.parametrize("setup", [direct_blend, blend_over_a_replace, p2p_swap])
+def test_a_prompt_patch_carried_by_a_hook_turns_the_cache_off_at_the_call(comfy, tiny_sd15, nodes, monkeypatch,  # noqa: F811
+                                                                           setup):
+    """A TransformerOptionsHook on the conditionings adds its attn2_patch at the model call, not to the patcher the
+    run starts with (and, the same hooks on every batch, no ON_APPLY_HOOKS resets the cache); a replace does not even
+    see the patches. The model call's note tells the cache: k/v are built at every step, the same image as with no
+    cache at all, for our direct layer and on the replace route."""
     from comfy import hooks  # not "import comfy.hooks": that would shadow the fixture
 
     from comfyui_personalize.nodes.prompt_cache import PromptCache
 
     model, clip, _ = tiny_sd15
-    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
-    blended = dual(nodes, model, hard, attention_lora(model), 0.5, paths="cross")
+    m, positive, latent = setup(nodes, model, clip, comfy)
 
     def by_sigma(n, context, value, extra_options):  # a different prompt at every step
         return n, context * (1.0 + 0.2 * float(extra_options["sigmas"].max())), value
@@ -159,14 +221,14 @@ def test_a_prompt_patch_carried_by_a_hook_turns_the_cache_off_at_the_call(comfy,
     group = hooks.HookGroup()
     group.add(hooks.TransformerOptionsHook({"patches": {"attn2_patch": [by_sigma]}},
                                            hook_scope=hooks.EnumHookScope.HookedOnly))
-    positive, negative = (hooks.set_hooks_for_conditioning(c, group) for c in (soft, encode(comfy, clip, "blurry")))
+    negative = encode(comfy, clip, "blurry")
 
     def run(pos, neg):
         with torch.inference_mode():
-            return comfy.nodes.common_ksampler(blended, 3, 4, 5.0, "euler", "normal", pos, neg, empty_latent())[0][
-                "samples"]
+            return comfy.nodes.common_ksampler(m, 3, 4, 5.0, "euler", "normal", pos, neg, latent)[0]["samples"]
 
-    image = run(positive, negative)
-    assert (image - run(soft, negative)).abs().max() > 1e-2  # the patch matters
+    hooked = [hooks.set_hooks_for_conditioning(c, group) for c in (positive, negative)]
+    image = run(*hooked)
+    assert (image - run(positive, negative)).abs().max() > 1e-2  # the patch matters
     monkeypatch.setattr(PromptCache, "get_or_make", lambda self, options, like, make, tag=None: make())
-    torch.testing.assert_close(image, run(positive, negative), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(image, run(*hooked), atol=1e-5, rtol=1e-5)
