@@ -43,8 +43,8 @@ def paired_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def merged_weight(weight: torch.Tensor, delta: Factors | None) -> torch.Tensor:
-    """W + dW, [out, in], in one GEMM (fp32 accumulation) on the sampler's device; ``weight`` itself without a delta:
-    nothing to keep."""
+    """W + dW, [out, in], in one GEMM on the sampler's device, rounded once to the weight's dtype (as ComfyUI merges a
+    LoRA); ``weight`` itself without a delta: nothing to keep."""
     if delta is None:
         return weight
     down, up = delta

@@ -4,8 +4,8 @@ projections and fused kernel, the soft and hard paths stacked on the batch axis,
 1 - a) built once per run. ComfyUI's replace route would project the soft prompt's k/v at every step and call three
 patches per layer (stash, replace, output add): more kernel launches and Python per layer, which is what a
 launch-bound sampler pays for. Where the projections are plain linear layers on the sampler's device, their weights
-are used as such (``attention.dual_path_weights``: q pair written by the GEMMs, to_out with W + dW merged for the
-run): six GPU operations per call instead of nine, one more than ComfyUI's own layer.
+are used as such (``attention.dual_path_weights``: the q pair by one batched GEMM, to_out with W + dW merged for
+the run): six GPU operations per call instead of nine, one more than ComfyUI's own layer.
 
 A replace that our nodes install on the block later sends the blend back to that route first (``demote``, called by
 ``attention_hooks.set_replace``), so it chains as before; another pack's replace added later would bypass the
