@@ -20,7 +20,6 @@ from ..attention.dual_path import (
     SamplingDeltas,
     blend_pairs,
     cross_blend,
-    scale_values_,
     self_blend,
     self_blend_for_sampling,
 )
@@ -177,39 +176,25 @@ class _Blend:
             self._hard_placed[key] = rows.to(like.device) if rows.any() else None
         return self._hard_placed[key]
 
-    def hard_rows(self, extra_options: dict, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-        """The hard path's k/v: the hard prompt's on positive rows; negative rows keep their own."""
-        positive = self.positive_rows(extra_options, q)
+    def hard_rows(self, positive: torch.Tensor | None, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hard path's k/v: the hard prompt's on positive rows (``positive_rows``, or None: none); negative rows
+        keep their own."""
         if positive is None:
             return k, v
-        hard_k, hard_v = self.hard_kv(q, k.shape[1])
+        hard_k, hard_v = self.hard_kv(k, k.shape[1])
         return torch.where(positive, hard_k, k), torch.where(positive, hard_v, v)
 
     def kv_pair(self, extra_options: dict, q, k, v, context, value) -> tuple[torch.Tensor, torch.Tensor]:
         """k/v stacked [soft rows; hard rows] for one attention call over both paths, once per run and batch of
         conditionings (the prompts are fixed within a run)."""
-        return self.prompts.get_or_make(extra_options, k, lambda: self.paired_kv(extra_options, k, v, context, value))
+        return self.prompts.get_or_make(extra_options, k, lambda: self.paired_kv(
+            self.positive_rows(extra_options, q), k, v, context, value))
 
-    def paired_kv(self, extra_options: dict, k, v, context, value) -> tuple[torch.Tensor, torch.Tensor]:
+    def paired_kv(self, positive: torch.Tensor | None, k, v, context, value) -> tuple[torch.Tensor, torch.Tensor]:
         """[soft rows (k/v + their deltas); hard rows (``hard_rows``)], from the base projections of the prompt."""
-        k_h, v_h = self.hard_rows(extra_options, k, k, v)
+        k_h, v_h = self.hard_rows(positive, k, v)
         pair = self.sampling_deltas(k).paired({"k": k, "v": v}, {"k": context, "v": value}, {"k": k_h, "v": v_h})
         return pair["k"], pair["v"]
-
-    def direct_kv(self, layer, extra_options: dict, context, value, what) -> tuple[torch.Tensor, torch.Tensor]:
-        """k/v for the direct layer (``dual_path_direct``), once per run and batch of conditionings: "soft" (W + dW
-        on the soft prompt), "hard" (W on the hard prompt in positive rows, the row's own prompt elsewhere), or for
-        a blend ``what`` = a, the [soft; hard] pair with its values scaled by a and 1 - a."""
-        def build():
-            k, v = layer.to_k(context), layer.to_v(value)
-            if what == "soft":
-                deltas = self.sampling_deltas(k)
-                return deltas.plus_("k", k, context), deltas.plus_("v", v, value)
-            if what == "hard":
-                return self.hard_rows(extra_options, k, k, v)
-            k2, v2 = self.paired_kv(extra_options, k, v, context, value)
-            return k2, scale_values_(v2, what)
-        return self.prompts.get_or_make(extra_options, context, build, tag=("direct", what))
 
     def through_replace(self, layer, x, context, value, transformer_options: dict) -> torch.Tensor:
         """What the replace route computes, from inside the direct layer: for the calls it does not take (autograd
@@ -245,7 +230,7 @@ class _Blend:
                 q2 = deltas.paired_one("q", q, x)
                 out, delta = blend_pairs(attend, q2, k2, v2, deltas, a, together=previous is None)
             else:
-                k_h, v_h = self.hard_rows(extra_options, q, k, v) if a < 1.0 else (k, v)
+                k_h, v_h = self.hard_rows(self.positive_rows(extra_options, q), k, v) if a < 1.0 else (k, v)
                 out, delta = cross_blend(attend, q, k, v, k_h, v_h, x, context, self.deltas(q), a, value)
             _leave_out_delta(extra_options, delta)
             return out

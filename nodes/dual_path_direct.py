@@ -18,10 +18,10 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.ops
 import torch
 
-from ..attention.dual_path import blend_pairs
+from ..attention.dual_path import blend_pairs, scale_values_
 from ..attention.dual_path_weights import merged_weight, paired_out, paired_projection, soft_out
 from ..training.errors import InputError
-from .attention_hooks import Block, existing_replace
+from .attention_hooks import Block, chunks, existing_replace
 
 
 class DirectCrossAttention(torch.nn.Module):
@@ -59,22 +59,55 @@ class DirectCrossAttention(torch.nn.Module):
                                                        transformer_options=transformer_options)
 
         if a == 0.0:  # the base block on the hard prompt: no deltas
-            return self.to_out(attend(self.to_q(x), *blend.direct_kv(self, transformer_options, context, value,
-                                                                      "hard")))
+            return self.to_out(attend(self.to_q(x), *self.kv(transformer_options, context, value, "hard")))
         weights = self.run_weights(x, transformer_options, deltas)
         if a == 1.0:  # outside the window: the tuned block alone
-            out = attend(deltas.plus_("q", self.to_q(x), x),
-                         *blend.direct_kv(self, transformer_options, context, value, "soft"))
+            out = attend(deltas.plus_("q", self.to_q(x), x), *self.kv(transformer_options, context, value, "soft"))
             if weights is not None:
                 return soft_out(out, weights.out_merged, weights.out_bias)
             return deltas.out_update(out, 1.0).apply_(self.to_out(out)) if "out" in deltas.parts else self.to_out(out)
-        k2, v2 = blend.direct_kv(self, transformer_options, context, value, a)
+        k2, v2 = self.kv(transformer_options, context, value, a)
         if weights is not None:
             q2 = paired_projection(x, weights.q_weight, weights.q_bias, deltas.parts.get("q"))
             return paired_out(attend(q2, k2, v2), weights.out_weight, weights.out_merged, weights.out_bias)
         out, update = blend_pairs(attend, deltas.paired_one("q", self.to_q(x), x), k2, v2, deltas, a, prescaled=True)
         n = self.to_out(out)
         return n if update is None else update.apply_(n)
+
+    def kv(self, transformer_options: dict, context, value, what) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v once per run and batch of conditionings (the blend's PromptCache): "soft" (W + dW on the soft prompt),
+        "hard" (W on the hard prompt in positive rows, the row's own prompt elsewhere), or for a blend ``what`` = a,
+        the [soft; hard] pair with its values scaled by a and 1 - a. Rows that repeat a prompt (the latent batch)
+        are built and kept once and gathered at each call, k and v by one index_select: the kept k/v stay within the
+        budget whatever the batch (SDXL, 4 images: a quarter of the bytes), and the gather is one GPU operation
+        where ComfyUI's own layer projects k and v at every call."""
+        blend = self.blend
+
+        def build(rows):  # rows: the distinct rows' indices on the device, None for every row
+            ctx = context if rows is None else context.index_select(0, rows)
+            val = value if rows is None else ctx
+            k, v = self.to_k(ctx), self.to_v(val)
+            if what == "soft":
+                deltas = blend.sampling_deltas(k)
+                return deltas.plus_("k", k, ctx), deltas.plus_("v", v, val)
+            positive = blend.positive_rows(transformer_options, context)  # [B, 1, 1] over the whole batch
+            if positive is not None and rows is not None:
+                positive = positive.index_select(0, rows)
+            if what == "hard":
+                return blend.hard_rows(positive, k, v)
+            k2, v2 = blend.paired_kv(positive, k, v, ctx, val)
+            return k2, scale_values_(v2, what)
+
+        def kinds() -> list:  # each row's chunk kind: a positive row takes the hard prompt, a negative one not
+            return [kind for kind, chunk in chunks(transformer_options, len(context))
+                    for _ in range(chunk.stop - chunk.start)]
+
+        rows = blend.prompts.distinct_rows(transformer_options, context, kinds) if value is context else None
+        if rows is None:
+            return blend.prompts.get_or_make(transformer_options, context, lambda: build(None), tag=("direct", what))
+        kept = blend.prompts.get_or_make(transformer_options, context, lambda: torch.stack(build(rows.first_index)),
+                                         tag=("direct", what, "distinct rows"))
+        return kept.index_select(1, rows.index if what in ("soft", "hard") else rows.pair_index).unbind(0)
 
     def run_weights(self, like: torch.Tensor, transformer_options: dict, deltas) -> RunWeights | None:
         """The projections' weights for this run, W + dW of to_out merged (``PromptCache.keep_for_run``, within its

@@ -10,7 +10,7 @@ context windows (they slice the prompt per window under the same uuid)."""
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import comfy.patcher_extension
 import torch
@@ -48,8 +48,9 @@ def note_prompt_patches(executor, *args, **kwargs):
 def cache_budget(model) -> int:
     """Bytes a node may keep per run: 8% of the model's weights (at least 64 MiB), so that with the transient
     tensors a patch stays within ~10% of plain sampling's peak (which the weights are part of). The kept k/v grow
-    with the batch (SDXL, 4 images with CFG: 0.41 GB for every layer's pair, about its budget); past the budget
-    they are built per call."""
+    with the batch where each row is kept (SDXL, 4 images with CFG: 0.41 GB for every layer's dual-path pair, about
+    its budget; the direct layer keeps a repeated prompt once, ``distinct_rows``); past the budget they are built
+    per call."""
     return max(int(0.08 * model.model_size()), 64 * 2**20)
 
 
@@ -143,13 +144,30 @@ class PromptCache:
             self._yielding[key] = size
         return value
 
+    def _caches_in(self, extra_options: dict, layer) -> bool:
+        return bool(extra_options.get("uuids")) and layer in self._called and (
+            extra_options.get("context_window") is None and extra_options.get(PROMPT_FIXED) is True)
+
+    def distinct_rows(self, extra_options: dict, context: torch.Tensor, labels: Callable[[], list]
+                      ) -> DistinctRows | None:
+        """The rows of ``context`` that repeat an earlier row with the same label (``distinct_rows`` below; ``labels()``
+        a label per row, fixed by the layout), found once per run and batch of conditionings and shared by the layers
+        (a UNet hands every block the same context); None where this layer builds its k/v at every call anyway, or
+        no row repeats."""
+        if not self._caches_in(extra_options, _layer(extra_options)):
+            return None
+        key = ("distinct rows", tuple(extra_options["uuids"]), tuple(extra_options.get("cond_or_uncond") or ()),
+               tuple(context.shape), context.device, context.dtype)
+        if key not in self._values:  # a few indices: outside the budget
+            self._values[key] = distinct_rows(context, labels())
+        return self._values[key]
+
     def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None):
-        uuids, layer = extra_options.get("uuids"), _layer(extra_options)
-        if (not uuids or layer not in self._called or extra_options.get("context_window") is not None
-                or extra_options.get(PROMPT_FIXED) is not True):
+        layer = _layer(extra_options)
+        if not self._caches_in(extra_options, layer):
             return make()
-        key = (layer, tuple(uuids), tuple(extra_options.get("cond_or_uncond") or ()), tuple(like.shape),
-               like.device, like.dtype, tag)
+        key = (layer, tuple(extra_options["uuids"]), tuple(extra_options.get("cond_or_uncond") or ()),
+               tuple(like.shape), like.device, like.dtype, tag)
         if key in self._values:
             return self._values[key]
         value = make()
@@ -162,3 +180,32 @@ class PromptCache:
             self._values[key] = value
             self._used += size
         return value
+
+
+class DistinctRows(NamedTuple):
+    """Of a batch of B rows: ``firsts`` the first row of each distinct row, ``first_index`` the same on the batch's
+    device, ``index`` [B] each row's distinct row, ``pair_index`` [2B] the same over a [soft; hard] stack of the
+    distinct rows. Indices on the device: a list index would copy from the host, a sync, in every layer."""
+    firsts: list[int]
+    first_index: torch.Tensor
+    index: torch.Tensor
+    pair_index: torch.Tensor
+
+
+def distinct_rows(context: torch.Tensor, labels: list) -> DistinctRows | None:
+    """Rows of ``context`` [B, ...] equal in value to an earlier row with the same label (ComfyUI repeats a prompt
+    over the latent batch: 4 images with CFG are 2 distinct rows of 8). One host sync; None if no row repeats."""
+    flat = context.flatten(1)
+    same = torch.stack([(flat == row).all(1) for row in flat]).tolist()  # [B, B]
+    firsts, index = [], []
+    for i, label in enumerate(labels):
+        match = next((n for n, first in enumerate(firsts) if labels[first] == label and same[i][first]), None)
+        if match is None:
+            firsts.append(i)
+            match = len(firsts) - 1
+        index.append(match)
+    if len(firsts) == len(labels):
+        return None
+    on_device = torch.tensor(index + firsts, device=context.device)  # one copy
+    index = on_device[:len(index)]
+    return DistinctRows(firsts, on_device[len(index):], index, torch.cat([index, index + len(firsts)]))

@@ -225,3 +225,50 @@ def test_only_plain_linear_layers_are_used_as_weights(comfy, tiny_sd15):
     fp8 = comfy.ops.fp8_ops.Linear(4, 3)
     fp8.weight.data = torch.ones(3, 4)
     assert plain_linear(fp8, x) is None
+
+
+def one_prompt(comfy, clip, soft):
+    return soft, encode(comfy, clip, "blurry"), 3, 2  # 3 images with CFG: 2 distinct rows of 6
+
+
+def negative_is_positive(comfy, clip, soft):
+    return soft, soft, 2, 2  # equal rows, but only the positive ones take the hard prompt
+
+
+def two_prompts(comfy, clip, soft):
+    other = encode(comfy, clip, "a painting of zwx dog")
+    return [[torch.cat([soft[0][0], other[0][0]]), soft[0][1]]], encode(comfy, clip, "blurry"), 2, 3
+
+
+@pytest.mark.parametrize("case", [one_prompt, negative_is_positive, two_prompts])
+@pytest.mark.parametrize("a", [0.4, 0.0])
+def test_rows_repeating_a_prompt_are_kept_once_and_sample_what_every_row_built_samples(comfy, biased_sd15, nodes,  # noqa: F811
+                                                                                        monkeypatch, case, a):
+    """A prompt repeated over the latent batch is projected and kept once and gathered at each call, by value and
+    chunk: a negative prompt equal to the positive one keeps its own path, two prompts in one conditioning stay
+    apart. Inside the window (a) and after it (the tuned path alone)."""
+    from comfyui_personalize.nodes import prompt_cache
+
+    model, clip = biased_sd15
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    positive, negative, images, distinct = case(comfy, clip, soft)
+    found, kept, find, release = [], [], prompt_cache.distinct_rows, prompt_cache.PromptCache.release
+    monkeypatch.setattr(prompt_cache, "distinct_rows", lambda c, labels: found.append(find(c, labels)) or found[-1])
+    monkeypatch.setattr(prompt_cache.PromptCache, "release", lambda self, *args: kept.append(self._used) or release(
+        self, *args))  # the bytes kept at the run's end
+    blended = windowed(nodes, model, hard, attention_lora(model), a, 0.0, 0.6)
+
+    def run(latent):
+        kept.clear()
+        with torch.inference_mode():
+            return comfy.nodes.common_ksampler(blended, 3, 3, 5.0, "euler", "normal", positive, negative,
+                                               latent)[0]["samples"], max(kept)
+
+    gathered, kept_bytes = run(empty_latent(images))
+    assert found and all(len(rows.firsts) == distinct for rows in found)
+    if case is one_prompt:
+        assert kept_bytes == run(empty_latent(1))[1]  # the kept k/v do not grow with the batch
+    monkeypatch.setattr(prompt_cache, "distinct_rows", lambda c, labels: None)
+    every_row, every_row_bytes = run(empty_latent(images))
+    assert every_row_bytes > kept_bytes
+    torch.testing.assert_close(gathered, every_row, atol=1e-4, rtol=1e-4)
