@@ -93,6 +93,11 @@ def chunks(extra_options: dict, batch: int) -> Iterator[tuple[int, slice]]:
         yield kind, slice(i * size, (i + 1) * size)
 
 
+def row_kinds(extra_options: dict, batch: int) -> list[int]:
+    """The cond_or_uncond id of each of the ``batch`` rows (``chunks``, row by row)."""
+    return [kind for kind, rows in chunks(extra_options, batch) for _ in range(rows.stop - rows.start)]
+
+
 def fused_attention(extra_options: dict, previous: Callable | None = None):
     """(q, k, v) -> out on the host's kernel: the replace patch already on this key, else optimized_attention."""
     if previous is not None:

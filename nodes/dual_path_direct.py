@@ -21,7 +21,7 @@ import torch
 from ..attention.dual_path import blend_pairs, scale_values_
 from ..attention.dual_path_weights import merged_weight, paired_out, paired_projection, soft_out
 from ..training.errors import InputError
-from .attention_hooks import Block, chunks, existing_replace
+from .attention_hooks import Block, existing_replace, row_kinds
 
 
 class DirectCrossAttention(torch.nn.Module):
@@ -85,7 +85,7 @@ class DirectCrossAttention(torch.nn.Module):
 
         def build(rows):  # rows: the distinct rows' indices on the device, None for every row
             ctx = context if rows is None else context.index_select(0, rows)
-            val = value if rows is None else ctx
+            val = value if rows is None else ctx  # rows are only found where value is context
             k, v = self.to_k(ctx), self.to_v(val)
             if what == "soft":
                 deltas = blend.sampling_deltas(k)
@@ -98,9 +98,8 @@ class DirectCrossAttention(torch.nn.Module):
             k2, v2 = blend.paired_kv(positive, k, v, ctx, val)
             return k2, scale_values_(v2, what)
 
-        def kinds() -> list:  # each row's chunk kind: a positive row takes the hard prompt, a negative one not
-            return [kind for kind, chunk in chunks(transformer_options, len(context))
-                    for _ in range(chunk.stop - chunk.start)]
+        def kinds() -> list[int]:  # rows of equal prompts differ if one is positive (it takes the hard prompt)
+            return row_kinds(transformer_options, len(context))
 
         rows = blend.prompts.distinct_rows(transformer_options, context, kinds) if value is context else None
         if rows is None:

@@ -49,7 +49,7 @@ def cache_budget(model) -> int:
     """Bytes a node may keep per run: 8% of the model's weights (at least 64 MiB), so that with the transient
     tensors a patch stays within ~10% of plain sampling's peak (which the weights are part of). The kept k/v grow
     with the batch where each row is kept (SDXL, 4 images with CFG: 0.41 GB for every layer's dual-path pair, about
-    its budget; the direct layer keeps a repeated prompt once, ``distinct_rows``); past the budget they are built
+    its budget; the direct layer keeps a repeated prompt once, ``find_distinct_rows``); past the budget they are built
     per call."""
     return max(int(0.08 * model.model_size()), 64 * 2**20)
 
@@ -79,13 +79,14 @@ class PromptCache:
         self._layers: dict[tuple, list[Callable]] = {}  # block key -> tests: is our layer the one ComfyUI calls?
         self._called: set[tuple] = set()  # the layers where ComfyUI calls that replace (or layer) itself, this run
         self._values: dict = {}
+        self._rows: dict = {}  # batch layout -> DistinctRows | None, for the run
         self._yielding: dict = {}  # keys of keep_for_run values -> their bytes, evicted first (newest first)
         self._used = 0
 
     def install(self, model) -> None:
         """Register the resets on ``model`` (a clone; clones made from it downstream carry them)."""
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, self.reset)
-        model.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, self.reset)
+        model.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, self.weights_changed)
         model.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, self.release)
         wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
         if note_prompt_patches not in model.get_wrappers(wrappers, PROMPT_FIXED):
@@ -108,10 +109,16 @@ class PromptCache:
             return replace in self._replaces.get(key, ())
         return any(called(patcher) for called in self._layers.get(key, ()))
 
-    def reset(self, patcher=None, *_) -> None:
+    def weights_changed(self, *_) -> None:
+        """ON_APPLY_HOOKS: what was built from the weights goes; the row maps (of the prompts alone) stay, as hooks
+        that differ between cond and uncond re-patch the weights before every model call."""
         self._values.clear()
         self._yielding.clear()
         self._used = 0
+
+    def reset(self, patcher=None, *_) -> None:
+        self.weights_changed()
+        self._rows.clear()
         if patcher is not None and hasattr(patcher, "model_options"):  # ON_PRE_RUN: the patcher that samples
             keys = set(self._replaces) | set(self._layers)
             self._called = {key for key in keys if self._called_directly(patcher, key)}
@@ -150,17 +157,17 @@ class PromptCache:
 
     def distinct_rows(self, extra_options: dict, context: torch.Tensor, labels: Callable[[], list]
                       ) -> DistinctRows | None:
-        """The rows of ``context`` that repeat an earlier row with the same label (``distinct_rows`` below; ``labels()``
+        """The rows of ``context`` that repeat an earlier row with the same label (``find_distinct_rows``; ``labels()``
         a label per row, fixed by the layout), found once per run and batch of conditionings and shared by the layers
         (a UNet hands every block the same context); None where this layer builds its k/v at every call anyway, or
         no row repeats."""
         if not self._caches_in(extra_options, _layer(extra_options)):
             return None
-        key = ("distinct rows", tuple(extra_options["uuids"]), tuple(extra_options.get("cond_or_uncond") or ()),
+        key = (tuple(extra_options["uuids"]), tuple(extra_options.get("cond_or_uncond") or ()),
                tuple(context.shape), context.device, context.dtype)
-        if key not in self._values:  # a few indices: outside the budget
-            self._values[key] = distinct_rows(context, labels())
-        return self._values[key]
+        if key not in self._rows:  # a few indices: outside the budget
+            self._rows[key] = find_distinct_rows(context, labels())
+        return self._rows[key]
 
     def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None):
         layer = _layer(extra_options)
@@ -192,7 +199,7 @@ class DistinctRows(NamedTuple):
     pair_index: torch.Tensor
 
 
-def distinct_rows(context: torch.Tensor, labels: list) -> DistinctRows | None:
+def find_distinct_rows(context: torch.Tensor, labels: list) -> DistinctRows | None:
     """Rows of ``context`` [B, ...] equal in value to an earlier row with the same label (ComfyUI repeats a prompt
     over the latent batch: 4 images with CFG are 2 distinct rows of 8). One host sync; None if no row repeats."""
     flat = context.flatten(1)
@@ -207,5 +214,5 @@ def distinct_rows(context: torch.Tensor, labels: list) -> DistinctRows | None:
     if len(firsts) == len(labels):
         return None
     on_device = torch.tensor(index + firsts, device=context.device)  # one copy
-    index = on_device[:len(index)]
-    return DistinctRows(firsts, on_device[len(index):], index, torch.cat([index, index + len(firsts)]))
+    row_index, first_index = on_device[:len(index)], on_device[len(index):]
+    return DistinctRows(firsts, first_index, row_index, torch.cat([row_index, row_index + len(firsts)]))

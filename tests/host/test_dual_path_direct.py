@@ -252,8 +252,8 @@ def test_rows_repeating_a_prompt_are_kept_once_and_sample_what_every_row_built_s
     model, clip = biased_sd15
     soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
     positive, negative, images, distinct = case(comfy, clip, soft)
-    found, kept, find, release = [], [], prompt_cache.distinct_rows, prompt_cache.PromptCache.release
-    monkeypatch.setattr(prompt_cache, "distinct_rows", lambda c, labels: found.append(find(c, labels)) or found[-1])
+    found, kept, find, release = [], [], prompt_cache.find_distinct_rows, prompt_cache.PromptCache.release
+    monkeypatch.setattr(prompt_cache, "find_distinct_rows", lambda c, rows: found.append(find(c, rows)) or found[-1])
     monkeypatch.setattr(prompt_cache.PromptCache, "release", lambda self, *args: kept.append(self._used) or release(
         self, *args))  # the bytes kept at the run's end
     blended = windowed(nodes, model, hard, attention_lora(model), a, 0.0, 0.6)
@@ -268,7 +268,28 @@ def test_rows_repeating_a_prompt_are_kept_once_and_sample_what_every_row_built_s
     assert found and all(len(rows.firsts) == distinct for rows in found)
     if case is one_prompt:
         assert kept_bytes == run(empty_latent(1))[1]  # the kept k/v do not grow with the batch
-    monkeypatch.setattr(prompt_cache, "distinct_rows", lambda c, labels: None)
+    monkeypatch.setattr(prompt_cache, "find_distinct_rows", lambda c, labels: None)
     every_row, every_row_bytes = run(empty_latent(images))
     assert every_row_bytes > kept_bytes
     torch.testing.assert_close(gathered, every_row, atol=1e-4, rtol=1e-4)
+
+
+def test_hooks_on_the_positive_alone_do_not_find_the_rows_at_every_call(comfy, biased_sd15, nodes, monkeypatch):  # noqa: F811
+    """Hooks that differ between cond and uncond re-patch the weights before every model call (ON_APPLY_HOOKS): the
+    k/v go, the row map (a host sync) stays for the run, one per layout."""
+    from comfy import hooks as comfy_hooks  # not "import comfy.hooks": that would shadow the comfy fixture
+
+    from comfyui_personalize.nodes import prompt_cache
+
+    model, clip = biased_sd15
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    hooked = comfy_hooks.set_hooks_for_conditioning(soft, comfy_hooks.create_hook_lora(
+        attention_lora(model, seed=11, scale=0.3), 1.0, 1.0))
+    blended = windowed(nodes, model, hard, attention_lora(model), 0.5, 0.0, 1.0)
+    found, find = [], prompt_cache.find_distinct_rows
+    monkeypatch.setattr(prompt_cache, "find_distinct_rows", lambda c, rows: found.append(find(c, rows)) or found[-1])
+    gathered = sample(comfy, blended, hooked, empty_latent(3), clip, steps=4)
+    assert len(found) == 2 and all(len(rows.firsts) == 1 for rows in found)  # cond and uncond called apart
+    monkeypatch.setattr(prompt_cache, "find_distinct_rows", lambda c, rows: None)
+    torch.testing.assert_close(gathered, sample(comfy, blended, hooked, empty_latent(3), clip, steps=4), atol=1e-4,
+                               rtol=1e-4)

@@ -81,11 +81,11 @@ def test_the_cache_keeps_no_more_than_its_budget(comfy):
 
 
 def test_rows_that_repeat_a_prompt_are_found_by_value_and_label_once_per_run(comfy, monkeypatch):
-    from comfyui_personalize.nodes.prompt_cache import PromptCache, distinct_rows
+    from comfyui_personalize.nodes.prompt_cache import PromptCache, find_distinct_rows
 
     a, b = torch.randn(3, 4), torch.randn(3, 4)
     context = torch.stack([a, a, b, a, b, b])
-    rows = distinct_rows(context, [0, 0, 0, 1, 1, 1])  # a positive chunk and a negative one
+    rows = find_distinct_rows(context, [0, 0, 0, 1, 1, 1])  # a positive chunk and a negative one
     assert rows.firsts == [0, 2, 3, 4]  # the negative "a" is not the positive "a": its hard path differs
     assert rows.first_index.tolist() == rows.firsts
     assert rows.index.tolist() == [0, 0, 1, 2, 3, 3]
@@ -93,19 +93,19 @@ def test_rows_that_repeat_a_prompt_are_found_by_value_and_label_once_per_run(com
     torch.testing.assert_close(context[rows.firsts][rows.index], context, atol=0, rtol=0)
     near = a.clone()
     near[1, 2] += 1e-6  # one element apart: another prompt
-    assert distinct_rows(torch.stack([a, near]), [0, 0]) is None
-    assert distinct_rows(torch.stack([a, a]), [0, 1]) is None
+    assert find_distinct_rows(torch.stack([a, near]), [0, 0]) is None
+    assert find_distinct_rows(torch.stack([a, a]), [0, 1]) is None
     nan = torch.full((3, 4), float("nan"))
-    assert distinct_rows(torch.stack([nan, nan, a, a]), [0, 0, 0, 0]).firsts == [0, 1, 2]  # NaN equals nothing
+    assert find_distinct_rows(torch.stack([nan, nan, a, a]), [0, 0, 0, 0]).firsts == [0, 1, 2]  # NaN equals nothing
 
     ours, cache, found = (lambda *a: a), PromptCache(max_bytes=0), []
     other = call_options(block=("output", 2), block_index=0)
     cache.watch_layer(("output", 2, 0), lambda patcher: True)  # a second layer of ours
     cache.watch(patcher_with([], ours), [KEY])
     twice = torch.stack([a, a, b, b])
-    count = lambda context, labels: found.append(1) or distinct_rows(context, labels)  # noqa: E731
+    count = lambda context, labels: found.append(1) or find_distinct_rows(context, labels)  # noqa: E731
     import comfyui_personalize.nodes.prompt_cache as prompt_cache
-    monkeypatch.setattr(prompt_cache, "distinct_rows", count)
+    monkeypatch.setattr(prompt_cache, "find_distinct_rows", count)
     assert cache.distinct_rows(call_options(), twice, lambda: [1, 1, 0, 0]) is None and not found  # no run yet
     cache.reset(patcher_with([], ours))
     first = cache.distinct_rows(call_options(), twice, lambda: [1, 1, 0, 0])
@@ -115,9 +115,13 @@ def test_rows_that_repeat_a_prompt_are_found_by_value_and_label_once_per_run(com
     assert cache.distinct_rows(call_options(cond_or_uncond=[0, 1]), twice, lambda: [0, 0, 1, 1]).firsts == [0, 2]
     assert found == [1, 1]  # another layout
     assert cache.distinct_rows(call_options(personalize_prompt_fixed=False), twice, lambda: [1, 1, 0, 0]) is None
+    assert cache.distinct_rows(call_options(uuids=["u", "d"]), twice, lambda: [1, 1, 0, 0]) is not first
+    assert found == [1, 1, 1]  # other conditionings (a timestep-ranged prompt) of the same layout and shape
+    cache.weights_changed()  # hooks re-patch the weights (before each model call if cond and uncond differ)
+    assert cache.distinct_rows(call_options(), twice, lambda: [1, 1, 0, 0]) is first and found == [1, 1, 1]
     cache.reset(patcher_with([], ours))
     assert cache.distinct_rows(call_options(), twice, lambda: [1, 1, 0, 0]) is not first  # a new run
-    assert found == [1, 1, 1]
+    assert found == [1, 1, 1, 1]
 
 
 def test_weights_kept_for_the_run_give_way_to_k_v_and_follow_their_weights(comfy):
