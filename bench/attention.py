@@ -243,10 +243,10 @@ for family in args.models.split(","):
     w = torch.ones(77)
     w[5] = 2.5
     m = base.clone()
-    m.set_model_attn2_patch(value_reweight_patch(w, (COND,), ALL))
+    m.set_model_attn2_patch(value_reweight_patch({COND: w}, ALL))
     modes.append(("reweight value", m, pos1, neg1, n, False))
     m = base.clone()
-    install(m, blocks, "attn2", renormalized_replace(w, (COND,), ALL))
+    install(m, blocks, "attn2", renormalized_replace({COND: w}, ALL))
     modes.append(("reweight renormalized", m, pos1, neg1, n, False))
     words = [([i], [i]) for i in range(1, 9)]
     mapper = swap_mapper(words, words, 77)

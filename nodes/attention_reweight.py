@@ -8,8 +8,15 @@ from comfy_api.latest import io
 
 from ..attention.tokens import parse_word_weights, token_weights, word_positions
 from ..training.errors import InputError
-from .attention_hooks import APPLY_TO, percent_window, replaces_cross_attention, transformer_blocks
-from .attention_text import encode, paired_conditioning, paired_latent, prompt_tokens, word_tokenizer
+from .attention_hooks import APPLY_TO, COND, UNCOND, percent_window, replaces_cross_attention, transformer_blocks
+from .attention_text import (
+    encode,
+    paired_conditioning,
+    paired_latent,
+    prompt_tokens,
+    warn_on_fresh_noise,
+    word_tokenizer,
+)
 from .p2p_patches import CrossPlan, install, p2p_cross_replace, renormalized_replace, value_reweight_patch
 
 log = logging.getLogger(__name__)
@@ -46,28 +53,40 @@ class PersonalizeAttentionReweight(io.ComfyNode):
                                         "(except renormalized); 1 = unchanged, 0 = ignore the word."),
                 io.Combo.Input("mode", options=list(MODES), default="value"),
                 io.Combo.Input("apply_to", options=list(APPLY_TO), default="cond",
-                               tooltip="Which prompt the weights act on: cond = positive (the text above)."),
+                               tooltip="Which prompt the weights act on: cond = positive (the text above), uncond "
+                                       "= negative (negative_text), both = each where its words are."),
                 *window_inputs(),
                 io.Latent.Input("latent", optional=True,
                                 tooltip="p2p_locked: the empty latent; the output holds each image twice "
                                         "(unweighted, reweighted) with the same noise."),
+                io.String.Input("negative_text", multiline=True, default="", optional=True,
+                                tooltip="The negative prompt, for apply_to uncond or both: the words are found in "
+                                        "it, and its encoding is the negative output; connect that to the "
+                                        "sampler's negative."),
             ],
             outputs=[io.Model.Output(), io.Conditioning.Output(display_name="positive"),
-                     io.Latent.Output(display_name="latent")],
+                     io.Latent.Output(display_name="latent"), io.Conditioning.Output(display_name="negative")],
         )
 
     @classmethod
     def execute(cls, model, clip, text, words, mode, apply_to, start_percent, end_percent,
-                latent=None) -> io.NodeOutput:
+                latent=None, negative_text="") -> io.NodeOutput:
         if mode not in MODES:
             raise InputError("mode", f"must be one of {', '.join(MODES)}")
+        if apply_to not in APPLY_TO:
+            raise InputError("apply_to", f"must be one of {', '.join(APPLY_TO)}")
         blocks = transformer_blocks(model)
         window = percent_window(model, start_percent, end_percent, ("start_percent", "end_percent"))
         weighted = parse_word_weights(words)
-        tokens = prompt_tokens(clip, text)
-        positions = word_positions(tokens, [w for w, _ in weighted], word_tokenizer(clip))
-        weights = token_weights(tokens.length, positions, dict(weighted))
-        if mode == "renormalized" and bool((weights < 0).any()):
+        if mode == "p2p_locked" and apply_to != "cond":
+            log.warning("p2p_locked reweights the positive prompt only; apply_to=%s ignored", apply_to)
+            apply_to = "cond"
+        texts = {kind: text if kind == COND else negative_text for kind in APPLY_TO[apply_to]}
+        if UNCOND in texts and not (negative_text or "").strip():
+            raise InputError("negative_text", f"apply_to={apply_to} reweights words of the negative prompt: write "
+                                              "it here, and connect this node's negative output to the sampler")
+        weights = prompt_weights(clip, texts, weighted)
+        if mode == "renormalized" and any(bool((w < 0).any()) for w in weights.values()):
             raise InputError("words", "renormalized mode needs weights >= 0; use value mode for negative weights")
         if mode == "renormalized" and any(replaces_cross_attention(model, b) for b in blocks):
             # its logit bias needs the attention kernel itself; it cannot pass a bias through another replace
@@ -75,21 +94,39 @@ class PersonalizeAttentionReweight(io.ComfyNode):
                                      "a Dual-Path blend or similar), which renormalized mode would drop; use value "
                                      "or p2p_locked mode, which run on top of it")
         m = model.clone()
-        positive = encode(clip, text)
+        positive, negative = encode(clip, text), encode(clip, negative_text or "")
         if mode == "value":
-            m.set_model_attn2_patch(value_reweight_patch(weights, APPLY_TO[apply_to], window))
+            m.set_model_attn2_patch(value_reweight_patch(weights, window))
         elif mode == "renormalized":
-            install(m, blocks, "attn2", renormalized_replace(weights, APPLY_TO[apply_to], window))
+            install(m, blocks, "attn2", renormalized_replace(weights, window))
         else:
             if latent is None:
                 raise InputError("latent", "p2p_locked needs the empty latent (it doubles it into pairs)")
-            if apply_to != "cond":
-                log.warning("p2p_locked reweights the positive prompt only; apply_to=%s ignored", apply_to)
-            plan = CrossPlan(torch.eye(tokens.length), torch.ones(tokens.length), weights, window)
+            length = weights[COND].shape[0]
+            plan = CrossPlan(torch.eye(length), torch.ones(length), weights[COND], window)
             install(m, blocks, "attn2", p2p_cross_replace(plan, None))
             positive = paired_conditioning(positive, positive)
             latent = paired_latent(latent)
-        return io.NodeOutput(m, positive, latent)
+            warn_on_fresh_noise(m, "Reweight p2p_locked")
+        return io.NodeOutput(m, positive, latent, negative)
+
+
+def prompt_weights(clip, texts: dict[int, str], weighted: list[tuple[str, float]]) -> dict[int, torch.Tensor]:
+    """Per chunk kind, the weights of its prompt's tokens. With one prompt every word must be in it; with both, each
+    word must be in at least one of them and weighs where it is."""
+    tokenize_word, found = word_tokenizer(clip), {}
+    for kind, text in texts.items():
+        tokens = prompt_tokens(clip, text)
+        if len(texts) == 1:
+            positions = word_positions(tokens, [w for w, _ in weighted], tokenize_word, prompt_text=text)
+        else:
+            positions = {w: rows for w, _ in weighted if (rows := tokens.find(tokenize_word(w)))}
+        found[kind] = (tokens.length, positions)
+    for word, _ in weighted:
+        if not any(word in positions for _, positions in found.values()):
+            raise InputError("words", f"'{word}' is in neither the prompt nor the negative prompt; write it exactly "
+                                      "as it is spelled there")
+    return {kind: token_weights(length, positions, dict(weighted)) for kind, (length, positions) in found.items()}
 
 
 NODES = [PersonalizeAttentionReweight]

@@ -1,11 +1,15 @@
 """Prompts for the attention nodes: token positions from ComfyUI's tokenizer, conditioning, the paired batch."""
 from __future__ import annotations
 
+import logging
+
 import torch
+from comfy.patcher_extension import WrappersMP
 
 from ..attention.tokens import PromptTokens
 from ..training.errors import InputError
 
+log = logging.getLogger(__name__)
 CHUNK = 77
 
 
@@ -91,3 +95,25 @@ def paired_latent(latent: dict) -> dict:
         mask = latent["noise_mask"]
         out["noise_mask"] = mask.repeat_interleave(2, dim=0) if mask.shape[0] == n else mask
     return out
+
+
+# samplers that add fresh noise to every image at every step besides the ancestral and SDE ones (by name)
+_FRESH_NOISE = {"ddpm", "lcm", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
+
+
+def adds_fresh_noise(sampler_name: str) -> bool:
+    return "ancestral" in sampler_name or "sde" in sampler_name or sampler_name in _FRESH_NOISE
+
+
+def warn_on_fresh_noise(model, edit: str) -> None:
+    """A SAMPLER_SAMPLE wrapper on ``model`` (a clone) that warns when the sampler adds fresh noise per image every
+    step: the pair's images drift apart, and the edited one loses the source's layout."""
+    def wrapper(executor, *args, **kwargs):
+        name = getattr(getattr(executor.class_obj, "sampler_function", None), "__name__", "")
+        name = name.removeprefix("sample_")
+        if adds_fresh_noise(name):
+            log.warning("%s with %s: this sampler adds new noise to each image every step, so the edited image "
+                        "loses the source's layout; use euler, dpmpp_2m, ddim, uni_pc or another deterministic one",
+                        edit, name)
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, "personalize_paired_noise", wrapper)

@@ -37,6 +37,7 @@ from .attention_hooks import (
 from .attention_reweight import window_inputs
 from .comfy_adapter import ComfyHost
 from .dual_path_direct import can_go_direct, check_not_bypassed, install_direct
+from .dual_path_pooled import install_pooled_blend
 from .embeddings import hard_tokens
 from .prompt_cache import PromptCache, cache_budget, keeps_prompt
 
@@ -325,6 +326,7 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         blocks = {b.key: b for b in transformer_blocks(model)}
         m = model.clone()
         hard_ctx = hard[0][0][:1].detach()
+        install_pooled_blend(m, hard, a_blend, window)  # SDXL: the prompt also enters through y
         prompts = PromptCache(cache_budget(model))  # both paths' k/v, kept per run (shared by the layers)
         prompts.install(m)
         applied, direct = 0, []

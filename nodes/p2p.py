@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
 from ..attention.align import auto_mapper, refine_mapper, swap_mapper
@@ -18,6 +17,7 @@ from .attention_text import (
     paired_conditioning,
     paired_latent,
     prompt_tokens,
+    warn_on_fresh_noise,
     word_tokenizer,
     words_with_positions,
 )
@@ -26,16 +26,6 @@ from .p2p_patches import BlendRecorder, CrossPlan, install, install_cross, p2p_s
 log = logging.getLogger(__name__)
 MODES = ("auto", "swap", "refine")
 SELF_MAX_DOWNSCALE = 4  # the paper injects self-attention maps of <= 16x16 at 512 px: latent / 4 and smaller
-
-
-def _warn_stochastic(executor, *args, **kwargs):
-    """Ancestral and SDE samplers add fresh noise per image each step, so the pair drifts apart."""
-    name = getattr(getattr(executor.class_obj, "sampler_function", None), "__name__", "")
-    if "ancestral" in name or "sde" in name:
-        log.warning("P2P with %s: this sampler adds new noise to each image every step, so the edited image "
-                    "loses the source's layout; use euler, dpmpp_2m, ddim, uni_pc or another deterministic one",
-                    name.removeprefix("sample_"))
-    return executor(*args, **kwargs)
 
 
 def _max_downscale(model) -> int:
@@ -113,14 +103,18 @@ class PersonalizeP2P(io.ComfyNode):
         equalizer = torch.ones(tgt.length)
         if reweight.strip():
             weighted = parse_word_weights(reweight, "reweight")
-            equalizer = token_weights(tgt.length, word_positions(tgt, [w for w, _ in weighted], ids_of, "reweight"),
+            equalizer = token_weights(tgt.length, word_positions(tgt, [w for w, _ in weighted], ids_of, "reweight",
+                                                                    prompt_text=target),
                                       dict(weighted))
         token_windows = {}
         if word_windows.strip():
             sampling = model.get_model_object("model_sampling")
             for word, end in parse_word_weights(word_windows, "word_windows"):
-                w = (cross[0], float(sampling.percent_to_sigma(min(max(end, 0.0), 1.0))))
-                for pos in word_positions(tgt, [word], ids_of, "word_windows")[word]:
+                if not 0.0 <= end <= 1.0:
+                    raise InputError("word_windows", f"'{word}:{end:g}': the end of a word's window is a fraction "
+                                                     "of sampling, from 0 to 1 (e.g. 'bus:0.4')")
+                w = (cross[0], float(sampling.percent_to_sigma(end)))
+                for pos in word_positions(tgt, [word], ids_of, "word_windows", prompt_text=target)[word]:
                     token_windows[pos] = w
         plan = CrossPlan(mapper.float(), alphas.float(), equalizer.float(), cross, token_windows)
         recorder = None
@@ -132,7 +126,7 @@ class PersonalizeP2P(io.ComfyNode):
             install(m, blocks, "attn1", p2p_self_replace(self_window, min(SELF_MAX_DOWNSCALE, _max_downscale(m))))
         if recorder is not None:
             m.set_model_sampler_post_cfg_function(recorder.post_cfg)
-        m.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, "personalize_p2p", _warn_stochastic)
+        warn_on_fresh_noise(m, "P2P")
         positive = paired_conditioning(encode(clip, source), encode(clip, target))
         return io.NodeOutput(m, positive, paired_latent(latent))
 

@@ -8,6 +8,7 @@ negative chunks run unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -30,13 +31,14 @@ from .prompt_cache import PromptCache, cache_budget
 Window = tuple[float, float]  # (sigma_high, sigma_low)
 
 
-def _chunk_multiplier(extra_options: dict, batch: int, kinds: tuple[int, ...], per_token, fill: float,
+def _chunk_multiplier(extra_options: dict, batch: int, per_kind: dict[int, Callable], fill: float,
                       length: int) -> torch.Tensor:
-    """[batch, length, 1] on the host: ``per_token`` on the rows of the chosen chunks, ``fill`` elsewhere."""
+    """[batch, length, 1] on the host: ``per_kind[kind](length)`` on the rows of each chunk of that kind (its own
+    prompt's weights), ``fill`` elsewhere."""
     out = torch.full((batch, length, 1), fill)
     for kind, rows in chunks(extra_options, batch):
-        if kind in kinds:
-            out[rows] = per_token(length)
+        if kind in per_kind:
+            out[rows] = per_kind[kind](length)
     return out
 
 
@@ -51,23 +53,27 @@ class _LayoutCache(dict):
         return self[key]
 
 
-def value_reweight_patch(weights: torch.Tensor, kinds: tuple[int, ...], window: Window):
-    """attn2_patch: scale the value rows of the weighted tokens in the chosen chunks (zero extra cost)."""
+def value_reweight_patch(weights: dict[int, torch.Tensor], window: Window):
+    """attn2_patch: scale the value rows of the weighted tokens (``weights``: per chunk kind, the weights of that
+    prompt's tokens; other chunks unchanged), at zero extra cost."""
     cache = _LayoutCache()
+    per_kind = {kind: (lambda n_, w=w: edits.scale_values(torch.ones(1, n_, 1), w)) for kind, w in weights.items()}
 
     def patch(n, context, value, extra_options):
         if not in_window(extra_options, window):
             return n, context, value
         batch, length = value.shape[:2]
         scale = cache.get_or_make(extra_options, batch, length, value, lambda: _chunk_multiplier(
-            extra_options, batch, kinds, lambda n_: edits.scale_values(torch.ones(1, n_, 1), weights), 1.0, length))
+            extra_options, batch, per_kind, 1.0, length))
         return n, context, value * scale
     return patch
 
 
-def renormalized_replace(weights: torch.Tensor, kinds: tuple[int, ...], window: Window):
-    """attn2 replace: softmax(q k^T + log w) on the chosen chunks, through the fused kernel's float mask."""
-    bias = edits.log_weight_bias(weights)
+def renormalized_replace(weights: dict[int, torch.Tensor], window: Window):
+    """attn2 replace: softmax(q k^T + log w) on the chunks of the kinds in ``weights`` (each its prompt's weights),
+    through the fused kernel's float mask."""
+    biases = {kind: edits.log_weight_bias(w) for kind, w in weights.items()}
+    per_kind = {kind: (lambda n_, b=b: edits.tile_tokens(b, n_).view(1, -1, 1)) for kind, b in biases.items()}
     cache = _LayoutCache()
 
     def make(previous):
@@ -75,9 +81,8 @@ def renormalized_replace(weights: torch.Tensor, kinds: tuple[int, ...], window: 
             if not in_window(extra_options, window):
                 return fused_attention(extra_options, previous)(q, k, v)
             batch, length = k.shape[:2]
-            per_token = lambda n_: edits.tile_tokens(bias, n_).view(1, -1, 1)  # noqa: E731
             mask = cache.get_or_make(extra_options, batch, length, q, lambda: _chunk_multiplier(
-                extra_options, batch, kinds, per_token, 0.0, length).transpose(1, 2).contiguous())
+                extra_options, batch, per_kind, 0.0, length).transpose(1, 2).contiguous())
             return masked_attention(extra_options)(q, k, v, mask)
         return replace
     return make

@@ -1,7 +1,6 @@
 """Attention nodes on a tiny ComfyUI model: patches on clones, chaining, pairing and the identities."""
 import pytest
 import torch
-from comfy_tiny import TINY_SDXL, tiny_unet_patcher
 from test_train_lora import run_node
 
 from comfyui_personalize.training.errors import InputError
@@ -38,7 +37,7 @@ def encode(comfy, clip, text):
 def reweight(nodes, model, clip, words, mode="value", **kw):
     args = dict(model=model, clip=clip, text=PROMPT, words=words, mode=mode, apply_to="cond", start_percent=0.0,
                 end_percent=1.0, latent=empty_latent())
-    return run_node(nodes["reweight"], **{**args, **kw}).result
+    return run_node(nodes["reweight"], **{**args, **kw}).result[:3]  # model, positive, latent
 
 
 def p2p(nodes, model, clip, source, target, **kw):
@@ -107,12 +106,38 @@ def test_p2p_without_injection_is_plain_sampling_of_each_prompt(comfy, tiny_sd15
     assert (pair_edited[1] - pair[1]).abs().max() > 1e-3  # injection changes the edited image
 
 
-def test_p2p_refine_and_local_blend_run_and_keep_the_source(comfy, tiny_sd15, nodes):
+def blend_mask(m, size=(8, 8)):
+    """The local-blend mask the P2P model's post-CFG step used last (its maps stay after the run)."""
+    from comfyui_personalize.nodes.p2p_patches import BlendRecorder
+    recorder, = [f.__self__ for f in m.model_options["sampler_post_cfg_function"]
+                 if isinstance(getattr(f, "__self__", None), BlendRecorder)]
+    return recorder.local.mask(size)[0, 0]
+
+
+def test_p2p_local_blend_changes_the_target_only_inside_the_words_mask(comfy, tiny_sd15, nodes):
+    """Euler's last step lands on the (blended) prediction, so the final target is the source outside the mask."""
     model, clip, _ = tiny_sd15
-    m, positive, latent = p2p(nodes, model, clip, "a photo of a car", "a photo of a red car", mode="refine",
-                              blend_words="car", blend_threshold=0.5, reweight="red:2")
-    pair = sample(comfy, m, positive, latent, clip)
-    assert torch.isfinite(pair).all() and (pair[1] - pair[0]).abs().max() > 0
+    target = PROMPT.replace("car", "bus")
+
+    def run(source=PROMPT, edited=target, **kw):
+        m, positive, latent = p2p(nodes, model, clip, source, edited, **kw)
+        return sample(comfy, m, positive, latent, clip)
+
+    # threshold 1: no map exceeds its own maximum, the mask is empty and the edit is blended away entirely
+    kept = run(blend_words="car, bus", blend_threshold=1.0)
+    torch.testing.assert_close(kept[1], kept[0], atol=1e-5, rtol=1e-5)
+    for word in ("car", "bus"):  # the mask of a source word, of a target word
+        m, positive, latent = p2p(nodes, model, clip, PROMPT, target, blend_words=word, blend_threshold=0.8)
+        pair, mask = sample(comfy, m, positive, latent, clip), blend_mask(m)
+        assert 0 < mask.mean() < 1, word  # part of the image may change
+        changed = (pair[1] - pair[0]).abs().amax(0)
+        assert changed[mask == 0].max() < 1e-5 and changed[mask == 1].max() > 1e-2, word
+    # threshold 0: every map exceeds it, the mask is everything: the plain edit (as without blend words)
+    torch.testing.assert_close(run(blend_words="car, bus", blend_threshold=0.0), run(), atol=1e-4, rtol=1e-4)
+    # refinement (added words) with a reweight blends the same way
+    refined = run("a photo of a car", "a photo of a red car", mode="refine", blend_words="car", blend_threshold=1.0,
+                  reweight="red:2")
+    torch.testing.assert_close(refined[1], refined[0], atol=1e-5, rtol=1e-5)
 
 
 def test_p2p_bad_inputs(comfy, tiny_sd15, nodes):
@@ -128,39 +153,36 @@ def test_p2p_bad_inputs(comfy, tiny_sd15, nodes):
     assert e.value.input_name == "blend_words"
 
 
-def test_patches_chain_with_an_existing_replace(comfy, tiny_sd15, nodes):
-    """A replace already on the model (IPAdapter-style) keeps running under ours."""
+def test_patches_chain_with_an_existing_replace(comfy, tiny_sd15, nodes, monkeypatch):
+    """A replace already on the model (IPAdapter-style) keeps running under ours, on every path of P2P's replace."""
     import comfy.ldm.modules.attention as attention
 
+    from comfyui_personalize.attention import edits
     from comfyui_personalize.nodes.attention_hooks import transformer_blocks
     model, clip, _ = tiny_sd15
-    calls = []
+    split_calls = []
+    split = edits.p2p_cross_with
+    monkeypatch.setattr(edits, "p2p_cross_with", lambda *a: split_calls.append(1) or split(*a))
 
-    def theirs(q, k, v, extra_options):
-        calls.append(extra_options["block"])
-        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+    def theirs(q, k, v, extra_options):  # scales its output: linear in v, as P2P's split into two calls needs
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"]) * 1.5
 
     base = model.clone()
     for b in transformer_blocks(base):
         base.set_model_attn2_replace(theirs, *b.key)
-    m, positive, latent = p2p(nodes, base, clip, PROMPT, PROMPT.replace("red", "blue"))
-    sample(comfy, m, positive, latent, clip, steps=2)
-    assert len(calls) >= len(transformer_blocks(base)) * 2
+    positive = encode(comfy, clip, PROMPT)
+    theirs_only = sample(comfy, base, positive, empty_latent(), clip, steps=2)
+    assert (theirs_only - sample(comfy, model, positive, empty_latent(), clip, steps=2)).abs().max() > 1e-2
+    # identical prompts make P2P an identity: both images are what their replace alone makes. By default the
+    # targets take one attention call with the source's q/k; a word whose window closed early (red, after the
+    # first step) splits it into two calls (source maps for the other words, its own map for that word).
+    for windows, splits in (("", False), ("red:0", True)):
+        m, paired, latent = p2p(nodes, base, clip, PROMPT, PROMPT, word_windows=windows)
+        pair = sample(comfy, m, paired, latent, clip, steps=2)
+        torch.testing.assert_close(pair, theirs_only.expand_as(pair), atol=2e-3, rtol=1e-3)
+        assert bool(split_calls) == splits
     table = base.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert all(fn is theirs for fn in table.values())  # the input clone kept its own patches
-
-
-def test_sdxl_shaped_model_runs_p2p_with_pooled_output(comfy, tiny_sd15, nodes):
-    import comfy.supported_models as supported
-    _, clip, _ = tiny_sd15
-    model = tiny_unet_patcher(supported.SDXL, TINY_SDXL, seed=4)
-    m, _, latent = p2p(nodes, model, clip, PROMPT, PROMPT.replace("red", "blue"))
-    ctx = torch.randn(1, 77, 2048)  # SDXL-shaped paired conditioning (the tiny CLIP is SD1-sized)
-    positive = [[torch.cat([ctx, ctx * 0.5]), {"pooled_output": torch.randn(2, 1280)}]]
-    neg = [[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280)}]]
-    with torch.inference_mode():
-        out = comfy.nodes.common_ksampler(m, 1, 2, 5.0, "euler", "normal", positive, neg, latent)[0]["samples"]
-    assert out.shape[0] == 2 and torch.isfinite(out).all()
 
 
 def test_non_unet_model_is_refused(comfy):

@@ -68,22 +68,29 @@ def test_p2p_self_injects_the_source_map_into_targets_only(patches):
 
 
 @pytest.mark.parametrize("kinds", [[0, 1], [1, 0]])
-def test_reweights_apply_to_the_chosen_chunk(patches, kinds):
-    w = torch.ones(L)
-    w[4], w[9] = 2.5, 0.25
+@pytest.mark.parametrize("weighted", [(0,), (1,), (0, 1)])
+def test_reweights_apply_each_prompts_weights_to_its_own_chunk(patches, kinds, weighted):
+    """Each chunk kind takes the weights of its own prompt's tokens (the negative prompt's words sit elsewhere);
+    chunks of other kinds run unchanged."""
+    weights = {0: torch.ones(L), 1: torch.ones(L)}
+    weights[0][4], weights[0][9] = 2.5, 0.25
+    weights[1][2] = 3.0
+    weights = {kind: weights[kind] for kind in weighted}
     q, k, v = qkv(2, 3)
-    cond = kinds.index(0)
-    value_patch = patches.value_reweight_patch(w, (0,), ALL)
-    renorm = patches.renormalized_replace(w, (0,), ALL)(None)
-    for _ in range(2):
+    value_patch = patches.value_reweight_patch(weights, ALL)
+    renorm = patches.renormalized_replace(weights, ALL)(None)
+    plain = reference.attention(q, k, v, HEADS)
+    for _ in range(2):  # the second call from the layout cache
         _, _, scaled = value_patch(q, k, v, options(kinds))
         out = renorm(q, k, v, options(kinds))
-        torch.testing.assert_close(scaled[1 - cond], v[1 - cond])
-        torch.testing.assert_close(scaled[cond], v[cond] * w.view(-1, 1))
-        torch.testing.assert_close(out[1 - cond], reference.attention(q, k, v, HEADS)[1 - cond], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out[cond:cond + 1], reference.renormalized(q[cond:cond + 1], k[cond:cond + 1],
-                                                                              v[cond:cond + 1], HEADS, w),
-                                   atol=1e-5, rtol=1e-5)
+        for row, kind in enumerate(kinds):
+            w = weights.get(kind, torch.ones(L))
+            torch.testing.assert_close(scaled[row], v[row] * w.view(-1, 1))
+            torch.testing.assert_close(out[row:row + 1], reference.renormalized(q[row:row + 1], k[row:row + 1],
+                                                                                v[row:row + 1], HEADS, w),
+                                       atol=1e-5, rtol=1e-5)
+            if kind not in weights:
+                torch.testing.assert_close(out[row], plain[row], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kinds", [[0, 1], [1, 0]])

@@ -1,0 +1,109 @@
+"""Attention Reweight on the negative prompt: words are found in the prompt they weigh (the negative prompt's words sit
+at other positions than the positive's), and each chunk of the batch takes its own prompt's weights."""
+import pytest
+import torch
+from test_attention_nodes import empty_latent, encode, nodes  # noqa: F401
+from test_sdxl import tiny_sdxl_clip  # noqa: F401
+from test_train_lora import run_node
+
+from comfyui_personalize.training.errors import InputError
+
+pytestmark = pytest.mark.host
+POSITIVE = "a photo of a red car on a street"
+NEGATIVE = "blurry, low quality, street"
+
+
+def reweighted(nodes, model, clip, words, apply_to, mode="value", negative_text=NEGATIVE):  # noqa: F811
+    out = run_node(nodes["reweight"], model=model, clip=clip, text=POSITIVE, words=words, mode=mode,
+                   apply_to=apply_to, start_percent=0.0, end_percent=1.0, latent=empty_latent(),
+                   negative_text=negative_text).result
+    return out[0], out[1], out[3]  # model, positive, negative
+
+
+def sample(comfy, model, positive, negative, cfg=5.0):
+    with torch.inference_mode():
+        return comfy.nodes.common_ksampler(model, 3, 4, cfg, "euler", "normal", positive, negative,
+                                           empty_latent())[0]["samples"]
+
+
+@pytest.mark.parametrize("mode", ["value", "renormalized"])
+def test_words_of_the_negative_prompt_are_weighed_where_they_are_in_it(comfy, tiny_sd15, nodes, mode):  # noqa: F811
+    model, clip, _ = tiny_sd15
+    positive, negative = encode(comfy, clip, POSITIVE), encode(comfy, clip, NEGATIVE)
+    plain = sample(comfy, model, positive, negative)
+    m, pos, neg = reweighted(nodes, model, clip, "blurry:1", "uncond", mode)
+    torch.testing.assert_close(neg[0][0], negative[0][0], atol=0, rtol=0)  # the negative output is its encoding
+    torch.testing.assert_close(sample(comfy, m, pos, neg), plain, atol=1e-5, rtol=1e-5)  # weight 1: identity
+    m, pos, neg = reweighted(nodes, model, clip, "blurry:3", "uncond", mode)
+    assert (sample(comfy, m, pos, neg) - plain).abs().max() > 1e-3
+    # "both" weighs each prompt's own words: the same as the positive's and the negative's reweights chained
+    both, pos, neg = reweighted(nodes, model, clip, "red:0.2, blurry:3", "both", mode)
+    if mode == "value":  # value patches chain (renormalized refuses a replace under it)
+        first, _, _ = reweighted(nodes, model, clip, "red:0.2", "cond", mode)
+        chained, _, _ = reweighted(nodes, first, clip, "blurry:3", "uncond", mode)
+        torch.testing.assert_close(sample(comfy, both, pos, neg), sample(comfy, chained, pos, neg), atol=1e-5,
+                                   rtol=1e-5)
+    # a word in both prompts ("street") weighs in each, at its own position there
+    street, pos, neg = reweighted(nodes, model, clip, "street:0", "both", mode)
+    only_positive, _, _ = reweighted(nodes, model, clip, "street:0", "cond", mode)
+    assert (sample(comfy, street, pos, neg) - sample(comfy, only_positive, pos, neg)).abs().max() > 1e-3
+
+
+def test_a_word_that_is_not_in_the_prompt_it_weighs_is_refused(comfy, tiny_sd15, nodes):  # noqa: F811
+    model, clip, _ = tiny_sd15
+    with pytest.raises(InputError, match="words.*'red' is not in the prompt"):
+        reweighted(nodes, model, clip, "red:0", "uncond")  # before, it scaled whatever the negative held there
+    with pytest.raises(InputError, match="words.*'green' is in neither"):
+        reweighted(nodes, model, clip, "red:2, green:2", "both")
+    with pytest.raises(InputError, match="negative_text"):
+        reweighted(nodes, model, clip, "red:2", "both", negative_text=" ")
+
+
+def test_p2p_locked_reweights_the_positive_alone(comfy, tiny_sd15, nodes, caplog):  # noqa: F811
+    model, clip, _ = tiny_sd15
+    m, pos, neg = reweighted(nodes, model, clip, "red:2", "both", "p2p_locked")
+    assert "p2p_locked reweights the positive prompt only" in caplog.text
+    assert pos[0][0].shape[0] == 2 and neg[0][0].shape[0] == 1  # the pair; the negative as written
+
+
+@pytest.mark.parametrize("sampler, warns", [("lcm", True), ("sa_solver", True), ("ddpm", True), ("seeds_2", True),
+                                            ("euler_ancestral", True), ("dpmpp_2m", False)])
+def test_p2p_locked_warns_for_samplers_that_add_noise_every_step(comfy, tiny_sd15, nodes, caplog, sampler, warns):  # noqa: F811
+    model, clip, _ = tiny_sd15
+    out = run_node(nodes["reweight"], model=model, clip=clip, text=POSITIVE, words="red:2", mode="p2p_locked",
+                   apply_to="cond", start_percent=0.0, end_percent=1.0, latent=empty_latent()).result
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        comfy.nodes.common_ksampler(out[0], 3, 2, 5.0, sampler, "normal", out[1], encode(comfy, clip, NEGATIVE),
+                                    out[2])
+    assert any("loses the source's layout" in r.getMessage() for r in caplog.records) == warns
+
+
+def test_dual_path_on_sdxl_blends_the_pooled_vector_too(comfy, nodes, tiny_sdxl_clip):  # noqa: F811
+    """SDXL reads the prompt through y as well: at a = 0 the blend is the base model on the hard prompt, pooled
+    vector included (before, the soft prompt's pooled vector stayed: a difference of 65 on this model)."""
+    from comfy import supported_models  # not "import comfy.x": that would shadow the comfy fixture
+    from comfy_tiny import TINY_SDXL, tiny_unet_patcher
+    from test_attention_nodes import attention_lora, dual
+
+    model = tiny_unet_patcher(supported_models.SDXL, TINY_SDXL, seed=4)
+    clip = tiny_sdxl_clip
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    negative = encode(comfy, clip, "blurry")
+    assert hard[0][1]["pooled_output"].shape == (1, 1280)
+    base_on_hard = sample(comfy, model, hard, negative)
+    blended = dual(nodes, model, hard, attention_lora(model), 0.0)
+    torch.testing.assert_close(sample(comfy, blended, soft, negative), base_on_hard, atol=1e-4, rtol=1e-4)
+    half = dual(nodes, model, hard, attention_lora(model), 0.5)
+    assert (sample(comfy, half, soft, negative) - base_on_hard).abs().max() > 1e-3
+
+
+def test_p2p_refuses_a_word_window_outside_sampling_and_lists_the_words_it_can_find(comfy, tiny_sd15, nodes):  # noqa: F811
+    from test_attention_nodes import p2p
+
+    model, clip, _ = tiny_sd15
+    target = POSITIVE.replace("car", "bus")
+    with pytest.raises(InputError, match="word_windows.*from 0 to 1") as e:
+        p2p(nodes, model, clip, POSITIVE, target, word_windows="bus:7")  # silently clamped to 1 before
+    assert e.value.input_name == "word_windows"
+    with pytest.raises(InputError, match="'truck' is not in the prompt.*Words found in the prompt: a, photo"):
+        p2p(nodes, model, clip, POSITIVE, target, reweight="truck:2")

@@ -1,0 +1,91 @@
+"""Attention nodes on tiny ComfyUI models: SDXL prompts, prompts of several 77-token chunks, inputs left alone."""
+import pytest
+import torch
+from comfy_tiny import weights_hash
+from test_attention_nodes import PROMPT, empty_latent, encode, nodes, p2p, reweight, sample  # noqa: F401
+from test_sdxl import tiny_sdxl, tiny_sdxl_clip  # noqa: F401  (fixtures)
+from test_train_lora import run_node
+
+pytestmark = pytest.mark.host
+# 8 copies of PROMPT (79 tokens) overflow the first chunk's 75 content tokens; "giraffe" is in the second only
+LONG_PROMPT = ", ".join([PROMPT] * 8) + ", and a giraffe"
+
+
+def test_p2p_on_sdxl_pairs_both_encoders_and_the_pooled_output(comfy, tiny_sdxl, tiny_sdxl_clip, nodes):  # noqa: F811
+    model, clip = tiny_sdxl, tiny_sdxl_clip
+    edited = PROMPT.replace("red", "blue")
+    same, positive, latent = p2p(nodes, model, clip, PROMPT, PROMPT)
+    swap, swapped, _ = p2p(nodes, model, clip, PROMPT, edited)
+    (context, extra), = swapped
+    assert context.shape == (2, 77, 2048) and extra["pooled_output"].shape == (2, 1280)  # CLIP-L + CLIP-G
+    (src_context, src_extra), = encode(comfy, clip, PROMPT)
+    (tgt_context, tgt_extra), = encode(comfy, clip, edited)
+    # row 0 is the source prompt and row 1 the target, for the context and for CLIP-G's pooled output alike
+    torch.testing.assert_close(context, torch.cat([src_context, tgt_context]))
+    torch.testing.assert_close(extra["pooled_output"], torch.cat([src_extra["pooled_output"],
+                                                                  tgt_extra["pooled_output"]]))
+    assert (src_extra["pooled_output"] - tgt_extra["pooled_output"]).abs().max() > 1e-3  # the rows can be told apart
+    pair = sample(comfy, same, positive, latent, clip, steps=2)
+    torch.testing.assert_close(pair[1], pair[0], atol=1e-5, rtol=1e-5)
+    edited_pair = sample(comfy, swap, swapped, latent, clip, steps=2)
+    torch.testing.assert_close(edited_pair[0], pair[0], atol=1e-5, rtol=1e-5)  # the source keeps its prompt
+    assert (edited_pair[1] - pair[1]).abs().max() > 1e-3  # the swap reaches the target
+
+
+def test_reweight_reaches_words_in_the_second_77_token_chunk(comfy, tiny_sd15, nodes):  # noqa: F811
+    from comfyui_personalize.nodes.attention_text import prompt_tokens, word_tokenizer
+    model, clip, _ = tiny_sd15
+    tokens = prompt_tokens(clip, LONG_PROMPT)
+    giraffe = [p for p in range(tokens.length) if tokens.ids[p] in word_tokenizer(clip)("giraffe")]
+    assert tokens.n_chunks == 2 and giraffe and min(giraffe) >= 77  # the word is in the second chunk only
+
+    def image(words, mode):
+        m, positive, latent = reweight(nodes, model, clip, words, mode=mode, text=LONG_PROMPT)
+        return sample(comfy, m, positive, latent if mode == "p2p_locked" else empty_latent(), clip, steps=2)
+
+    plain = sample(comfy, model, encode(comfy, clip, LONG_PROMPT), empty_latent(), clip, steps=2)
+    for mode in ("value", "renormalized"):
+        torch.testing.assert_close(image("giraffe:1", mode), plain, atol=1e-5, rtol=1e-5)
+        assert (image("giraffe:4", mode) - plain).abs().max() > 1e-3, mode
+    # p2p_locked: [unweighted, reweighted] pairs; batch 2 vs 1 changes the float summation order a little
+    pair = image("giraffe:1", "p2p_locked")
+    torch.testing.assert_close(pair, plain.expand_as(pair), atol=2e-3, rtol=1e-3)
+    pair = image("giraffe:4", "p2p_locked")
+    torch.testing.assert_close(pair[0], plain[0], atol=2e-3, rtol=1e-3)
+    assert (pair[1] - pair[0]).abs().max() > 1e-3
+
+
+def patcher_state(model) -> dict:
+    """What a node must leave as it found on its input MODEL: the weights, the options, and which functions are
+    registered as wrappers and callbacks (by identity) and as patches."""
+    def registered(table):
+        return {k: registered(v) if isinstance(v, dict) else [id(f) for f in v] for k, v in table.items()}
+    return dict(weights=weights_hash(model.model), options=repr(model.model_options),
+                wrappers=registered(model.wrappers), callbacks=registered(model.callbacks),
+                patches=sorted(model.patches), object_patches=sorted(model.object_patches))
+
+
+EDITS = {  # node helper and its inputs besides model and clip
+    "reweight value": (reweight, dict(words="red:2", mode="value")),
+    "reweight renormalized": (reweight, dict(words="red:2", mode="renormalized")),
+    "reweight p2p_locked": (reweight, dict(words="red:2", mode="p2p_locked")),
+    "p2p with local blend": (p2p, dict(source=PROMPT, target=PROMPT.replace("car", "bus"), blend_words="car, bus",
+                                       word_windows="red:0.5")),
+}
+
+
+@pytest.mark.parametrize("edit", [*EDITS, "attention maps"])
+def test_the_input_model_is_left_as_it_was(comfy, tiny_sd15, nodes, edit):  # noqa: F811
+    """Each node patches a clone; after it ran and the clone sampled, the input MODEL is as before."""
+    model, clip, _ = tiny_sd15
+    before = patcher_state(model)
+    if edit == "attention maps":  # samples inside the node
+        run_node(nodes["maps"], model=model, clip=clip, text=PROMPT, words="red, street",
+                 latent={"samples": torch.randn(1, 4, 8, 8)}, resolution="all", at_percent=0.5, seed=0)
+    else:
+        node, inputs = EDITS[edit]
+        m, positive, latent = node(nodes, model, clip, **inputs)
+        sample(comfy, m, positive, latent, clip, steps=2)
+        assert patcher_state(m) != before  # the clone does carry the edit
+    after = patcher_state(model)
+    assert [key for key in before if after[key] != before[key]] == []
