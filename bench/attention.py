@@ -2,7 +2,8 @@
 materialises the attention maps (the paper's controllers), in one process on SD1.5/SDXL-shaped random weights.
 
 Modes (our nodes' patches on a clone): reweight value (attn2_patch), reweight renormalized (attn2 replace with a
-logit bias), P2P word swap with self-attention injection (paired batch: both images count), dual-path blend
+logit bias), P2P word swap with self-attention injection (paired batch: both images count), P2P refinement (two inserted
+words) and swap with local blend, dual-path blend
 (the node itself on a rank-8 attention LoRA, a = 0.7, cross attention only and self + cross; cross also as on
 projections that are not plain weights, "by modules"). The reference runs
 the same P2P edit with explicit maps (attention.reference) in the attn2 replace.
@@ -56,6 +57,7 @@ import shapes  # noqa: E402
 
 from comfyui_personalize.attention import reference  # noqa: E402
 from comfyui_personalize.attention.align import swap_mapper  # noqa: E402
+from comfyui_personalize.attention.local_blend import LocalBlend  # noqa: E402
 from comfyui_personalize.nodes import dual_path as dual  # noqa: E402
 from comfyui_personalize.nodes import dual_path_direct as dual_direct  # noqa: E402
 from comfyui_personalize.nodes.attention_hooks import (  # noqa: E402
@@ -66,6 +68,7 @@ from comfyui_personalize.nodes.attention_hooks import (  # noqa: E402
 )
 from comfyui_personalize.nodes.comfy_adapter import ComfyHost  # noqa: E402
 from comfyui_personalize.nodes.p2p_patches import (  # noqa: E402
+    BlendRecorder,
     CrossPlan,
     install,
     install_cross,
@@ -216,6 +219,16 @@ def reference_replace(plan, heads_of):
     return make
 
 
+def refine_plan() -> CrossPlan:
+    """P2P refinement as the node builds it for a target with two words (tokens 5 and 6) inserted: the source's
+    tokens 1-74 move to 1-4 and 7-76, the new tokens keep their own maps (alpha 0)."""
+    mapper, alphas = torch.zeros(77, 77), torch.ones(77)
+    for t in [*range(5), *range(7, 77)]:
+        mapper[t if t < 5 else t - 2, t] = 1.0
+    alphas[5:7] = 0.0  # no source token: their own maps
+    return CrossPlan(mapper, alphas, torch.ones(77), ALL)
+
+
 def attention_lora(model, rank=8):
     """A kohya-key rank-``rank`` LoRA on every attention projection (q/k/v/out of attn1 and attn2)."""
     lora = {}
@@ -255,6 +268,17 @@ for family in args.models.split(","):
     install_cross(m, blocks, plan, None)  # as the P2P node sets it up
     install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
     modes.append(("p2p swap + self injection", m, pos2, neg1, 2 * n, True))
+    m = base.clone()
+    install_cross(m, blocks, refine_plan(), None)  # target tokens 5-6 new: plain attention + the edited targets
+    install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
+    modes.append(("p2p refine + self injection", m, pos2, neg1, 2 * n, True))
+    m = base.clone()
+    lowest = min(4, 2 ** (len(base.model.diffusion_model.channel_mult) - 1))  # the node's map resolution
+    recorder = BlendRecorder(LocalBlend(torch.tensor([3]), torch.tensor([3]), 0.3), lowest, float("inf"))
+    install_cross(m, blocks, plan, recorder)  # as the node with blend words: the words' map columns only
+    install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
+    m.set_model_sampler_post_cfg_function(recorder.post_cfg)
+    modes.append(("p2p swap + local blend", m, pos2, neg1, 2 * n, True))
     m = base.clone()
     install(m, blocks, "attn2", reference_replace(plan, None))
     install(m, blocks, "attn1", p2p_self_replace(ALL, 4))

@@ -5,7 +5,7 @@ import { app } from "../../../scripts/app.js"; // served at /extensions/<pack>/j
 import { weightedWords } from "./token_weights_parse.js";
 
 const NODES = {
-  PersonalizeAttentionReweight: { text: "text", weights: "words" },
+  PersonalizeAttentionReweight: { text: "text", weights: "words", negative: "negative_text" },
   PersonalizeP2P: { text: "target", weights: "reweight" },
 };
 const LINE = 16;
@@ -18,8 +18,17 @@ function tint(weight) {
   return `rgba(74, 127, 181, ${Math.min(1, 0.35 + (1 - weight))})`;
 }
 
+// The prompt(s) the words are looked up in: apply_to uncond weighs the negative prompt's words, both either's.
+function promptText(node, names) {
+  const value = (name) => node.widgets?.find((w) => w.name === name)?.value ?? "";
+  const applyTo = names.negative ? value("apply_to") : "cond";
+  if (applyTo === "uncond") return value(names.negative);
+  if (applyTo === "both") return `${value(names.text)}\n${value(names.negative)}`;
+  return value(names.text);
+}
+
 function draw(ctx, node, width, y, names) {
-  const text = node.widgets?.find((w) => w.name === names.text)?.value;
+  const text = promptText(node, names);
   const spec = node.widgets?.find((w) => w.name === names.weights)?.value;
   const { words, weights, problems } = weightedWords(text, spec);
   ctx.save();
