@@ -11,10 +11,10 @@ from ..training.errors import InputError
 from .attention_hooks import APPLY_TO, COND, UNCOND, percent_window, replaces_cross_attention, transformer_blocks
 from .attention_text import (
     encode,
+    pair_fresh_noise,
     paired_conditioning,
     paired_latent,
     prompt_tokens,
-    warn_on_fresh_noise,
     word_tokenizer,
 )
 from .p2p_patches import CrossPlan, install, p2p_cross_replace, renormalized_replace, value_reweight_patch
@@ -107,7 +107,7 @@ class PersonalizeAttentionReweight(io.ComfyNode):
             install(m, blocks, "attn2", p2p_cross_replace(plan, None))
             positive = paired_conditioning(positive, positive)
             latent = paired_latent(latent)
-            warn_on_fresh_noise(m, "Reweight p2p_locked")
+            pair_fresh_noise(m, "Reweight p2p_locked")
         return io.NodeOutput(m, positive, latent, negative)
 
 

@@ -1,6 +1,7 @@
 """Prompts for the attention nodes: token positions from ComfyUI's tokenizer, conditioning, the paired batch."""
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -99,21 +100,48 @@ def paired_latent(latent: dict) -> dict:
 
 # samplers that add fresh noise to every image at every step besides the ancestral and SDE ones (by name)
 _FRESH_NOISE = {"ddpm", "lcm", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
+_BROWNIAN = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")  # their own default noise: a Brownian tree
 
 
 def adds_fresh_noise(sampler_name: str) -> bool:
     return "ancestral" in sampler_name or "sde" in sampler_name or sampler_name in _FRESH_NOISE
 
 
-def warn_on_fresh_noise(model, edit: str) -> None:
-    """A SAMPLER_SAMPLE wrapper on ``model`` (a clone) that warns when the sampler adds fresh noise per image every
-    step: the pair's images drift apart, and the edited one loses the source's layout."""
+def paired_noise_sampler(sampler_name: str, noise: torch.Tensor, sigmas: torch.Tensor, seed):
+    """The sampler's own kind of per-step noise (a Brownian tree for the DPM++ SDE family, white noise otherwise,
+    as ComfyUI seeds them), drawn for the first image of each pair and given to both: rows [s0, t0, s1, t1, ...]."""
+    from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler, default_noise_sampler
+
+    half = noise[0::2]
+    if sampler_name.startswith(_BROWNIAN):
+        inner = BrownianTreeNoiseSampler(half, sigmas[sigmas > 0].min(), sigmas.max(), seed=seed,
+                                         cpu=not sampler_name.endswith("_gpu"))
+    else:
+        inner = default_noise_sampler(half, seed=seed)
+    return lambda sigma, sigma_next: inner(sigma, sigma_next).repeat_interleave(2, dim=0)
+
+
+def pair_fresh_noise(model, edit: str) -> None:
+    """A SAMPLER_SAMPLE wrapper on ``model`` (a clone) for the paired batch: a sampler that adds fresh noise every
+    step (ancestral, SDE, lcm, ...) gets one noise per pair (``paired_noise_sampler``), so the source and the edited
+    image stay paired; where it cannot (a sampler without a noise_sampler option, an odd batch), a warning."""
     def wrapper(executor, *args, **kwargs):
-        name = getattr(getattr(executor.class_obj, "sampler_function", None), "__name__", "")
-        name = name.removeprefix("sample_")
-        if adds_fresh_noise(name):
-            log.warning("%s with %s: this sampler adds new noise to each image every step, so the edited image "
-                        "loses the source's layout; use euler, dpmpp_2m, ddim, uni_pc or another deterministic one",
-                        edit, name)
-        return executor(*args, **kwargs)
+        sampler, (sigmas, extra_args, noise) = executor.class_obj, (args[1], args[2], args[4])
+        function = getattr(sampler, "sampler_function", None)
+        name = getattr(function, "__name__", "").removeprefix("sample_")
+        options = getattr(sampler, "extra_options", None)
+        if (function is None or "noise_sampler" not in inspect.signature(function).parameters
+                or not isinstance(options, dict) or options.get("noise_sampler") is not None or noise.shape[0] % 2):
+            if adds_fresh_noise(name):
+                log.warning("%s with %s: this sampler adds new noise to each image every step, so the edited "
+                            "image loses the source's layout; feed the node's LATENT (pairs) to a sampler without a "
+                            "noise sampler of its own, or use a deterministic one (euler, dpmpp_2m)", edit, name)
+            return executor(*args, **kwargs)
+        # a new dict for this run: KSAMPLERs share their default extra_options dict
+        sampler.extra_options = {**options, "noise_sampler": paired_noise_sampler(name, noise, sigmas,
+                                                                                  extra_args.get("seed"))}
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            sampler.extra_options = options
     model.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, "personalize_paired_noise", wrapper)

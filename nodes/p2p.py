@@ -14,10 +14,10 @@ from .attention_hooks import percent_window, transformer_blocks
 from .attention_reweight import window_inputs
 from .attention_text import (
     encode,
+    pair_fresh_noise,
     paired_conditioning,
     paired_latent,
     prompt_tokens,
-    warn_on_fresh_noise,
     word_tokenizer,
     words_with_positions,
 )
@@ -41,7 +41,8 @@ class PersonalizeP2P(io.ComfyNode):
             category="personalize/attention",
             description="Edits an image by editing its prompt while keeping the layout: the edited image attends "
                         "with the source image's attention maps. One sampling run makes both (the LATENT output "
-                        "holds source, edited pairs with shared noise). Use a deterministic sampler.",
+                        "holds source, edited pairs with shared noise; samplers that add noise every step draw "
+                        "it once per pair).",
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
@@ -126,7 +127,7 @@ class PersonalizeP2P(io.ComfyNode):
             install(m, blocks, "attn1", p2p_self_replace(self_window, min(SELF_MAX_DOWNSCALE, _max_downscale(m))))
         if recorder is not None:
             m.set_model_sampler_post_cfg_function(recorder.post_cfg)
-        warn_on_fresh_noise(m, "P2P")
+        pair_fresh_noise(m, "P2P")
         positive = paired_conditioning(encode(clip, source), encode(clip, target))
         return io.NodeOutput(m, positive, paired_latent(latent))
 

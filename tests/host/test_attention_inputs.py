@@ -66,16 +66,42 @@ def test_p2p_locked_reweights_the_positive_alone(comfy, tiny_sd15, nodes, caplog
     assert pos[0][0].shape[0] == 2 and neg[0][0].shape[0] == 1  # the pair; the negative as written
 
 
-@pytest.mark.parametrize("sampler, warns", [("lcm", True), ("sa_solver", True), ("ddpm", True), ("seeds_2", True),
-                                            ("euler_ancestral", True), ("dpmpp_2m", False)])
-def test_p2p_locked_warns_for_samplers_that_add_noise_every_step(comfy, tiny_sd15, nodes, caplog, sampler, warns):  # noqa: F811
+FRESH_NOISE = ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde_gpu", "lcm", "ddpm", "seeds_2", "sa_solver"]
+
+
+@pytest.mark.parametrize("sampler", FRESH_NOISE + ["dpmpp_2m"])
+def test_samplers_that_add_noise_every_step_keep_the_pair_paired(comfy, tiny_sd15, nodes, caplog, sampler):  # noqa: F811
+    """With weight 1 the reweighted image is the source's: each pair draws one per-step noise (before, lcm, ddpm,
+    seeds and sa_solver drifted apart by 40-125 unwarned, ancestral and SDE ones with a warning)."""
     model, clip, _ = tiny_sd15
-    out = run_node(nodes["reweight"], model=model, clip=clip, text=POSITIVE, words="red:2", mode="p2p_locked",
-                   apply_to="cond", start_percent=0.0, end_percent=1.0, latent=empty_latent()).result
+    out = run_node(nodes["reweight"], model=model, clip=clip, text=POSITIVE, words="red:1", mode="p2p_locked",
+                   apply_to="cond", start_percent=0.0, end_percent=1.0, latent=empty_latent(2)).result
     with caplog.at_level("WARNING"), torch.inference_mode():
-        comfy.nodes.common_ksampler(out[0], 3, 2, 5.0, sampler, "normal", out[1], encode(comfy, clip, NEGATIVE),
-                                    out[2])
-    assert any("loses the source's layout" in r.getMessage() for r in caplog.records) == warns
+        pairs = comfy.nodes.common_ksampler(out[0], 3, 3, 5.0, sampler, "normal", out[1],
+                                            encode(comfy, clip, NEGATIVE), out[2])[0]["samples"]
+        plain = comfy.nodes.common_ksampler(model, 3, 3, 5.0, sampler, "normal", encode(comfy, clip, POSITIVE),
+                                            encode(comfy, clip, NEGATIVE), empty_latent(2))[0]["samples"]
+    assert not any("loses the source's layout" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(pairs[1::2], pairs[0::2], atol=1e-5, rtol=1e-5)
+    assert (pairs[0] - pairs[2]).abs().max() > 1e-3  # the two pairs have their own noise
+    # the sources are the images this sampler makes without the edit: its own kind of noise, from the same seed
+    torch.testing.assert_close(pairs[0::2], plain, atol=1e-4, rtol=1e-4)
+
+
+def test_a_sampler_that_brings_its_own_noise_is_left_alone_and_warned(comfy, tiny_sd15, nodes, caplog):  # noqa: F811
+    from comfy import sample, samplers
+
+    model, clip, _ = tiny_sd15
+    out = run_node(nodes["reweight"], model=model, clip=clip, text=POSITIVE, words="red:1", mode="p2p_locked",
+                   apply_to="cond", start_percent=0.0, end_percent=1.0, latent=empty_latent()).result
+    latent = out[2]["samples"]
+    own = samplers.ksampler("euler_ancestral", {"noise_sampler": lambda s, s_next: torch.randn(latent.shape)})
+    sigmas = samplers.calculate_sigmas(out[0].get_model_object("model_sampling"), "normal", 3)
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        pair = sample.sample_custom(out[0], sample.prepare_noise(latent, 3, [0, 0]), 5.0, own, sigmas, out[1],
+                                    encode(comfy, clip, NEGATIVE), latent, seed=3)
+    assert any("loses the source's layout" in r.getMessage() for r in caplog.records)
+    assert (pair[1] - pair[0]).abs().max() > 1e-3  # its own noise, per image
 
 
 def test_dual_path_on_sdxl_blends_the_pooled_vector_too(comfy, nodes, tiny_sdxl_clip):  # noqa: F811
