@@ -85,7 +85,8 @@ def test_samplers_that_add_noise_every_step_keep_the_pair_paired(comfy, tiny_sd1
     torch.testing.assert_close(pairs[1::2], pairs[0::2], atol=1e-5, rtol=1e-5)
     assert (pairs[0] - pairs[2]).abs().max() > 1e-3  # the two pairs have their own noise
     # the sources are the images this sampler makes without the edit: its own kind of noise, from the same seed
-    torch.testing.assert_close(pairs[0::2], plain, atol=1e-4, rtol=1e-4)
+    # (batches of 4 and 2 round differently on some CPUs, up to 9e-4 after 3 steps; other noise differs by > 0.1)
+    torch.testing.assert_close(pairs[0::2], plain, atol=5e-3, rtol=5e-3)
 
 
 def test_a_sampler_that_brings_its_own_noise_is_left_alone_and_warned(comfy, tiny_sd15, nodes, caplog):  # noqa: F811

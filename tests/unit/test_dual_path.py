@@ -115,7 +115,8 @@ def test_self_blend_is_the_blend_of_the_lora_block_and_the_base_block(a, calls):
     expected = a * merged(block, deltas)(x, x) + (1 - a) * block(x, x)
     attention = CountingAttention()
     with torch.no_grad():
-        torch.testing.assert_close(run_self(block, x, deltas, a, attention), expected, atol=1e-5, rtol=1e-5)
+        # the merged weight W + dW rounds differently from W x + dW x (up to 3e-5 on some CPUs)
+        torch.testing.assert_close(run_self(block, x, deltas, a, attention), expected, atol=1e-4, rtol=1e-4)
     assert attention.calls == calls
 
 
