@@ -107,13 +107,24 @@ def p2p_self(attention: Attention, q_src: torch.Tensor, k_src: torch.Tensor, v_t
     return attention(q_src, k_src, v_tgt)
 
 
-def selected_maps(q: torch.Tensor, k: torch.Tensor, heads: int, columns: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) for the chosen key columns only, averaged over heads: [B, Nq, len(columns)].
-    The row normaliser needs every key, but only [B, heads, Nq] of it is kept (logsumexp), not the map."""
-    b, nq, c = q.shape
+def map_keys(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys [B, Nk, C] as ``column_maps`` reads them: [B, heads, dim_head, Nk] in float, scaled by 1/sqrt(d).
+    They depend on the prompt alone, so a patch can make them once per run."""
+    b, nk, c = k.shape
     d = c // heads
-    qh = q.view(b, nq, heads, d).transpose(1, 2).float()
-    kh = k.view(b, k.shape[1], heads, d).transpose(1, 2).float()
-    logits = torch.matmul(qh, kh.transpose(-1, -2)) * d**-0.5  # cross-attention: Nk is 77 per chunk
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    return torch.exp(logits[..., columns.to(q.device)] - lse).mean(1)
+    return k.view(b, nk, heads, d).permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format) \
+        .mul_(d**-0.5)
+
+
+def column_maps(q: torch.Tensor, keys: torch.Tensor, heads: int, columns: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) for the chosen key columns only, averaged over heads: [B, Nq, len(columns)];
+    ``keys`` from ``map_keys``. The softmax needs every key of a row, so the logits of all keys exist for the
+    moment (cross-attention: Nk is 77 per chunk); only the chosen columns are kept."""
+    b, nq, c = q.shape
+    qh = q.view(b, nq, heads, c // heads).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    return torch.softmax(torch.matmul(qh, keys), dim=-1).index_select(-1, columns.to(q.device)).mean(1)
+
+
+def selected_maps(q: torch.Tensor, k: torch.Tensor, heads: int, columns: torch.Tensor) -> torch.Tensor:
+    """``column_maps`` from the keys themselves: [B, Nq, len(columns)]."""
+    return column_maps(q, map_keys(k, heads), heads, columns)

@@ -3,14 +3,14 @@
 The paper sums the chosen words' cross-attention maps of the 16x16 layers (SD at 512 px, i.e. latent / 4) over
 layers and steps, max-pools 3x3, upsamples, normalises by the maximum and thresholds (0.3); the mask is the
 union of the source words' and target words' masks and x_t = x_src + mask (x_tgt - x_src). Only the chosen
-token columns of the maps are kept (``edits.selected_maps``).
+token columns of the maps are kept (``edits.column_maps``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .edits import selected_maps
+from .edits import column_maps
 
 
 class LocalBlend:
@@ -25,19 +25,25 @@ class LocalBlend:
     def reset(self) -> None:
         self.maps = None
 
-    def _word_map(self, q, k, heads, columns, hw) -> torch.Tensor:
-        if len(columns) == 0:
-            return q.new_zeros(q.shape[0], *hw, dtype=torch.float32)
-        key = (columns.data_ptr(), k.shape[1], q.device)
+    def _selection(self, pairs: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(columns, selector): the source words' columns then the target words', and [2 pairs, columns, 1] ones
+        where a row counts a column (source rows their words, target rows theirs); moved to the device once (a
+        copy in every layer would wait for it)."""
+        key = (pairs, nk, device)
         if key not in self._on_device:
-            self._on_device[key] = columns[columns < k.shape[1]].to(q.device)
-        return selected_maps(q, k, heads, self._on_device[key]).sum(-1).view(q.shape[0], *hw)
+            src, tgt = (c[c < nk] for c in (self.source_columns, self.target_columns))
+            selector = torch.zeros(2 * pairs, len(src) + len(tgt), 1)
+            selector[:pairs, :len(src)] = 1.0
+            selector[pairs:, len(src):] = 1.0
+            self._on_device[key] = torch.cat([src, tgt]).to(device), selector.to(device)
+        return self._on_device[key]
 
-    def record(self, q_src: torch.Tensor, k_src: torch.Tensor, q_tgt: torch.Tensor, k_tgt: torch.Tensor,
-               heads: int, hw: tuple[int, int]) -> None:
-        """Add one layer's maps: the source rows' maps of the source words, the targets' of the target words."""
-        maps = torch.stack([self._word_map(q_src, k_src, heads, self.source_columns, hw),
-                            self._word_map(q_tgt, k_tgt, heads, self.target_columns, hw)], dim=1)
+    def record(self, q: torch.Tensor, keys: torch.Tensor, heads: int, hw: tuple[int, int]) -> None:
+        """Add one layer's maps. ``q`` [2 pairs, Nq, C]: the pairs' source rows, then their target rows; ``keys``:
+        ``map_keys`` of the same rows' k. Source rows count the source words, target rows the target words."""
+        pairs = q.shape[0] // 2
+        columns, selector = self._selection(pairs, keys.shape[-1], q.device)
+        maps = torch.bmm(column_maps(q, keys, heads, columns), selector).view(2, pairs, *hw).transpose(0, 1)
         if self.maps is not None and self.maps.shape != maps.shape:
             self.maps = None  # a new image size: a new run
         self.maps = maps if self.maps is None else self.maps + maps

@@ -183,11 +183,29 @@ def paired_index(extra_options: dict, batch: int, device) -> tuple[torch.Tensor,
 def source_of_rows(extra_options: dict, batch: int, device) -> torch.Tensor:
     """[batch] row index on ``device``: each target row of a positive chunk points at its source row, every
     other row at itself. ``x.index_select(0, it)`` gives the targets the source's q/k in one op."""
-    kinds = tuple(extra_options.get("cond_or_uncond") or [COND])
-    key = ("rows", kinds, batch, str(device))
-    if key not in _pair_index:
+    def make(src, tgt):
         rows = torch.arange(batch)
-        src, tgt = paired_index(extra_options, batch, "cpu")
         rows[tgt] = src
-        _pair_index[key] = rows.to(device)
+        return rows
+    return _cached_rows(extra_options, batch, device, "rows", make)
+
+
+def _cached_rows(extra_options: dict, batch: int, device, name: str, make) -> torch.Tensor:
+    """``make(source rows, target rows)`` (``paired_index`` on the host), moved to ``device`` once per layout."""
+    kinds = tuple(extra_options.get("cond_or_uncond") or [COND])
+    key = (name, kinds, batch, str(device))
+    if key not in _pair_index:
+        _pair_index[key] = make(*paired_index(extra_options, batch, "cpu")).to(device)
     return _pair_index[key]
+
+
+def sources_then_targets(extra_options: dict, batch: int, device) -> torch.Tensor:
+    """[2 pairs] row index: the source rows of the positive chunks' pairs, then their target rows."""
+    return _cached_rows(extra_options, batch, device, "pairs", lambda src, tgt: torch.cat([src, tgt]))
+
+
+def rows_then_sources(extra_options: dict, batch: int, device) -> torch.Tensor:
+    """[batch + pairs] row index: every row, then the source row of each target (a batch extended by one row
+    per target)."""
+    return _cached_rows(extra_options, batch, device, "extended", lambda src, tgt: torch.cat([torch.arange(batch),
+                                                                                               src]))

@@ -23,8 +23,10 @@ from .attention_hooks import (
     in_window,
     masked_attention,
     paired_index,
+    rows_then_sources,
     set_replace,
     source_of_rows,
+    sources_then_targets,
 )
 from .prompt_cache import PromptCache, cache_budget
 
@@ -134,7 +136,7 @@ class BlendRecorder:
         self.local, self.downscale, self.start = local, downscale, start
         self._last_sigma = float("inf")
 
-    def record(self, q, k, extra_options: dict) -> None:
+    def record(self, q, k, extra_options: dict, prompts: PromptCache | None = None) -> None:
         shape = extra_options.get("activations_shape")
         if shape is None or downscale(extra_options) != self.downscale:
             return
@@ -142,11 +144,12 @@ class BlendRecorder:
         if sigma > self._last_sigma:  # sigmas only fall within a run: a higher one starts a new run
             self.local.reset()
         self._last_sigma = sigma
-        src, tgt = paired_index(extra_options, q.shape[0], q.device)
-        if len(tgt):
-            pick = lambda t, rows: t.index_select(0, rows)  # noqa: E731
-            self.local.record(pick(q, src), pick(k, src), pick(q, tgt), pick(k, tgt), extra_options["n_heads"],
-                              tuple(shape[-2:]))
+        if not len(paired_index(extra_options, q.shape[0], q.device)[1]):
+            return
+        rows, heads = sources_then_targets(extra_options, q.shape[0], q.device), extra_options["n_heads"]
+        make = lambda: edits.map_keys(k.index_select(0, rows), heads)  # noqa: E731
+        keys = make() if prompts is None else prompts.get_or_make(extra_options, k, make, "blend keys")
+        self.local.record(q.index_select(0, rows), keys, heads, tuple(shape[-2:]))
 
     def post_cfg(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
@@ -167,13 +170,35 @@ def _row_mixing(extra_options: dict, batch: int, mixed: torch.Tensor) -> torch.T
     return out
 
 
+def _with_own_maps(attend, q, k, v, extra_options: dict, prompts: PromptCache, mixed, own) -> torch.Tensor:
+    """Targets that keep part of their own map (refinement's added words, per-word windows), in one attention call:
+    the batch with the targets' values scaled by c_tgt, and, where the source's map is injected, one more row per
+    target attending with its source's q/k over (M * c_src) V_tgt, added onto that target afterwards."""
+    batch = q.shape[0]
+    src, tgt = paired_index(extra_options, batch, q.device)
+
+    def build():
+        values = v.index_copy(0, tgt, v.index_select(0, tgt) * own.view(1, -1, 1))
+        if mixed is None:
+            return k, values
+        return (torch.cat([k, k.index_select(0, src)]),
+                torch.cat([values, torch.matmul(mixed, v.index_select(0, tgt))]))
+    keys, values = prompts.get_or_make(extra_options, k, build, ("own maps", id(mixed), id(own)))
+    if mixed is None:
+        return attend(q, keys, values)
+    out = attend(q.index_select(0, rows_then_sources(extra_options, batch, q.device)), keys, values)
+    return out[:batch].index_add_(0, tgt, out[batch:])
+
+
 def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: PromptCache | None = None):
     """attn2 replace: targets of positive chunks get the source's maps; maps for local blend are recorded.
     Where the target's own map drops out (a swap or a reweight inside its window) the whole batch is one attention
     call: targets take their source's q/k by one row gather and M * c_src applied to their values by one batched
-    matmul (the identity on other rows). Otherwise every row runs the plain attention and the edited targets are
-    recomputed and written over theirs. Either way no boolean split of the batch (each would wait for the GPU).
-    What is built from k/v alone (the gathered keys, the mixed values) is kept in ``prompts`` for the run."""
+    matmul (the identity on other rows). Where it stays in part (refinement's added words) also one call, over the
+    batch and one more row per target (``_with_own_maps``); under another pack's replace, which may not take extra
+    rows, every row runs through it and the edited targets are recomputed and written over theirs. Either way no
+    boolean split of the batch (each would wait for the GPU). What is built from k/v alone (the gathered keys, the
+    mixed values, local blend's keys) is kept in ``prompts`` for the run."""
     mixing = _LayoutCache()
     prompts = PromptCache() if prompts is None else prompts  # one never installed builds every time
 
@@ -181,7 +206,7 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
         def replace(q, k, v, extra_options):
             attend = fused_attention(extra_options, previous)
             if recorder is not None:
-                recorder.record(q, k, extra_options)
+                recorder.record(q, k, extra_options, prompts)
             operands = plan.operands(extra_options, k.shape[1], q.device, q.dtype)
             if operands is None:
                 return attend(q, k, v)
@@ -194,15 +219,17 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
                 keys, mixed_values = prompts.get_or_make(
                     extra_options, k, lambda: (k.index_select(0, rows), torch.bmm(values, v)), id(mixed))
                 return attend(q.index_select(0, rows), keys, mixed_values)
-            out = attend(q, k, v)
             src, tgt = paired_index(extra_options, q.shape[0], q.device)
             if not len(tgt):
-                return out
+                return attend(q, k, v)
+            if previous is None:
+                return _with_own_maps(attend, q, k, v, extra_options, prompts, mixed, own)
+            # under another pack's replace: every row as it is, then the targets recomputed through that replace
             pick = lambda t, rows: t.index_select(0, rows)  # noqa: E731
             k_src, k_tgt, v_tgt = prompts.get_or_make(
                 extra_options, k, lambda: (pick(k, src), pick(k, tgt), pick(v, tgt)), "targets")
             edited = edits.p2p_cross_with(attend, pick(q, src), k_src, pick(q, tgt), k_tgt, v_tgt, *operands)
-            return out.index_copy(0, tgt, edited.to(out.dtype))
+            return attend(q, k, v).index_copy(0, tgt, edited.to(q.dtype))
         return replace
     return make
 

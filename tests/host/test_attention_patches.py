@@ -50,6 +50,71 @@ def test_p2p_cross_edits_only_positive_targets(patches, kinds, alphas):
         assert not torch.allclose(out[tgt], plain[tgt], atol=1e-3)  # the edit did something
 
 
+def start_run(prompts, replace) -> None:
+    """Start a run in which ComfyUI calls ``replace`` itself on block KEY: ``prompts`` keeps values there."""
+    from types import SimpleNamespace
+    patcher = SimpleNamespace(model_options={"transformer_options": {
+        "patches": {}, "patches_replace": {"attn2": {KEY: replace}}}})
+    prompts.watch(patcher, [KEY])
+    prompts.reset(patcher)
+
+
+KEY = ("input", 1, 0)
+KEPT = {"uuids": ["c", "u"], "block": KEY[:2], "block_index": KEY[2], "personalize_prompt_fixed": True}
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["own kernel", "under another replace"])
+def test_p2p_refinement_with_per_word_windows_matches_the_reference_at_every_step(patches, chained):
+    """Added words keep the target's own map (one call over the batch plus a row per target, or through another
+    pack's replace); per-word windows change the operands as sigma falls; the prompt's k/v are kept for the run, and
+    each window state keeps its own."""
+    mapper = swap_mapper([([10], [3]), ([11], [5])], [([20], [3]), ([21, 22], [5, 6])], L)
+    plan = patches.CrossPlan(mapper, REFINE_ALPHAS, torch.ones(L), ALL, {3: (1e9, 2.0), 6: (1e9, 3.0)})
+    previous = (lambda q, k, v, extra: reference.attention(q, k, v, HEADS)) if chained else None
+    from comfyui_personalize.nodes.prompt_cache import PromptCache
+    prompts = PromptCache(max_bytes=2**30)
+    replace = patches.p2p_cross_replace(plan, None, prompts)(previous)
+    start_run(prompts, replace)
+    q0, k, v = qkv(4, 11)
+    kinds = [1, 0]
+    for step, sigma in enumerate((5.0, 2.5, 1.0, 5.0)):
+        q = q0 + step  # the image tokens change at every step, the prompt's k/v do not
+        out = replace(q, k, v, {**options(kinds, sigma), **KEPT})
+        alpha = torch.ones(L)
+        alpha[3], alpha[6] = float(sigma >= 2.0), float(sigma >= 3.0)
+        expected = reference.attention(q, k, v, HEADS)
+        expected[3] = reference.p2p_cross(q[2:3], k[2:3], q[3:], k[3:], v[3:], HEADS, mapper, alpha,
+                                          refine_alphas=REFINE_ALPHAS)[0]
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert prompts._used > 0  # the values were kept, not rebuilt
+
+
+def test_p2p_target_that_keeps_only_its_own_map_runs_one_plain_sized_call(patches):
+    """Refinement where every target token is new (no source map injected): the target attends with its own map
+    over equalized values; the call stays the batch's size."""
+    equalizer = torch.ones(L)
+    equalizer[4] = 2.0
+    plan = patches.CrossPlan(torch.eye(L), torch.zeros(L), equalizer, ALL)
+    sizes = []
+
+    def previous_free_attention(q, k, v):
+        sizes.append(q.shape[0])
+        return reference.attention(q, k, v, HEADS)
+    q, k, v = qkv(2, 4)
+    from comfyui_personalize.nodes import p2p_patches
+    original = p2p_patches.fused_attention
+    p2p_patches.fused_attention = lambda extra, previous: previous_free_attention
+    try:
+        out = patches.p2p_cross_replace(plan, None)(None)(q, k, v, options([0]))
+    finally:
+        p2p_patches.fused_attention = original
+    assert sizes == [2]
+    expected = reference.p2p_cross(q[:1], k[:1], q[1:], k[1:], v[1:], HEADS, torch.eye(L), torch.ones(L),
+                                   refine_alphas=torch.zeros(L), equalizer=equalizer)
+    torch.testing.assert_close(out[1:], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:1], reference.attention(q[:1], k[:1], v[:1], HEADS), atol=1e-5, rtol=1e-5)
+
+
 def test_p2p_cross_outside_its_window_is_plain(patches):
     mapper = swap_mapper([([10], [3])], [([20], [3])], L)
     plan = patches.CrossPlan(mapper, torch.ones(L), torch.ones(L), (2.0, 1.0))

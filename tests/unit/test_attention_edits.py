@@ -138,3 +138,19 @@ def test_selected_maps_are_the_maps_columns():
     cols = torch.tensor([2, 7])
     full = reference.attention_maps(q, k, HEADS).mean(1)
     torch.testing.assert_close(edits.selected_maps(q, k, HEADS, cols), full[..., cols].float(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target_words", [[7], []], ids=["both sides", "source words only"])
+def test_local_blend_sums_each_sides_words_on_its_own_rows_over_layers(target_words):
+    from comfyui_personalize.attention.local_blend import LocalBlend
+
+    q, k, _, _, _ = tensors(12, b=4)  # two pairs: rows 0, 1 the sources, rows 2, 3 their targets
+    blend = LocalBlend(torch.tensor([2, 5]), torch.tensor(target_words, dtype=torch.long), 0.3)
+    for scale in (1.0, 0.5):  # two layers
+        blend.record(q * scale, edits.map_keys(k, HEADS), HEADS, (4, 4))
+    expected = 0
+    for scale in (1.0, 0.5):
+        full = reference.attention_maps(q * scale, k, HEADS).mean(1)
+        words = lambda rows, cols: full[rows][..., cols].sum(-1).view(2, 4, 4)  # noqa: E731
+        expected = expected + torch.stack([words(slice(0, 2), [2, 5]), words(slice(2, 4), target_words)], dim=1)
+    torch.testing.assert_close(blend.maps, expected.float(), atol=1e-6, rtol=1e-5)
