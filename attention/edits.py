@@ -107,24 +107,26 @@ def p2p_self(attention: Attention, q_src: torch.Tensor, k_src: torch.Tensor, v_t
     return attention(q_src, k_src, v_tgt)
 
 
-def map_keys(k: torch.Tensor, heads: int) -> torch.Tensor:
-    """Keys [B, Nk, C] as ``column_maps`` reads them: [B, heads, dim_head, Nk] in float, scaled by 1/sqrt(d).
-    They depend on the prompt alone, so a patch can make them once per run."""
-    b, nk, c = k.shape
-    d = c // heads
-    return k.view(b, nk, heads, d).permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format) \
-        .mul_(d**-0.5)
-
-
-def column_maps(q: torch.Tensor, keys: torch.Tensor, heads: int, columns: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) for the chosen key columns only, averaged over heads: [B, Nq, len(columns)];
-    ``keys`` from ``map_keys``. The softmax needs every key of a row, so the logits of all keys exist for the
-    moment (cross-attention: Nk is 77 per chunk); only the chosen columns are kept."""
-    b, nq, c = q.shape
-    qh = q.view(b, nq, heads, c // heads).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    return torch.softmax(torch.matmul(qh, keys), dim=-1).index_select(-1, columns.to(q.device)).mean(1)
-
-
 def selected_maps(q: torch.Tensor, k: torch.Tensor, heads: int, columns: torch.Tensor) -> torch.Tensor:
-    """``column_maps`` from the keys themselves: [B, Nq, len(columns)]."""
-    return column_maps(q, map_keys(k, heads), heads, columns)
+    """softmax(q k^T / sqrt(d)) for the chosen key columns only, averaged over heads: [B, Nq, len(columns)].
+    The softmax needs every key of a row, so that layer's logits exist for the moment (cross-attention: Nk is 77
+    per chunk); only the chosen columns are kept."""
+    b, nq, c = q.shape
+    d = c // heads
+    qh = q.view(b, nq, heads, d).transpose(1, 2).float()
+    kh = k.view(b, k.shape[1], heads, d).transpose(1, 2).float()
+    logits = torch.matmul(qh, kh.transpose(-1, -2)) * d**-0.5
+    return torch.softmax(logits, dim=-1).index_select(-1, columns.to(q.device)).mean(1)
+
+
+def word_map_values(columns: torch.Tensor, length: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """Values [B, length, channels] that make attention return a word map: row b is 1 at the keys
+    ``columns[b]`` (a [B, length] 0/1 mask) in every channel, so each head's output channels all equal the sum of
+    that head's map over those keys. With the host's fused kernel, no map is materialised."""
+    return columns.to(like.device, like.dtype)[:, :length, None].expand(-1, -1, channels).contiguous()
+
+
+def word_maps(out: torch.Tensor) -> torch.Tensor:
+    """[B, Nq] from attention over ``word_map_values``: each head's map summed over the words, averaged over heads
+    (all channels of a head are equal, so the mean over channels is the mean over heads)."""
+    return out.mean(-1, dtype=torch.float32)

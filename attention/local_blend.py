@@ -3,14 +3,14 @@
 The paper sums the chosen words' cross-attention maps of the 16x16 layers (SD at 512 px, i.e. latent / 4) over
 layers and steps, max-pools 3x3, upsamples, normalises by the maximum and thresholds (0.3); the mask is the
 union of the source words' and target words' masks and x_t = x_src + mask (x_tgt - x_src). Only the chosen
-token columns of the maps are kept (``edits.column_maps``).
+token columns of the maps are computed, by attention over values that select them (``edits.word_map_values``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .edits import column_maps
+from .edits import word_map_values, word_maps
 
 
 class LocalBlend:
@@ -20,30 +20,27 @@ class LocalBlend:
         self.source_columns, self.target_columns = source_columns.long(), target_columns.long()
         self.threshold = threshold
         self.maps: torch.Tensor | None = None  # [pairs, 2, h, w] summed maps (source words, target words)
-        self._on_device: dict = {}  # columns moved to the device once, not in every layer (a copy waits for it)
+        self._values: dict = {}
 
     def reset(self) -> None:
         self.maps = None
 
-    def _selection(self, pairs: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(columns, selector): the source words' columns then the target words', and [2 pairs, columns, 1] ones
-        where a row counts a column (source rows their words, target rows theirs); moved to the device once (a
-        copy in every layer would wait for it)."""
-        key = (pairs, nk, device)
-        if key not in self._on_device:
-            src, tgt = (c[c < nk] for c in (self.source_columns, self.target_columns))
-            selector = torch.zeros(2 * pairs, len(src) + len(tgt), 1)
-            selector[:pairs, :len(src)] = 1.0
-            selector[pairs:, len(src):] = 1.0
-            self._on_device[key] = torch.cat([src, tgt]).to(device), selector.to(device)
-        return self._on_device[key]
+    def values(self, pairs: int, length: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+        """The pairs' word-map values (``edits.word_map_values``): source rows select the source words' keys,
+        target rows the target words'; rows laid out as the pairs' sources, then their targets. Made once per
+        shape, device and dtype: a host-to-device copy in every layer would wait for the GPU."""
+        key = (pairs, length, channels, like.device, like.dtype)
+        if key not in self._values:
+            select = torch.zeros(2 * pairs, length)
+            for rows, columns in ((slice(0, pairs), self.source_columns), (slice(pairs, None), self.target_columns)):
+                select[rows, columns[columns < length]] = 1.0
+            self._values[key] = word_map_values(select, length, channels, like)
+        return self._values[key]
 
-    def record(self, q: torch.Tensor, keys: torch.Tensor, heads: int, hw: tuple[int, int]) -> None:
-        """Add one layer's maps. ``q`` [2 pairs, Nq, C]: the pairs' source rows, then their target rows; ``keys``:
-        ``map_keys`` of the same rows' k. Source rows count the source words, target rows the target words."""
-        pairs = q.shape[0] // 2
-        columns, selector = self._selection(pairs, keys.shape[-1], q.device)
-        maps = torch.bmm(column_maps(q, keys, heads, columns), selector).view(2, pairs, *hw).transpose(0, 1)
+    def record(self, out: torch.Tensor, hw: tuple[int, int]) -> None:
+        """Add one layer's maps, from attention over ``values`` (``out`` [2 pairs, Nq, C])."""
+        pairs = out.shape[0] // 2
+        maps = word_maps(out).view(2, pairs, *hw).transpose(0, 1)
         if self.maps is not None and self.maps.shape != maps.shape:
             self.maps = None  # a new image size: a new run
         self.maps = maps if self.maps is None else self.maps + maps

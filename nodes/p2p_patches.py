@@ -146,10 +146,12 @@ class BlendRecorder:
         self._last_sigma = sigma
         if not len(paired_index(extra_options, q.shape[0], q.device)[1]):
             return
-        rows, heads = sources_then_targets(extra_options, q.shape[0], q.device), extra_options["n_heads"]
-        make = lambda: edits.map_keys(k.index_select(0, rows), heads)  # noqa: E731
+        rows = sources_then_targets(extra_options, q.shape[0], q.device)
+        make = lambda: k.index_select(0, rows)  # noqa: E731
         keys = make() if prompts is None else prompts.get_or_make(extra_options, k, make, "blend keys")
-        self.local.record(q.index_select(0, rows), keys, heads, tuple(shape[-2:]))
+        values = self.local.values(len(rows) // 2, k.shape[1], q.shape[-1], q)
+        # the host's own kernel, not a replace chained under ours: these calls only read maps
+        self.local.record(fused_attention(extra_options)(q.index_select(0, rows), keys, values), tuple(shape[-2:]))
 
     def post_cfg(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]

@@ -142,12 +142,13 @@ def test_selected_maps_are_the_maps_columns():
 
 @pytest.mark.parametrize("target_words", [[7], []], ids=["both sides", "source words only"])
 def test_local_blend_sums_each_sides_words_on_its_own_rows_over_layers(target_words):
+    """Fused attention over the blend's values gives the words' maps (no map materialised)."""
     from comfyui_personalize.attention.local_blend import LocalBlend
 
     q, k, _, _, _ = tensors(12, b=4)  # two pairs: rows 0, 1 the sources, rows 2, 3 their targets
     blend = LocalBlend(torch.tensor([2, 5]), torch.tensor(target_words, dtype=torch.long), 0.3)
     for scale in (1.0, 0.5):  # two layers
-        blend.record(q * scale, edits.map_keys(k, HEADS), HEADS, (4, 4))
+        blend.record(sdpa(q * scale, k, blend.values(2, L, HEADS * D, q)), (4, 4))
     expected = 0
     for scale in (1.0, 0.5):
         full = reference.attention_maps(q * scale, k, HEADS).mean(1)
