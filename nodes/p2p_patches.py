@@ -179,15 +179,15 @@ def _with_own_maps(attend, q, k, v, extra_options: dict, prompts: PromptCache, m
     batch = q.shape[0]
     src, tgt = paired_index(extra_options, batch, q.device)
 
-    def build():
-        values = v.index_copy(0, tgt, v.index_select(0, tgt) * own.view(1, -1, 1))
-        if mixed is None:
-            return k, values
-        return (torch.cat([k, k.index_select(0, src)]),
-                torch.cat([values, torch.matmul(mixed, v.index_select(0, tgt))]))
-    keys, values = prompts.get_or_make(extra_options, k, build, ("own maps", id(mixed), id(own)))
+    def scaled():  # the targets' values times c_tgt, every other row as it is
+        return v.index_copy(0, tgt, v.index_select(0, tgt) * own.view(1, -1, 1))
     if mixed is None:
-        return attend(q, keys, values)
+        return attend(q, k, prompts.get_or_make(extra_options, k, scaled, "own maps", version=id(own)))
+
+    def build():
+        return (torch.cat([k, k.index_select(0, src)]),
+                torch.cat([scaled(), torch.matmul(mixed, v.index_select(0, tgt))]))
+    keys, values = prompts.get_or_make(extra_options, k, build, "own and source maps", version=(id(mixed), id(own)))
     out = attend(q.index_select(0, rows_then_sources(extra_options, batch, q.device)), keys, values)
     return out[:batch].index_add_(0, tgt, out[batch:])
 
@@ -219,7 +219,8 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
                                             lambda: _row_mixing(extra_options, q.shape[0], mixed.cpu()),
                                             tag=id(mixed))  # plan keeps each window state's operands alive
                 keys, mixed_values = prompts.get_or_make(
-                    extra_options, k, lambda: (k.index_select(0, rows), torch.bmm(values, v)), id(mixed))
+                    extra_options, k, lambda: (k.index_select(0, rows), torch.bmm(values, v)), "source maps",
+                    version=id(mixed))
                 return attend(q.index_select(0, rows), keys, mixed_values)
             src, tgt = paired_index(extra_options, q.shape[0], q.device)
             if not len(tgt):

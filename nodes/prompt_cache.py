@@ -81,6 +81,7 @@ class PromptCache:
         self._values: dict = {}
         self._rows: dict = {}  # batch layout -> DistinctRows | None, for the run
         self._yielding: dict = {}  # keys of keep_for_run values -> their bytes, evicted first (newest first)
+        self._versions: dict = {}  # keys of get_or_make values -> (version, bytes)
         self._used = 0
 
     def install(self, model) -> None:
@@ -114,6 +115,7 @@ class PromptCache:
         that differ between cond and uncond re-patch the weights before every model call."""
         self._values.clear()
         self._yielding.clear()
+        self._versions.clear()
         self._used = 0
 
     def reset(self, patcher=None, *_) -> None:
@@ -169,14 +171,21 @@ class PromptCache:
             self._rows[key] = find_distinct_rows(context, labels())
         return self._rows[key]
 
-    def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None):
+    def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None, version=None):
+        """``make()``, kept for the run in a layer ComfyUI calls itself with a fixed prompt (past the budget, built
+        every time). ``version`` (e.g. a window state): a value kept under another version is replaced, not kept
+        beside it, so states that have passed (sigma only falls) do not hold the budget."""
         layer = _layer(extra_options)
         if not self._caches_in(extra_options, layer):
             return make()
         key = (layer, tuple(extra_options["uuids"]), tuple(extra_options.get("cond_or_uncond") or ()),
                tuple(like.shape), like.device, like.dtype, tag)
         if key in self._values:
-            return self._values[key]
+            kept, kept_size = self._versions[key]
+            if kept == version:
+                return self._values[key]
+            del self._values[key], self._versions[key]
+            self._used -= kept_size
         value = make()
         size = _nbytes(value)
         while self._used + size > self.max_bytes and self._yielding:  # merged weights give way to k/v
@@ -185,6 +194,7 @@ class PromptCache:
             self._used -= freed
         if self._used + size <= self.max_bytes:
             self._values[key] = value
+            self._versions[key] = (version, size)
             self._used += size
         return value
 

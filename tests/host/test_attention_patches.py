@@ -28,7 +28,7 @@ def qkv(batch, seed):
 
 
 REFINE_ALPHAS = torch.ones(L)
-REFINE_ALPHAS[6] = 0.0  # an inserted token: the target keeps its own map there (the two-call path)
+REFINE_ALPHAS[6] = 0.0  # an inserted token: the target keeps its own map there (the batch plus a row per target)
 
 
 @pytest.mark.parametrize("kinds", [[0, 1], [1, 0]])
@@ -75,18 +75,22 @@ def test_p2p_refinement_with_per_word_windows_matches_the_reference_at_every_ste
     prompts = PromptCache(max_bytes=2**30)
     replace = patches.p2p_cross_replace(plan, None, prompts)(previous)
     start_run(prompts, replace)
-    q0, k, v = qkv(4, 11)
+    q0, k, v = qkv(8, 11)  # two images: the positive chunk (rows 4-7) holds two source/target pairs
     kinds = [1, 0]
-    for step, sigma in enumerate((5.0, 2.5, 1.0, 5.0)):
+    kept = []
+    for step, sigma in enumerate((5.0, 2.5, 1.0, 0.5)):
         q = q0 + step  # the image tokens change at every step, the prompt's k/v do not
         out = replace(q, k, v, {**options(kinds, sigma), **KEPT})
         alpha = torch.ones(L)
         alpha[3], alpha[6] = float(sigma >= 2.0), float(sigma >= 3.0)
         expected = reference.attention(q, k, v, HEADS)
-        expected[3] = reference.p2p_cross(q[2:3], k[2:3], q[3:], k[3:], v[3:], HEADS, mapper, alpha,
-                                          refine_alphas=REFINE_ALPHAS)[0]
+        for src, tgt in ((4, 5), (6, 7)):
+            expected[tgt] = reference.p2p_cross(q[src:src + 1], k[src:src + 1], q[tgt:tgt + 1], k[tgt:tgt + 1],
+                                                v[tgt:tgt + 1], HEADS, mapper, alpha, refine_alphas=REFINE_ALPHAS)[0]
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert prompts._used > 0  # the values were kept, not rebuilt
+        kept.append(prompts._used)
+    # the values were kept, and each window state's replaced the last state's: the bytes of one state at a time
+    assert kept[0] > 0 and kept == [kept[0]] * 4
 
 
 def test_p2p_target_that_keeps_only_its_own_map_runs_one_plain_sized_call(patches):
@@ -121,6 +125,34 @@ def test_p2p_cross_outside_its_window_is_plain(patches):
     q, k, v = qkv(4, 0)
     out = patches.p2p_cross_replace(plan, None)(None)(q, k, v, options([0, 1], sigma=5.0))
     torch.testing.assert_close(out, reference.attention(q, k, v, HEADS), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["built per call", "keys kept for the run"])
+def test_blend_recorder_sums_source_words_on_source_rows_and_target_words_on_target_rows(patches, kept):
+    """Two images with CFG: the positive chunk holds two pairs. Each pair's maps are the source words' summed
+    attention on the source row and the target words' on the target row, averaged over heads, summed over layers."""
+    from comfyui_personalize.attention.local_blend import LocalBlend
+    from comfyui_personalize.nodes.prompt_cache import PromptCache
+    source_words, target_words = [2, 5], [3, 5, 6]
+    local = LocalBlend(torch.tensor(source_words), torch.tensor(target_words))
+    recorder = patches.BlendRecorder(local, downscale=1, start=0.0)
+    prompts = None
+    if kept:
+        prompts = PromptCache(max_bytes=2**30)
+        start_run(prompts, lambda q, k, v, extra: reference.attention(q, k, v, HEADS))
+    hw = (3, 4)  # NQ image tokens
+    layout = {"activations_shape": (8, C, *hw), "original_shape": (8, 4, *hw), **(KEPT if kept else {})}
+    expected = torch.zeros(2, 2, *hw)
+    for step, seed in enumerate((5, 6)):  # two layers' calls: the prompt's k stays, the image tokens change
+        q, k, _ = qkv(8, seed)
+        k = qkv(8, 5)[1]
+        recorder.record(q, k, {**options([1, 0], 5.0 - step), **layout}, prompts)
+        maps = reference.attention_maps(q, k, HEADS).mean(1)  # [batch, NQ, L], averaged over heads
+        for pair, (src, tgt) in enumerate(((4, 5), (6, 7))):
+            expected[pair, 0] += maps[src][:, source_words].sum(-1).view(hw)
+            expected[pair, 1] += maps[tgt][:, target_words].sum(-1).view(hw)
+    torch.testing.assert_close(local.maps, expected, atol=1e-5, rtol=1e-5)
+    assert not kept or prompts._used > 0
 
 
 def test_p2p_self_injects_the_source_map_into_targets_only(patches):

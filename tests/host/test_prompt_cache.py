@@ -80,6 +80,21 @@ def test_the_cache_keeps_no_more_than_its_budget(comfy):
     assert len(built) == 6  # a run start frees the budget
 
 
+def test_a_new_version_replaces_the_kept_value_within_the_budget(comfy):
+    """A window state that has passed gives its room to the next one (sigma only falls within a run)."""
+    from comfyui_personalize.nodes.prompt_cache import PromptCache
+
+    ours, cache = (lambda *a: a), PromptCache(max_bytes=40)
+    cache.watch(patcher_with([], ours), [KEY])
+    cache.reset(patcher_with([], ours))
+    get = lambda make, version: cache.get_or_make(call_options(), torch.zeros(1), make, "maps", version)  # noqa: E731
+    first, second = torch.zeros(8), torch.ones(8)  # 32 bytes each: only one fits
+    assert get(lambda: first, "a") is first and get(lambda: second, "a") is first
+    assert get(lambda: second, "b") is second and cache._used == 32  # replaced, not beside it
+    assert get(lambda: first, "b") is second
+    assert get(lambda: first, "a") is first and cache._used == 32  # an earlier state comes back: made again
+
+
 def test_rows_that_repeat_a_prompt_are_found_by_value_and_label_once_per_run(comfy, monkeypatch):
     from comfyui_personalize.nodes.prompt_cache import PromptCache, find_distinct_rows
 
@@ -156,7 +171,7 @@ def test_weights_kept_for_the_run_give_way_to_k_v_and_follow_their_weights(comfy
 
 def no_cache(monkeypatch):
     from comfyui_personalize.nodes.prompt_cache import PromptCache
-    monkeypatch.setattr(PromptCache, "get_or_make", lambda self, options, like, make, tag=None: make())
+    monkeypatch.setattr(PromptCache, "get_or_make", lambda self, options, like, make, tag=None, version=None: make())
 
 
 def blend_over_blend(node_classes, model, clip, comfy):
@@ -201,8 +216,8 @@ def test_p2p_builds_its_prompt_edits_once_per_run_and_samples_the_same_image(com
 
     builds = []
     get_or_make = PromptCache.get_or_make
-    monkeypatch.setattr(PromptCache, "get_or_make", lambda self, options, like, make, tag=None: get_or_make(
-        self, options, like, lambda: builds.append(1) or make(), tag))
+    monkeypatch.setattr(PromptCache, "get_or_make", lambda self, options, like, make, tag=None, version=None:
+                        get_or_make(self, options, like, lambda: builds.append(1) or make(), tag, version))
     model, clip, _ = tiny_sd15
     m, positive, latent = p2p(nodes, model, clip, PROMPT, PROMPT.replace("car", "bus"), mode="swap",
                               cross_end_percent=1.0)
@@ -274,5 +289,5 @@ def test_a_prompt_patch_carried_by_a_hook_turns_the_cache_off_at_the_call(comfy,
     hooked = [hooks.set_hooks_for_conditioning(c, group) for c in (positive, negative)]
     image = run(*hooked)
     assert (image - run(positive, negative)).abs().max() > 1e-2  # the patch matters
-    monkeypatch.setattr(PromptCache, "get_or_make", lambda self, options, like, make, tag=None: make())
+    monkeypatch.setattr(PromptCache, "get_or_make", lambda self, options, like, make, tag=None, version=None: make())
     torch.testing.assert_close(image, run(*hooked), atol=1e-5, rtol=1e-5)
