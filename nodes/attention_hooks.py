@@ -180,32 +180,28 @@ def paired_index(extra_options: dict, batch: int, device) -> tuple[torch.Tensor,
     return _pair_index[key]
 
 
-def source_of_rows(extra_options: dict, batch: int, device) -> torch.Tensor:
-    """[batch] row index on ``device``: each target row of a positive chunk points at its source row, every
-    other row at itself. ``x.index_select(0, it)`` gives the targets the source's q/k in one op."""
-    def make(src, tgt):
-        rows = torch.arange(batch)
-        rows[tgt] = src
-        return rows
-    return _cached_rows(extra_options, batch, device, "rows", make)
+_LAYOUTS = {  # (batch, source rows, target rows) -> the rows of an attention call, on the host
+    "plain": lambda batch, src, tgt: torch.arange(batch),
+    # each target row of a positive chunk takes its source row (q/k of the source), every other row itself
+    "sources": lambda batch, src, tgt: torch.arange(batch).index_copy(0, tgt, src),
+    # every row, then one more row per target: its source's
+    "extended": lambda batch, src, tgt: torch.cat([torch.arange(batch), src]),
+    # the positive chunks' pairs: their sources, then their targets
+    "pairs": lambda batch, src, tgt: torch.cat([src, tgt]),
+}
 
 
-def _cached_rows(extra_options: dict, batch: int, device, name: str, make) -> torch.Tensor:
-    """``make(source rows, target rows)`` (``paired_index`` on the host), moved to ``device`` once per layout."""
+def call_rows(extra_options: dict, batch: int, device, layout: str, then_pairs: bool = False) -> torch.Tensor | None:
+    """The row index (on ``device``) that ``x.index_select(0, it)`` gathers for an attention call laid out as
+    ``layout`` (``_LAYOUTS``), with ``then_pairs`` followed by the "pairs" rows (local blend's maps, recorded in the
+    same call); None for "plain" alone (the rows as they are). Built on the host once per batch layout (a fresh
+    index in every layer would be a host-to-device copy, which waits for the GPU)."""
+    if layout == "plain" and not then_pairs:
+        return None
     kinds = tuple(extra_options.get("cond_or_uncond") or [COND])
-    key = (name, kinds, batch, str(device))
+    key = (layout, then_pairs, kinds, batch, str(device))
     if key not in _pair_index:
-        _pair_index[key] = make(*paired_index(extra_options, batch, "cpu")).to(device)
+        src, tgt = paired_index(extra_options, batch, "cpu")
+        rows = _LAYOUTS[layout](batch, src, tgt)
+        _pair_index[key] = (torch.cat([rows, src, tgt]) if then_pairs else rows).to(device)
     return _pair_index[key]
-
-
-def sources_then_targets(extra_options: dict, batch: int, device) -> torch.Tensor:
-    """[2 pairs] row index: the source rows of the positive chunks' pairs, then their target rows."""
-    return _cached_rows(extra_options, batch, device, "pairs", lambda src, tgt: torch.cat([src, tgt]))
-
-
-def rows_then_sources(extra_options: dict, batch: int, device) -> torch.Tensor:
-    """[batch + pairs] row index: every row, then the source row of each target (a batch extended by one row
-    per target)."""
-    return _cached_rows(extra_options, batch, device, "extended", lambda src, tgt: torch.cat([torch.arange(batch),
-                                                                                               src]))

@@ -16,6 +16,7 @@ from ..attention import edits
 from ..attention.local_blend import LocalBlend, blend
 from .attention_hooks import (
     Block,
+    call_rows,
     chunks,
     current_sigma,
     downscale,
@@ -23,10 +24,7 @@ from .attention_hooks import (
     in_window,
     masked_attention,
     paired_index,
-    rows_then_sources,
     set_replace,
-    source_of_rows,
-    sources_then_targets,
 )
 from .prompt_cache import PromptCache, cache_budget
 
@@ -136,22 +134,37 @@ class BlendRecorder:
         self.local, self.downscale, self.start = local, downscale, start
         self._last_sigma = float("inf")
 
-    def record(self, q, k, extra_options: dict, prompts: PromptCache | None = None) -> None:
-        shape = extra_options.get("activations_shape")
-        if shape is None or downscale(extra_options) != self.downscale:
-            return
+    def wants(self, q: torch.Tensor, extra_options: dict) -> bool:
+        """Whether this layer call records maps (its resolution, a positive chunk with pairs); a sigma above the
+        last one starts a new run."""
+        if extra_options.get("activations_shape") is None or downscale(extra_options) != self.downscale:
+            return False
         sigma = current_sigma(extra_options) or 0.0
         if sigma > self._last_sigma:  # sigmas only fall within a run: a higher one starts a new run
             self.local.reset()
         self._last_sigma = sigma
-        if not len(paired_index(extra_options, q.shape[0], q.device)[1]):
+        return bool(len(paired_index(extra_options, q.shape[0], q.device)[1]))
+
+    def operands(self, q: torch.Tensor, k: torch.Tensor, extra_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of the recording rows (``call_rows(..., then_pairs=True)``'s tail: the pairs' sources,
+        then their targets), over which attention returns the words' maps."""
+        rows = call_rows(extra_options, q.shape[0], q.device, "pairs")
+        return k.index_select(0, rows), self.local.values(len(rows) // 2, k.shape[1], q.shape[-1], q)
+
+    def take(self, out: torch.Tensor, extra_options: dict) -> None:
+        """Add the maps of the recording rows' attention output ``out`` [2 pairs, Nq, C]."""
+        self.local.record(out, tuple(extra_options["activations_shape"][-2:]))
+
+    def record(self, q, k, extra_options: dict, prompts: PromptCache | None = None) -> None:
+        """Record in a call of its own, where the layer's attention cannot take the extra rows (another pack's
+        replace runs it)."""
+        if not self.wants(q, extra_options):
             return
-        rows = sources_then_targets(extra_options, q.shape[0], q.device)
-        make = lambda: k.index_select(0, rows)  # noqa: E731
-        keys = make() if prompts is None else prompts.get_or_make(extra_options, k, make, "blend keys")
-        values = self.local.values(len(rows) // 2, k.shape[1], q.shape[-1], q)
+        make = lambda: self.operands(q, k, extra_options)  # noqa: E731
+        keys, values = make() if prompts is None else prompts.get_or_make(extra_options, k, make, "blend keys")
+        rows = call_rows(extra_options, q.shape[0], q.device, "pairs")
         # the host's own kernel, not a replace chained under ours: these calls only read maps
-        self.local.record(fused_attention(extra_options)(q.index_select(0, rows), keys, values), tuple(shape[-2:]))
+        self.take(fused_attention(extra_options)(q.index_select(0, rows), keys, values), extra_options)
 
     def post_cfg(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
@@ -172,67 +185,86 @@ def _row_mixing(extra_options: dict, batch: int, mixed: torch.Tensor) -> torch.T
     return out
 
 
-def _with_own_maps(attend, q, k, v, extra_options: dict, prompts: PromptCache, mixed, own) -> torch.Tensor:
-    """Targets that keep part of their own map (refinement's added words, per-word windows), in one attention call:
-    the batch with the targets' values scaled by c_tgt, and, where the source's map is injected, one more row per
-    target attending with its source's q/k over (M * c_src) V_tgt, added onto that target afterwards."""
+def _layer_call(plan: CrossPlan, mixing: _LayoutCache, q, k, v, extra_options: dict) -> tuple:
+    """The one attention call of a layer: (row layout of ``call_rows``, ``build() -> (keys, or None for k; values)``,
+    the version of what build makes, or None where that is k/v themselves). Under a swap's or a reweight's window
+    the targets take their source's q/k and M * c_src V_tgt ("sources"); where a target keeps part of its own map
+    (refinement's added words, per-word windows) its values are scaled by c_tgt and, where the source's map is
+    injected too, one more row per target attends with its source's q/k over M * c_src V_tgt and is added onto it
+    afterwards ("extended")."""
     batch = q.shape[0]
+    operands = plan.operands(extra_options, k.shape[1], q.device, q.dtype)
+    if operands is None:
+        return "plain", lambda: (k, v), None
+    mixed, own = operands
+    if own is None:  # one attention call over the whole batch
+        rows = call_rows(extra_options, batch, q.device, "sources")
+        values = mixing.get_or_make(extra_options, batch, k.shape[1], v,
+                                    lambda: _row_mixing(extra_options, batch, mixed.cpu()),
+                                    tag=id(mixed))  # plan keeps each window state's operands alive
+        return "sources", lambda: (k.index_select(0, rows), torch.bmm(values, v)), ("source maps", id(mixed))
     src, tgt = paired_index(extra_options, batch, q.device)
+    if not len(tgt):
+        return "plain", lambda: (k, v), None
 
     def scaled():  # the targets' values times c_tgt, every other row as it is
         return v.index_copy(0, tgt, v.index_select(0, tgt) * own.view(1, -1, 1))
     if mixed is None:
-        return attend(q, k, prompts.get_or_make(extra_options, k, scaled, "own maps", version=id(own)))
+        return "plain", lambda: (None, scaled()), ("own maps", id(own))
+    return "extended", lambda: (torch.cat([k, k.index_select(0, src)]), torch.cat(
+        [scaled(), torch.matmul(mixed, v.index_select(0, tgt))])), ("own and source maps", id(mixed), id(own))
 
-    def build():
-        return (torch.cat([k, k.index_select(0, src)]),
-                torch.cat([scaled(), torch.matmul(mixed, v.index_select(0, tgt))]))
-    keys, values = prompts.get_or_make(extra_options, k, build, "own and source maps", version=(id(mixed), id(own)))
-    out = attend(q.index_select(0, rows_then_sources(extra_options, batch, q.device)), keys, values)
-    return out[:batch].index_add_(0, tgt, out[batch:])
+
+def _through_previous(attend, q, k, v, extra_options: dict, prompts: PromptCache, operands) -> torch.Tensor:
+    """Refinement under another pack's replace, which may not take extra rows: every row as it is, then the targets
+    recomputed through that replace and written over theirs."""
+    src, tgt = paired_index(extra_options, q.shape[0], q.device)
+    pick = lambda t, rows: t.index_select(0, rows)  # noqa: E731
+    k_src, k_tgt, v_tgt = prompts.get_or_make(
+        extra_options, k, lambda: (pick(k, src), pick(k, tgt), pick(v, tgt)), "targets")
+    edited = edits.p2p_cross_with(attend, pick(q, src), k_src, pick(q, tgt), k_tgt, v_tgt, *operands)
+    return attend(q, k, v).index_copy(0, tgt, edited.to(q.dtype))
 
 
 def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: PromptCache | None = None):
-    """attn2 replace: targets of positive chunks get the source's maps; maps for local blend are recorded.
-    Where the target's own map drops out (a swap or a reweight inside its window) the whole batch is one attention
-    call: targets take their source's q/k by one row gather and M * c_src applied to their values by one batched
-    matmul (the identity on other rows). Where it stays in part (refinement's added words) also one call, over the
-    batch and one more row per target (``_with_own_maps``); under another pack's replace, which may not take extra
-    rows, every row runs through it and the edited targets are recomputed and written over theirs. Either way no
-    boolean split of the batch (each would wait for the GPU). What is built from k/v alone (the gathered keys, the
-    mixed values, local blend's keys) is kept in ``prompts`` for the run."""
+    """attn2 replace: targets of positive chunks get the source's maps (``_layer_call``), in one attention call
+    that also takes local blend's recording rows; no boolean split of the batch (each would wait for the GPU).
+    What is built from k/v alone is kept in ``prompts`` for the run. Under another pack's replace, which may not
+    take extra rows, recording runs in a call of its own and refinement through ``_through_previous``."""
     mixing = _LayoutCache()
     prompts = PromptCache() if prompts is None else prompts  # one never installed builds every time
 
     def make(previous):
         def replace(q, k, v, extra_options):
             attend = fused_attention(extra_options, previous)
-            if recorder is not None:
-                recorder.record(q, k, extra_options, prompts)
-            operands = plan.operands(extra_options, k.shape[1], q.device, q.dtype)
-            if operands is None:
-                return attend(q, k, v)
-            mixed, own = operands
-            if own is None:  # inside a swap's/reweight's window: one attention call over the whole batch
-                rows = source_of_rows(extra_options, q.shape[0], q.device)
-                values = mixing.get_or_make(extra_options, q.shape[0], k.shape[1], v,
-                                            lambda: _row_mixing(extra_options, q.shape[0], mixed.cpu()),
-                                            tag=id(mixed))  # plan keeps each window state's operands alive
-                keys, mixed_values = prompts.get_or_make(
-                    extra_options, k, lambda: (k.index_select(0, rows), torch.bmm(values, v)), "source maps",
-                    version=id(mixed))
-                return attend(q.index_select(0, rows), keys, mixed_values)
-            src, tgt = paired_index(extra_options, q.shape[0], q.device)
-            if not len(tgt):
-                return attend(q, k, v)
-            if previous is None:
-                return _with_own_maps(attend, q, k, v, extra_options, prompts, mixed, own)
-            # under another pack's replace: every row as it is, then the targets recomputed through that replace
-            pick = lambda t, rows: t.index_select(0, rows)  # noqa: E731
-            k_src, k_tgt, v_tgt = prompts.get_or_make(
-                extra_options, k, lambda: (pick(k, src), pick(k, tgt), pick(v, tgt)), "targets")
-            edited = edits.p2p_cross_with(attend, pick(q, src), k_src, pick(q, tgt), k_tgt, v_tgt, *operands)
-            return attend(q, k, v).index_copy(0, tgt, edited.to(q.dtype))
+            recording = recorder is not None and recorder.wants(q, extra_options)
+            if previous is not None:
+                if recording:
+                    recorder.record(q, k, extra_options, prompts)
+                recording = False
+                operands = plan.operands(extra_options, k.shape[1], q.device, q.dtype)
+                if operands is not None and operands[1] is not None and len(
+                        paired_index(extra_options, q.shape[0], q.device)[1]):
+                    return _through_previous(attend, q, k, v, extra_options, prompts, operands)
+            layout, build, version = _layer_call(plan, mixing, q, k, v, extra_options)
+            if recording:
+                def build_with_maps():
+                    (keys, values), (map_keys, map_values) = build(), recorder.operands(q, k, extra_options)
+                    return torch.cat([k if keys is None else keys, map_keys]), torch.cat([values, map_values])
+                keys, values = prompts.get_or_make(extra_options, k, build_with_maps, "layer", (version, "maps"))
+            elif version is None:
+                keys, values = build()
+            else:
+                keys, values = prompts.get_or_make(extra_options, k, build, "layer", version)
+            rows = call_rows(extra_options, q.shape[0], q.device, layout, then_pairs=recording)
+            out = attend(q if rows is None else q.index_select(0, rows), k if keys is None else keys, values)
+            batch, targets = q.shape[0], paired_index(extra_options, q.shape[0], q.device)[1]
+            main = batch + len(targets) if layout == "extended" else batch
+            if recording:
+                recorder.take(out[main:], extra_options)
+            if layout == "extended":
+                return out[:batch].index_add_(0, targets, out[batch:main])
+            return out[:batch] if recording else out
         return replace
     return make
 
@@ -245,7 +277,7 @@ def p2p_self_replace(window: Window, max_downscale_ratio: float):
             attend = fused_attention(extra_options, previous)
             if not in_window(extra_options, window) or downscale(extra_options) < max_downscale_ratio:
                 return attend(q, k, v)
-            rows = source_of_rows(extra_options, q.shape[0], q.device)
+            rows = call_rows(extra_options, q.shape[0], q.device, "sources")
             return attend(q.index_select(0, rows), k.index_select(0, rows), v)
         return replace
     return make

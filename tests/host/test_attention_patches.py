@@ -127,32 +127,51 @@ def test_p2p_cross_outside_its_window_is_plain(patches):
     torch.testing.assert_close(out, reference.attention(q, k, v, HEADS), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kept", [False, True], ids=["built per call", "keys kept for the run"])
-def test_blend_recorder_sums_source_words_on_source_rows_and_target_words_on_target_rows(patches, kept):
+@pytest.mark.parametrize("chained", [False, True], ids=["own kernel", "under another replace"])
+@pytest.mark.parametrize("window", [ALL, (1.0, 0.5)], ids=["inside the window", "outside it"])
+@pytest.mark.parametrize("alphas", [torch.ones(L), REFINE_ALPHAS], ids=["swap", "refine"])
+def test_p2p_layer_records_local_blend_maps_in_its_one_attention_call(patches, monkeypatch, alphas, window, chained):
     """Two images with CFG: the positive chunk holds two pairs. Each pair's maps are the source words' summed
-    attention on the source row and the target words' on the target row, averaged over heads, summed over layers."""
+    attention on the source row and the target words' on the target row, averaged over heads, summed over layer
+    calls; on the host's kernel they come from the layer's one attention call (extra rows), under another pack's
+    replace from a call of their own. The edit is the reference's either way."""
     from comfyui_personalize.attention.local_blend import LocalBlend
     from comfyui_personalize.nodes.prompt_cache import PromptCache
-    source_words, target_words = [2, 5], [3, 5, 6]
+    calls = []
+    monkeypatch.setattr(patches, "fused_attention", lambda extra, previous=None: lambda q, k, v: calls.append(
+        q.shape[0]) or reference.attention(q, k, v, HEADS))  # counts the calls; another replace would be the same
+    mapper = swap_mapper([([10], [3]), ([11], [5])], [([20], [3]), ([21, 22], [5, 6])], L)
+    source_words, target_words = [2, 10], [3, 5, 6]
     local = LocalBlend(torch.tensor(source_words), torch.tensor(target_words))
-    recorder = patches.BlendRecorder(local, downscale=1, start=0.0)
-    prompts = None
-    if kept:
-        prompts = PromptCache(max_bytes=2**30)
-        start_run(prompts, lambda q, k, v, extra: reference.attention(q, k, v, HEADS))
+    prompts = PromptCache(max_bytes=2**30)
+    previous = (lambda q, k, v, extra: reference.attention(q, k, v, HEADS)) if chained else None
+    plan = patches.CrossPlan(mapper, alphas, torch.ones(L), window, {3: (1e9, 4.5)})  # word 3 for one step
+    replace = patches.p2p_cross_replace(plan,
+                                        patches.BlendRecorder(local, downscale=1, start=0.0), prompts)(previous)
+    start_run(prompts, replace)
     hw = (3, 4)  # NQ image tokens
-    layout = {"activations_shape": (8, C, *hw), "original_shape": (8, 4, *hw), **(KEPT if kept else {})}
-    expected = torch.zeros(2, 2, *hw)
-    for step, seed in enumerate((5, 6)):  # two layers' calls: the prompt's k stays, the image tokens change
-        q, k, _ = qkv(8, seed)
-        k = qkv(8, 5)[1]
-        recorder.record(q, k, {**options([1, 0], 5.0 - step), **layout}, prompts)
+    layout = {"activations_shape": (8, C, *hw), "original_shape": (8, 4, *hw), **KEPT}
+    expected_maps = torch.zeros(2, 2, *hw)
+    _, k, v = qkv(8, 5)
+    for step in range(2):  # two steps: the prompt's k/v stay, the image tokens change
+        q = qkv(8, 6 + step)[0]
+        out = replace(q, k, v, {**options([1, 0], 5.0 - step), **layout})
+        expected = reference.attention(q, k, v, HEADS)
         maps = reference.attention_maps(q, k, HEADS).mean(1)  # [batch, NQ, L], averaged over heads
         for pair, (src, tgt) in enumerate(((4, 5), (6, 7))):
-            expected[pair, 0] += maps[src][:, source_words].sum(-1).view(hw)
-            expected[pair, 1] += maps[tgt][:, target_words].sum(-1).view(hw)
-    torch.testing.assert_close(local.maps, expected, atol=1e-5, rtol=1e-5)
-    assert not kept or prompts._used > 0
+            expected_maps[pair, 0] += maps[src][:, source_words].sum(-1).view(hw)
+            expected_maps[pair, 1] += maps[tgt][:, target_words].sum(-1).view(hw)
+            alpha = torch.full((L,), float(window == ALL))
+            alpha[3] = float(step == 0)
+            expected[tgt] = reference.p2p_cross(q[src:src + 1], k[src:src + 1], q[tgt:tgt + 1], k[tgt:tgt + 1],
+                                                v[tgt:tgt + 1], HEADS, mapper, alpha, refine_alphas=alphas)[0]
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(local.maps, expected_maps, atol=1e-5, rtol=1e-5)
+    assert prompts._used > 0  # what was built from the prompt was kept for the run
+    if not chained:  # the batch, one row per target where it keeps part of its own map, and the pairs' rows
+        # one row per target where it keeps part of its own map and takes the source's on the others
+        extra = [2 if alphas is REFINE_ALPHAS else 0, 2] if window == ALL else [2, 0]
+        assert calls == [8 + e + 4 for e in extra]
 
 
 def test_p2p_self_injects_the_source_map_into_targets_only(patches):
