@@ -72,7 +72,7 @@ from comfyui_personalize.nodes.p2p_patches import (  # noqa: E402
     CrossPlan,
     install,
     install_cross,
-    p2p_self_replace,
+    p2p_self_patch,
     renormalized_replace,
     value_reweight_patch,
 )
@@ -266,22 +266,22 @@ for family in args.models.split(","):
     plan = CrossPlan(mapper, torch.ones(77), torch.ones(77), ALL)
     m = base.clone()
     install_cross(m, blocks, plan, None)  # as the P2P node sets it up
-    install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
+    m.set_model_attn1_patch(p2p_self_patch(ALL, 4))
     modes.append(("p2p swap + self injection", m, pos2, neg1, 2 * n, True))
     m = base.clone()
     install_cross(m, blocks, refine_plan(), None)  # target tokens 5-6 new: plain attention + the edited targets
-    install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
+    m.set_model_attn1_patch(p2p_self_patch(ALL, 4))
     modes.append(("p2p refine + self injection", m, pos2, neg1, 2 * n, True))
     m = base.clone()
     lowest = min(4, 2 ** (len(base.model.diffusion_model.channel_mult) - 1))  # the node's map resolution
     recorder = BlendRecorder(LocalBlend(torch.tensor([3]), torch.tensor([3]), 0.3), lowest, float("inf"))
     install_cross(m, blocks, plan, recorder)  # as the node with blend words: the words' map columns only
-    install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
+    m.set_model_attn1_patch(p2p_self_patch(ALL, 4))
     m.set_model_sampler_post_cfg_function(recorder.post_cfg)
     modes.append(("p2p swap + local blend", m, pos2, neg1, 2 * n, True))
     m = base.clone()
     install(m, blocks, "attn2", reference_replace(plan, None))
-    install(m, blocks, "attn1", p2p_self_replace(ALL, 4))
+    m.set_model_attn1_patch(p2p_self_patch(ALL, 4))
     modes.append(("p2p reference (maps materialised)", m, pos2, neg1, 2 * n, True))
     lora = attention_lora(base)
     cross = dual_path(base, pos1, lora, "cross")

@@ -21,7 +21,7 @@ from .attention_text import (
     word_tokenizer,
     words_with_positions,
 )
-from .p2p_patches import BlendRecorder, CrossPlan, install, install_cross, p2p_self_replace
+from .p2p_patches import BlendRecorder, CrossPlan, install_cross, p2p_self_patch
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "swap", "refine")
@@ -124,7 +124,7 @@ class PersonalizeP2P(io.ComfyNode):
         m = model.clone()
         install_cross(m, blocks, plan, recorder)
         if self_end_percent > self_start_percent:
-            install(m, blocks, "attn1", p2p_self_replace(self_window, min(SELF_MAX_DOWNSCALE, _max_downscale(m))))
+            m.set_model_attn1_patch(p2p_self_patch(self_window, min(SELF_MAX_DOWNSCALE, _max_downscale(m))))
         if recorder is not None:
             m.set_model_sampler_post_cfg_function(recorder.post_cfg)
         pair_fresh_noise(m, "P2P")

@@ -269,18 +269,18 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
     return make
 
 
-def p2p_self_replace(window: Window, max_downscale_ratio: float):
-    """attn1 replace: targets of positive chunks attend with the source's self-attention map, in ``window``,
-    at the low-resolution layers (the paper: maps of at most 16x16 at 512 px, i.e. latent / 4 and smaller)."""
-    def make(previous):
-        def replace(q, k, v, extra_options):
-            attend = fused_attention(extra_options, previous)
-            if not in_window(extra_options, window) or downscale(extra_options) < max_downscale_ratio:
-                return attend(q, k, v)
-            rows = call_rows(extra_options, q.shape[0], q.device, "sources")
-            return attend(q.index_select(0, rows), k.index_select(0, rows), v)
-        return replace
-    return make
+def p2p_self_patch(window: Window, max_downscale_ratio: float):
+    """attn1_patch: targets of positive chunks attend with the source's self-attention map, in ``window``, at the
+    low-resolution layers (the paper: maps of at most 16x16 at 512 px, i.e. latent / 4 and smaller). The block's
+    input rows are gathered before the projections, so the targets' q and k are their source's: one gather where
+    the keys come from the same input (self-attention), and any attn1 replace on the block still runs."""
+    def patch(n, context, value, extra_options):
+        if not in_window(extra_options, window) or downscale(extra_options) < max_downscale_ratio:
+            return n, context, value
+        rows = call_rows(extra_options, n.shape[0], n.device, "sources")
+        gathered = n.index_select(0, rows)
+        return gathered, gathered if context is n else context.index_select(0, rows), value
+    return patch
 
 
 def install(model, blocks: list[Block], kind: str, make) -> None:

@@ -106,6 +106,32 @@ def test_p2p_without_injection_is_plain_sampling_of_each_prompt(comfy, tiny_sd15
     assert (pair_edited[1] - pair[1]).abs().max() > 1e-3  # injection changes the edited image
 
 
+def test_p2p_self_injection_alone_edits_the_target_and_keeps_another_attn1_replace(comfy, tiny_sd15, nodes):
+    """Self-attention injection only (cross window closed) changes the edited image, not the source; another
+    pack's attn1 replace on the input model still runs (the injection is an attn1_patch before the projections)."""
+    import comfy.ldm.modules.attention as attention
+
+    from comfyui_personalize.nodes.attention_hooks import transformer_blocks
+    model, clip, _ = tiny_sd15
+    calls = []
+
+    def other_replace(q, k, v, extra):
+        calls.append(1)
+        return attention.optimized_attention(q, k, v, extra["n_heads"])
+    other = model.clone()
+    for block in transformer_blocks(model):
+        other.set_model_attn1_replace(other_replace, *block.key)
+    target = PROMPT.replace("car", "bus")
+    plain, positive, latent = p2p(nodes, other, clip, PROMPT, target, cross_end_percent=0.0, self_end_percent=0.0)
+    injected, _, _ = p2p(nodes, other, clip, PROMPT, target, cross_end_percent=0.0, self_end_percent=1.0)
+    pair = sample(comfy, plain, positive, latent, clip)
+    calls.clear()
+    pair_injected = sample(comfy, injected, positive, latent, clip)
+    assert calls  # the other replace ran
+    torch.testing.assert_close(pair_injected[0], pair[0], atol=1e-5, rtol=1e-5)
+    assert (pair_injected[1] - pair[1]).abs().max() > 1e-3
+
+
 def blend_mask(m, size=(8, 8)):
     """The local-blend mask the P2P model's post-CFG step used last (its maps stay after the run)."""
     from comfyui_personalize.nodes.p2p_patches import BlendRecorder

@@ -174,13 +174,31 @@ def test_p2p_layer_records_local_blend_maps_in_its_one_attention_call(patches, m
         assert calls == [8 + e + 4 for e in extra]
 
 
-def test_p2p_self_injects_the_source_map_into_targets_only(patches):
-    replace = patches.p2p_self_replace(ALL, 1)(None)
-    q, k, v = qkv(4, 2)
-    out = replace(q, k, v, options([1, 0]))
-    plain = reference.attention(q, k, v, HEADS)
-    torch.testing.assert_close(out[:3], plain[:3], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[3:], reference.p2p_self(q[2:3], k[2:3], v[3:], HEADS), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("self_attention", [True, False], ids=["self-attention", "attn1 over a context"])
+def test_p2p_self_injects_the_source_map_into_targets_only(patches, self_attention):
+    """The block's input rows are gathered before the projections: each target's q and k are its source's, its
+    values its own; other rows and calls outside the window or at high resolution are untouched."""
+    patch = patches.p2p_self_patch((5.0, 2.0), 2)
+    torch.manual_seed(2)
+    to_q, to_k, to_v = (torch.nn.Linear(C, C, bias=False) for _ in range(3))
+    n = torch.randn(4, NQ, C)
+    context = n if self_attention else torch.randn(4, NQ, C)  # SD2's disable_self_attn: attn1 reads the prompt
+
+    def attn1(opts):
+        n2, c2, v2 = patch(n, context, context, opts)
+        with torch.no_grad():
+            return n2, c2, reference.attention(to_q(n2), to_k(c2), to_v(v2), HEADS)
+    low = {**options([1, 0], 3.0), "activations_shape": (4, C, 2, 3), "original_shape": (4, 4, 4, 6)}
+    gathered, keys_from, out = attn1(low)
+    with torch.no_grad():
+        plain = reference.attention(to_q(n), to_k(context), to_v(context), HEADS)
+        torch.testing.assert_close(out[:3], plain[:3], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[3:], reference.p2p_self(to_q(n[2:3]), to_k(context[2:3]), to_v(context[3:]),
+                                                               HEADS), atol=1e-5, rtol=1e-5)
+    assert (keys_from is gathered) == self_attention  # one gather where q and k read the same input
+    high = {**low, "activations_shape": (4, C, 4, 6)}  # latent / 1: below the patch's resolution
+    for opts in (high, {**low, **options([1, 0], 1.0)}):
+        assert all(a is b for a, b in zip(patch(n, context, context, opts), (n, context, context)))
 
 
 @pytest.mark.parametrize("kinds", [[0, 1], [1, 0]])
