@@ -126,7 +126,7 @@ def word_map_values(columns: torch.Tensor, length: int, channels: int, like: tor
     return columns.to(like.device, like.dtype)[:, :length, None].expand(-1, -1, channels).contiguous()
 
 
-def word_maps(out: torch.Tensor) -> torch.Tensor:
-    """[B, Nq] from attention over ``word_map_values``: each head's map summed over the words, averaged over heads
-    (all channels of a head are equal, so the mean over channels is the mean over heads)."""
-    return out.mean(-1, dtype=torch.float32)
+def head_maps(out: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Nq, heads] from attention over ``word_map_values``: each head's map summed over the words. All channels
+    of a head are equal, so this is a strided view of each head's first channel: no operation."""
+    return out.view(*out.shape[:-1], heads, -1)[..., 0]

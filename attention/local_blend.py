@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .edits import word_map_values, word_maps
+from .edits import head_maps, word_map_values
 
 
 class LocalBlend:
@@ -19,11 +19,19 @@ class LocalBlend:
             raise ValueError("local blend needs at least one word")
         self.source_columns, self.target_columns = source_columns.long(), target_columns.long()
         self.threshold = threshold
-        self.maps: torch.Tensor | None = None  # [pairs, 2, h, w] summed maps (source words, target words)
+        self._sums: dict[int, torch.Tensor] = {}  # head count -> [2, pairs, h, w, heads] float32 sums over layers
         self._values: dict = {}
 
     def reset(self) -> None:
-        self.maps = None
+        self._sums = {}
+
+    @property
+    def maps(self) -> torch.Tensor | None:
+        """[pairs, 2, h, w] (source words, target words): each layer's maps averaged over its heads, summed over
+        the layers; None before any was recorded."""
+        if not self._sums:
+            return None
+        return sum(sums.sum(-1) / sums.shape[-1] for sums in self._sums.values()).transpose(0, 1)
 
     def values(self, pairs: int, length: int, channels: int, like: torch.Tensor) -> torch.Tensor:
         """The pairs' word-map values (``edits.word_map_values``): source rows select the source words' keys,
@@ -37,13 +45,16 @@ class LocalBlend:
             self._values[key] = word_map_values(select, length, channels, like)
         return self._values[key]
 
-    def record(self, out: torch.Tensor, hw: tuple[int, int]) -> None:
-        """Add one layer's maps, from attention over ``values`` (``out`` [2 pairs, Nq, C])."""
-        pairs = out.shape[0] // 2
-        maps = word_maps(out).view(2, pairs, *hw).transpose(0, 1)
-        if self.maps is not None and self.maps.shape != maps.shape:
-            self.maps = None  # a new image size: a new run
-        self.maps = maps if self.maps is None else self.maps + maps
+    def record(self, out: torch.Tensor, hw: tuple[int, int], heads: int) -> None:
+        """Add one layer's maps, from attention over ``values`` (``out`` [2 pairs, Nq, heads * d]): one operation, an
+        add of each head's map into float32 sums kept per head count (averaged over heads only in ``maps``)."""
+        per_head = head_maps(out, heads).view(2, out.shape[0] // 2, *hw, heads)
+        sums = self._sums.get(heads)
+        if any(kept.shape[:4] != per_head.shape[:4] for kept in self._sums.values()):
+            self._sums, sums = {}, None  # a new image size: a new run
+        if sums is None:
+            sums = self._sums[heads] = torch.zeros(per_head.shape, dtype=torch.float32, device=out.device)
+        sums.add_(per_head)
 
     def mask(self, size: tuple[int, int]) -> torch.Tensor | None:
         """[pairs, 1, H, W] 0/1 mask at latent ``size``, or None before any map was recorded."""

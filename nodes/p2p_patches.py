@@ -153,7 +153,7 @@ class BlendRecorder:
 
     def take(self, out: torch.Tensor, extra_options: dict) -> None:
         """Add the maps of the recording rows' attention output ``out`` [2 pairs, Nq, C]."""
-        self.local.record(out, tuple(extra_options["activations_shape"][-2:]))
+        self.local.record(out, tuple(extra_options["activations_shape"][-2:]), extra_options["n_heads"])
 
     def record(self, q, k, extra_options: dict, prompts: PromptCache | None = None) -> None:
         """Record in a call of its own, where the layer's attention cannot take the extra rows (another pack's

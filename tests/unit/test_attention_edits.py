@@ -8,10 +8,10 @@ from comfyui_personalize.attention import edits, reference
 HEADS, D, NQ, L = 2, 8, 16, 12
 
 
-def sdpa(q, k, v):
+def sdpa(q, k, v, heads=HEADS):
     """Multi-head fused attention, the host's kernel stand-in (never materialises the map)."""
     b, nq, c = q.shape
-    split = lambda t: t.view(b, t.shape[1], HEADS, c // HEADS).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.view(b, t.shape[1], heads, c // heads).transpose(1, 2)  # noqa: E731
     return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, nq, c)
 
 
@@ -142,16 +142,20 @@ def test_selected_maps_are_the_maps_columns():
 
 @pytest.mark.parametrize("target_words", [[7], []], ids=["both sides", "source words only"])
 def test_local_blend_sums_each_sides_words_on_its_own_rows_over_layers(target_words):
-    """Fused attention over the blend's values gives the words' maps (no map materialised)."""
+    """Fused attention over the blend's values gives the words' maps (no map materialised); each layer's maps are
+    averaged over its own heads (SDXL's layers differ in head count) and summed over layers."""
     from comfyui_personalize.attention.local_blend import LocalBlend
 
     q, k, _, _, _ = tensors(12, b=4)  # two pairs: rows 0, 1 the sources, rows 2, 3 their targets
     blend = LocalBlend(torch.tensor([2, 5]), torch.tensor(target_words, dtype=torch.long), 0.3)
-    for scale in (1.0, 0.5):  # two layers
-        blend.record(sdpa(q * scale, k, blend.values(2, L, HEADS * D, q)), (4, 4))
+    layers = ((1.0, HEADS), (0.5, HEADS), (0.7, 2 * HEADS))
+    for scale, heads in layers:
+        blend.record(sdpa(q * scale, k, blend.values(2, L, HEADS * D, q), heads), (4, 4), heads)
     expected = 0
-    for scale in (1.0, 0.5):
-        full = reference.attention_maps(q * scale, k, HEADS).mean(1)
+    for scale, heads in layers:
+        full = reference.attention_maps(q * scale, k, heads).mean(1)
         words = lambda rows, cols: full[rows][..., cols].sum(-1).view(2, 4, 4)  # noqa: E731
         expected = expected + torch.stack([words(slice(0, 2), [2, 5]), words(slice(2, 4), target_words)], dim=1)
     torch.testing.assert_close(blend.maps, expected.float(), atol=1e-6, rtol=1e-5)
+    blend.record(sdpa(q, k, blend.values(2, L, HEADS * D, q), HEADS)[:, :4], (2, 2), HEADS)  # another size
+    assert blend.maps.shape == (2, 2, 2, 2)  # a new run: the last size's sums are gone
