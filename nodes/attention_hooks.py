@@ -146,6 +146,21 @@ def set_replace(model, kind: str, block: Block, make: Callable[[Callable | None]
     setter(make(previous), *block.key)
 
 
+def install_patch_once(model, name: str, patch) -> None:
+    """Append ``patch`` to the clone's ``name`` patch list unless it is there (blends share the stash)."""
+    patches = model.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
+    if patch not in patches.get(name, []):
+        patches[name] = patches.get(name, []) + [patch]  # a new list, as ComfyUI's own setters make
+
+
+def install_patch_first(model, name: str, patch) -> None:
+    """``patch`` at the front of the clone's ``name`` patch list: it must see the block's own tensors before another
+    pack's patch reshapes them (HyperTile, ToMe) or stashes them (the Dual-Path blend's pre-projection stash)."""
+    patches = model.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
+    # a new list, as ComfyUI's own setters make (a clone deep-copies model_options: the input keeps its own)
+    patches[name] = [patch] + [p for p in patches.get(name, []) if p is not patch]
+
+
 def downscale(extra_options: dict) -> int:
     """How many times smaller than the latent this block's feature map is (1, 2, 4, 8)."""
     latent = extra_options.get("original_shape")

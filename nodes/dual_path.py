@@ -30,6 +30,8 @@ from .attention_hooks import (
     chunks,
     fused_attention,
     in_window,
+    install_patch_first,
+    install_patch_once,
     percent_window,
     set_replace,
     transformer_blocks,
@@ -212,7 +214,7 @@ class _Blend:
         set_replace(model, "attn2", self.block, self.cross)
         self.prompts.watch(model, [self.block.key])
         install_patch_once(model, "attn2_patch", stash_patch)
-        install_output_patch_first(model, "attn2_output_patch", add_delta_out)
+        install_patch_first(model, "attn2_output_patch", add_delta_out)
 
     @staticmethod
     def lean() -> bool:
@@ -249,21 +251,6 @@ class _Blend:
             _leave_out_delta(extra_options, delta)
             return out
         return replace
-
-
-def install_patch_once(model, name: str, patch) -> None:
-    """Append ``patch`` to the clone's ``name`` list unless it is there (blends share the stash)."""
-    patches = model.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
-    if patch not in patches.get(name, []):
-        patches[name] = patches.get(name, []) + [patch]  # a new list, as ComfyUI's own setters make
-
-
-def install_output_patch_first(model, name: str, patch) -> None:
-    """``patch`` at the front of the clone's ``name`` list: it must see ``to_out``'s output before another pack's
-    output patch reshapes it back (HyperTile, ToMe)."""
-    patches = model.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
-    # a new list, as ComfyUI's own setters make (a clone deep-copies model_options: the input keeps its own)
-    patches[name] = [patch] + [p for p in patches.get(name, []) if p is not patch]
 
 
 def automatic_hard_prompt(clip, soft_text: str):
@@ -337,7 +324,7 @@ class PersonalizeDualPathBlend(io.ComfyNode):
                 if attn == "attn1":
                     set_replace(m, attn, blocks[key], blend.self)
                     install_patch_once(m, "attn1_patch", stash_patch)
-                    install_output_patch_first(m, "attn1_output_patch", add_delta_out)
+                    install_patch_first(m, "attn1_output_patch", add_delta_out)
                 elif can_go_direct(m, blocks[key]):
                     direct.append(install_direct(m, blocks[key], blend))
                 else:

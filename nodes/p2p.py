@@ -10,7 +10,7 @@ from ..attention.align import auto_mapper, refine_mapper, swap_mapper
 from ..attention.local_blend import LocalBlend
 from ..attention.tokens import parse_word_weights, token_weights, word_positions
 from ..training.errors import InputError
-from .attention_hooks import percent_window, transformer_blocks
+from .attention_hooks import install_patch_first, percent_window, transformer_blocks
 from .attention_reweight import window_inputs
 from .attention_text import (
     encode,
@@ -124,7 +124,9 @@ class PersonalizeP2P(io.ComfyNode):
         m = model.clone()
         install_cross(m, blocks, plan, recorder)
         if self_end_percent > self_start_percent:
-            m.set_model_attn1_patch(p2p_self_patch(self_window, min(SELF_MAX_DOWNSCALE, _max_downscale(m))))
+            # first: the Dual-Path blend's stash (or HyperTile) must see the gathered rows, not the block's own
+            lowest = min(SELF_MAX_DOWNSCALE, _max_downscale(m))
+            install_patch_first(m, "attn1_patch", p2p_self_patch(self_window, lowest))
         if recorder is not None:
             m.set_model_sampler_post_cfg_function(recorder.post_cfg)
         pair_fresh_noise(m, "P2P")

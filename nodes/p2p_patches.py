@@ -194,7 +194,8 @@ def _layer_call(plan: CrossPlan, mixing: _LayoutCache, q, k, v, extra_options: d
     afterwards ("extended")."""
     batch = q.shape[0]
     operands = plan.operands(extra_options, k.shape[1], q.device, q.dtype)
-    if operands is None:
+    src, tgt = paired_index(extra_options, batch, q.device)
+    if operands is None or not len(tgt):  # outside the windows, or no target rows (a negative-only call)
         return "plain", lambda: (k, v), None
     mixed, own = operands
     if own is None:  # one attention call over the whole batch
@@ -203,9 +204,6 @@ def _layer_call(plan: CrossPlan, mixing: _LayoutCache, q, k, v, extra_options: d
                                     lambda: _row_mixing(extra_options, batch, mixed.cpu()),
                                     tag=id(mixed))  # plan keeps each window state's operands alive
         return "sources", lambda: (k.index_select(0, rows), torch.bmm(values, v)), ("source maps", id(mixed))
-    src, tgt = paired_index(extra_options, batch, q.device)
-    if not len(tgt):
-        return "plain", lambda: (k, v), None
 
     def scaled():  # the targets' values times c_tgt, every other row as it is
         return v.index_copy(0, tgt, v.index_select(0, tgt) * own.view(1, -1, 1))
@@ -254,6 +252,7 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
                 keys, values = prompts.get_or_make(extra_options, k, build_with_maps, "layer", (version, "maps"))
             elif version is None:
                 keys, values = build()
+                prompts.discard(extra_options, k, "layer")  # a window state that has passed keeps no room
             else:
                 keys, values = prompts.get_or_make(extra_options, k, build, "layer", version)
             rows = call_rows(extra_options, q.shape[0], q.device, layout, then_pairs=recording)
@@ -275,7 +274,8 @@ def p2p_self_patch(window: Window, max_downscale_ratio: float):
     input rows are gathered before the projections, so the targets' q and k are their source's: one gather where
     the keys come from the same input (self-attention), and any attn1 replace on the block still runs."""
     def patch(n, context, value, extra_options):
-        if not in_window(extra_options, window) or downscale(extra_options) < max_downscale_ratio:
+        if not in_window(extra_options, window) or downscale(extra_options) < max_downscale_ratio or not len(
+                paired_index(extra_options, n.shape[0], n.device)[1]):
             return n, context, value
         rows = call_rows(extra_options, n.shape[0], n.device, "sources")
         gathered = n.index_select(0, rows)

@@ -171,6 +171,19 @@ class PromptCache:
             self._rows[key] = find_distinct_rows(context, labels())
         return self._rows[key]
 
+    def _key(self, extra_options: dict, layer, like: torch.Tensor, tag) -> tuple:
+        return (layer, tuple(extra_options["uuids"]), tuple(extra_options.get("cond_or_uncond") or ()),
+                tuple(like.shape), like.device, like.dtype, tag)
+
+    def discard(self, extra_options: dict, like: torch.Tensor, tag=None) -> None:
+        """Drop what ``get_or_make`` keeps under ``tag`` for this call (a state that has passed), freeing its room."""
+        layer = _layer(extra_options)
+        if self._caches_in(extra_options, layer):
+            key = self._key(extra_options, layer, like, tag)
+            if key in self._versions:
+                del self._values[key]
+                self._used -= self._versions.pop(key)[1]
+
     def get_or_make(self, extra_options: dict, like: torch.Tensor, make: Callable, tag=None, version=None):
         """``make()``, kept for the run in a layer ComfyUI calls itself with a fixed prompt (past the budget, built
         every time). ``version`` (e.g. a window state): a value kept under another version is replaced, not kept
@@ -178,8 +191,7 @@ class PromptCache:
         layer = _layer(extra_options)
         if not self._caches_in(extra_options, layer):
             return make()
-        key = (layer, tuple(extra_options["uuids"]), tuple(extra_options.get("cond_or_uncond") or ()),
-               tuple(like.shape), like.device, like.dtype, tag)
+        key = self._key(extra_options, layer, like, tag)
         if key in self._values:
             kept, kept_size = self._versions[key]
             if kept == version:

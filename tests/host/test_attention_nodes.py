@@ -273,6 +273,24 @@ def test_dual_path_ends_are_the_lora_model_and_the_base_model(comfy, tiny_sd15, 
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
 
 
+def test_p2p_self_injection_over_a_dual_path_blend_is_the_source_map_of_its_lora_model(comfy, tiny_sd15, nodes):
+    """P2P applied after a Dual-Path blend (self+cross, a = 1: the LoRA model): the targets' q and k must be their
+    source's through W + dW alike, so the pair equals P2P on the LoRA-merged model. Were the blend's stash of the
+    block input taken before P2P's gather, a target's q would be W x_src + dW x_tgt."""
+    import comfy.sd as comfy_sd
+    model, clip, _ = tiny_sd15
+    lora = attention_lora(model, scale=0.3)
+    with torch.inference_mode():
+        with_lora, _ = comfy_sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    target = PROMPT.replace("car", "bus")
+    blended = dual(nodes, model, encode(comfy, clip, PROMPT), lora, 1.0)
+    pairs = []
+    for base in (blended, with_lora):
+        m, positive, latent = p2p(nodes, base, clip, PROMPT, target, cross_end_percent=0.0, self_end_percent=1.0)
+        pairs.append(sample(comfy, m, positive, latent, clip))
+    torch.testing.assert_close(pairs[0], pairs[1], atol=5e-3, rtol=1e-3)
+
+
 def test_dual_path_sampling_path_equals_the_differentiable_one(comfy, tiny_sd15, nodes, monkeypatch):
     """Under inference mode the blend takes the launch-lean path (both paths in one attention call, per-run k/v
     pairs); with autograd on, the differentiable functions. Both sample the same image, run after run."""

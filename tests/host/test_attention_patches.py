@@ -75,6 +75,7 @@ def test_p2p_refinement_with_per_word_windows_matches_the_reference_at_every_ste
     prompts = PromptCache(max_bytes=2**30)
     replace = patches.p2p_cross_replace(plan, None, prompts)(previous)
     start_run(prompts, replace)
+    builds = count_builds(prompts)
     q0, k, v = qkv(8, 11)  # two images: the positive chunk (rows 4-7) holds two source/target pairs
     kinds = [1, 0]
     kept = []
@@ -91,6 +92,35 @@ def test_p2p_refinement_with_per_word_windows_matches_the_reference_at_every_ste
         kept.append(prompts._used)
     # the values were kept, and each window state's replaced the last state's: the bytes of one state at a time
     assert kept[0] > 0 and kept == [kept[0]] * 4
+    assert len(builds) == (1 if chained else 3)  # built once per window state (the last two steps share one)
+
+
+def count_builds(prompts) -> list:
+    """The tags of what ``prompts`` builds from here on (a build is a cache miss)."""
+    builds, get_or_make = [], prompts.get_or_make
+    prompts.get_or_make = lambda extra, like, make, tag=None, version=None: get_or_make(
+        extra, like, lambda: builds.append(tag) or make(), tag, version)
+    return builds
+
+
+def test_p2p_cross_frees_its_kept_values_when_its_window_closes(patches):
+    """Swap until sigma 3: the layer's kept values go when the window closes; a negative-only call keeps nothing."""
+    from comfyui_personalize.nodes.prompt_cache import PromptCache
+    mapper = swap_mapper([([10], [3])], [([20], [3])], L)
+    prompts = PromptCache(max_bytes=2**30)
+    replace = patches.p2p_cross_replace(patches.CrossPlan(mapper, torch.ones(L), torch.ones(L), (5.0, 3.0)), None,
+                                        prompts)(None)
+    start_run(prompts, replace)
+    q, k, v = qkv(4, 3)
+    kept = []
+    for sigma in (5.0, 4.0, 2.0, 1.0):
+        out = replace(q, k, v, {**options([1, 0], sigma), **KEPT})
+        kept.append(prompts._used)
+        negative = replace(q[:2], k[:2], v[:2], {**options([1], sigma), **KEPT})  # CFG's chunks run apart
+        torch.testing.assert_close(negative, reference.attention(q[:2], k[:2], v[:2], HEADS), atol=1e-5, rtol=1e-5)
+        assert prompts._used == kept[-1]
+    assert kept[0] > 0 and kept == [kept[0], kept[0], 0, 0]
+    torch.testing.assert_close(out, reference.attention(q, k, v, HEADS), atol=1e-5, rtol=1e-5)
 
 
 def test_p2p_target_that_keeps_only_its_own_map_runs_one_plain_sized_call(patches):
@@ -149,13 +179,16 @@ def test_p2p_layer_records_local_blend_maps_in_its_one_attention_call(patches, m
     replace = patches.p2p_cross_replace(plan,
                                         patches.BlendRecorder(local, downscale=1, start=0.0), prompts)(previous)
     start_run(prompts, replace)
+    builds = count_builds(prompts)
     hw = (3, 4)  # NQ image tokens
     layout = {"activations_shape": (8, C, *hw), "original_shape": (8, 4, *hw), **KEPT}
     expected_maps = torch.zeros(2, 2, *hw)
     _, k, v = qkv(8, 5)
-    for step in range(2):  # two steps: the prompt's k/v stay, the image tokens change
+    for step, sigma in enumerate((5.0, 4.0, 3.5)):  # the prompt's k/v stay, the image tokens change
         q = qkv(8, 6 + step)[0]
-        out = replace(q, k, v, {**options([1, 0], 5.0 - step), **layout})
+        out = replace(q, k, v, {**options([1, 0], sigma), **layout})
+        negative = replace(q[:4], k[:4], v[:4], {**options([1], sigma), **layout, "activations_shape": (4, C, *hw)})
+        torch.testing.assert_close(negative, reference.attention(q[:4], k[:4], v[:4], HEADS), atol=1e-5, rtol=1e-5)
         expected = reference.attention(q, k, v, HEADS)
         maps = reference.attention_maps(q, k, HEADS).mean(1)  # [batch, NQ, L], averaged over heads
         for pair, (src, tgt) in enumerate(((4, 5), (6, 7))):
@@ -170,8 +203,9 @@ def test_p2p_layer_records_local_blend_maps_in_its_one_attention_call(patches, m
     assert prompts._used > 0  # what was built from the prompt was kept for the run
     if not chained:  # the batch, one row per target where it keeps part of its own map, and the pairs' rows
         # one row per target where it keeps part of its own map and takes the source's on the others
-        extra = [2 if alphas is REFINE_ALPHAS else 0, 2] if window == ALL else [2, 0]
-        assert calls == [8 + e + 4 for e in extra]
+        extra = [2 if alphas is REFINE_ALPHAS else 0, 2, 2] if window == ALL else [2, 0, 0]
+        assert calls == [n for e in extra for n in (8 + e + 4, 4)]  # a negative-only call records nothing
+        assert builds == ["layer", "layer"]  # once per window state: word 3's window closes after the first step
 
 
 @pytest.mark.parametrize("self_attention", [True, False], ids=["self-attention", "attn1 over a context"])
@@ -196,9 +230,12 @@ def test_p2p_self_injects_the_source_map_into_targets_only(patches, self_attenti
         torch.testing.assert_close(out[3:], reference.p2p_self(to_q(n[2:3]), to_k(context[2:3]), to_v(context[3:]),
                                                                HEADS), atol=1e-5, rtol=1e-5)
     assert (keys_from is gathered) == self_attention  # one gather where q and k read the same input
+    value = torch.randn(4, NQ, C)  # an earlier patch's values: passed on as they are
+    assert patch(n, context, value, low)[2] is value
     high = {**low, "activations_shape": (4, C, 4, 6)}  # latent / 1: below the patch's resolution
-    for opts in (high, {**low, **options([1, 0], 1.0)}):
-        assert all(a is b for a, b in zip(patch(n, context, context, opts), (n, context, context)))
+    negative_only = {**low, **options([1], 3.0)}
+    for opts in (high, {**low, **options([1, 0], 1.0)}, negative_only):
+        assert all(a is b for a, b in zip(patch(n, context, value, opts), (n, context, value)))
 
 
 @pytest.mark.parametrize("kinds", [[0, 1], [1, 0]])
