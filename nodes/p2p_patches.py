@@ -160,9 +160,10 @@ class BlendRecorder:
         replace runs it)."""
         if not self.wants(q, extra_options):
             return
-        make = lambda: self.operands(q, k, extra_options)  # noqa: E731
-        keys, values = make() if prompts is None else prompts.get_or_make(extra_options, k, make, "blend keys")
         rows = call_rows(extra_options, q.shape[0], q.device, "pairs")
+        make = lambda: k.index_select(0, rows)  # noqa: E731
+        keys = make() if prompts is None else prompts.get_or_make(extra_options, k, make, "blend keys")
+        values = self.local.values(len(rows) // 2, k.shape[1], q.shape[-1], q)  # shared by the layers: not kept here
         # the host's own kernel, not a replace chained under ours: these calls only read maps
         self.take(fused_attention(extra_options)(q.index_select(0, rows), keys, values), extra_options)
 
