@@ -186,7 +186,7 @@ def paired_index(extra_options: dict, batch: int, device) -> tuple[torch.Tensor,
     """(source rows, target rows) of every positive chunk as index tensors on ``device``, built once per batch
     layout: a fresh CPU index per layer would be a host-to-device copy, which waits for the GPU."""
     kinds = tuple(extra_options.get("cond_or_uncond") or [COND])
-    key = (kinds, batch, str(device))
+    key = (kinds, batch, device)
     if key not in _pair_index:
         pairs = [paired_rows(rows) for kind, rows in chunks(extra_options, batch) if kind == COND]
         src = torch.cat([s for s, _ in pairs]) if pairs else torch.zeros(0, dtype=torch.long)
@@ -214,7 +214,7 @@ def call_rows(extra_options: dict, batch: int, device, layout: str, then_pairs: 
     if layout == "plain" and not then_pairs:
         return None
     kinds = tuple(extra_options.get("cond_or_uncond") or [COND])
-    key = (layout, then_pairs, kinds, batch, str(device))
+    key = (layout, then_pairs, kinds, batch, device)
     if key not in _pair_index:
         src, tgt = paired_index(extra_options, batch, "cpu")
         rows = _LAYOUTS[layout](batch, src, tgt)

@@ -99,10 +99,16 @@ class CrossPlan:
     window: Window
     token_windows: dict[int, Window] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
+    _last: tuple = field(default=(None, None), repr=False)  # (sigmas of the last model call, its window state)
 
     def _state(self, extra_options: dict) -> tuple:
-        return (in_window(extra_options, self.window),
-                tuple(in_window(extra_options, w) for w in self.token_windows.values()))
+        sigmas = extra_options.get("sigmas")
+        if sigmas is not None and sigmas is self._last[0]:  # every layer of a model call shares its sigmas
+            return self._last[1]
+        state = (in_window(extra_options, self.window),
+                 tuple(in_window(extra_options, w) for w in self.token_windows.values()))
+        self._last = (sigmas, state)
+        return state
 
     def coefficients(self, state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_src, c_tgt) on the host for a window state (the default window's, then each word's)."""
@@ -186,7 +192,7 @@ def _row_mixing(extra_options: dict, batch: int, mixed: torch.Tensor) -> torch.T
     return out
 
 
-def _layer_call(plan: CrossPlan, mixing: _LayoutCache, q, k, v, extra_options: dict) -> tuple:
+def _layer_call(plan: CrossPlan, mixing: _LayoutCache, q, k, v, extra_options: dict, src, tgt) -> tuple:
     """The one attention call of a layer: (row layout of ``call_rows``, ``build() -> (keys, or None for k; values)``,
     the version of what build makes, or None where that is k/v themselves). Under a swap's or a reweight's window
     the targets take their source's q/k and M * c_src V_tgt ("sources"); where a target keeps part of its own map
@@ -195,7 +201,6 @@ def _layer_call(plan: CrossPlan, mixing: _LayoutCache, q, k, v, extra_options: d
     afterwards ("extended")."""
     batch = q.shape[0]
     operands = plan.operands(extra_options, k.shape[1], q.device, q.dtype)
-    src, tgt = paired_index(extra_options, batch, q.device)
     if operands is None or not len(tgt):  # outside the windows, or no target rows (a negative-only call)
         return "plain", lambda: (k, v), None
     mixed, own = operands
@@ -236,16 +241,17 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
     def make(previous):
         def replace(q, k, v, extra_options):
             attend = fused_attention(extra_options, previous)
+            batch = q.shape[0]
+            src, tgt = paired_index(extra_options, batch, q.device)
             recording = recorder is not None and recorder.wants(q, extra_options)
             if previous is not None:
                 if recording:
                     recorder.record(q, k, extra_options, prompts)
                 recording = False
                 operands = plan.operands(extra_options, k.shape[1], q.device, q.dtype)
-                if operands is not None and operands[1] is not None and len(
-                        paired_index(extra_options, q.shape[0], q.device)[1]):
+                if operands is not None and operands[1] is not None and len(tgt):
                     return _through_previous(attend, q, k, v, extra_options, prompts, operands)
-            layout, build, version = _layer_call(plan, mixing, q, k, v, extra_options)
+            layout, build, version = _layer_call(plan, mixing, q, k, v, extra_options, src, tgt)
             if recording:
                 def build_with_maps():
                     (keys, values), (map_keys, map_values) = build(), recorder.operands(q, k, extra_options)
@@ -256,14 +262,13 @@ def p2p_cross_replace(plan: CrossPlan, recorder: BlendRecorder | None, prompts: 
                 prompts.discard(extra_options, k, "layer")  # a window state that has passed keeps no room
             else:
                 keys, values = prompts.get_or_make(extra_options, k, build, "layer", version)
-            rows = call_rows(extra_options, q.shape[0], q.device, layout, then_pairs=recording)
+            rows = call_rows(extra_options, batch, q.device, layout, then_pairs=recording)
             out = attend(q if rows is None else q.index_select(0, rows), k if keys is None else keys, values)
-            batch, targets = q.shape[0], paired_index(extra_options, q.shape[0], q.device)[1]
-            main = batch + len(targets) if layout == "extended" else batch
+            main = batch + len(tgt) if layout == "extended" else batch
             if recording:
                 recorder.take(out[main:], extra_options)
             if layout == "extended":
-                return out[:batch].index_add_(0, targets, out[batch:main])
+                return out[:batch].index_add_(0, tgt, out[batch:main])
             return out[:batch] if recording else out
         return replace
     return make
