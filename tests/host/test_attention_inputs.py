@@ -134,3 +134,27 @@ def test_p2p_refuses_a_word_window_outside_sampling_and_lists_the_words_it_can_f
     assert e.value.input_name == "word_windows"
     with pytest.raises(InputError, match="'truck' is not in the prompt.*Words found in the prompt: a, photo"):
         p2p(nodes, model, clip, POSITIVE, target, reweight="truck:2")
+
+
+def test_dual_path_refuses_a_hard_prompt_of_another_length_before_sampling(comfy, tiny_sd15, nodes, monkeypatch):  # noqa: F811
+    """A 154-token soft prompt with a 77-token hard prompt used to pass silently (the layer repeats a short prompt,
+    as ComfyUI's batching does); now every mismatch is refused at the run's start, before the model runs."""
+    from test_attention_nodes import attention_lora, dual
+
+    model, clip, _ = tiny_sd15
+    long_soft = encode(comfy, clip, "a photo of zwx dog, " + ", ".join(["a red ball on green grass"] * 16))
+    soft, hard = encode(comfy, clip, "a photo of zwx dog"), encode(comfy, clip, "a photo of a dog")
+    assert long_soft[0][0].shape[1] == 2 * hard[0][0].shape[1] == 154
+    negative = encode(comfy, clip, "blurry")
+    blended = dual(nodes, model, hard, attention_lora(model), 0.5)
+    calls = []
+    unet = model.model.diffusion_model
+    monkeypatch.setattr(type(unet), "_forward", lambda *a, **k: calls.append(1))
+    for positive, lengths in ((long_soft, "77 tokens and the positive \\(soft\\) prompt 154"),
+                              (soft, "154 tokens and the positive \\(soft\\) prompt 77")):
+        m = blended if positive is long_soft else dual(nodes, model, long_soft, attention_lora(model), 0.5)
+        with pytest.raises(InputError, match=f"hard prompt has {lengths}") as e:
+            sample(comfy, m, positive, negative)
+        assert e.value.input_name == "hard" and not calls
+    monkeypatch.undo()
+    assert sample(comfy, blended, soft, negative).isfinite().all()  # equal lengths sample
