@@ -25,7 +25,7 @@ _MAX_LISTED_WORDS = 30  # keeps error messages for long prompts readable
 class PromptTokens:
     """A tokenized prompt: ``chunks[c][p]`` is the id at context row ``c * 77 + p`` and ``content_mask[c][p]``
     says whether that row is a prompt token (False for BOS, EOS and padding). Textual-inversion vectors have
-    no id; the node side gives them a placeholder id (-1), which matches any other embedding's."""
+    no id; the node side gives each vector a negative id made from its values."""
 
     chunks: tuple[tuple[int, ...], ...]
     content_mask: tuple[tuple[bool, ...], ...]

@@ -1,6 +1,7 @@
 """Prompts for the attention nodes: token positions from ComfyUI's tokenizer, conditioning, the paired batch."""
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 
@@ -24,6 +25,17 @@ def _require(clip) -> None:
         raise InputError("clip", "is missing; connect the CLIP output of the checkpoint loader")
 
 
+def _token_id(token) -> int:
+    """A token's id; an embedding's vector (a tensor token) gets a negative id from its values, which no real token
+    has and which differs between embeddings (one placeholder for all would make any embedding match any other)."""
+    if isinstance(token, int):
+        return token
+    if isinstance(token, torch.Tensor):
+        digest = hashlib.blake2b(token.detach().float().cpu().numpy().tobytes(), digest_size=7).digest()
+        return -1 - int.from_bytes(digest, "big")
+    return -1
+
+
 def prompt_tokens(clip, text: str) -> PromptTokens:
     """The prompt's token ids per 77-token chunk; word id 0 marks BOS/EOS/padding (never matched)."""
     _require(clip)
@@ -33,8 +45,7 @@ def prompt_tokens(clip, text: str) -> PromptTokens:
         if len(chunk) != CHUNK:
             raise InputError("clip", f"this tokenizer makes chunks of {len(chunk)} tokens, not {CHUNK}; "
                                      "attention control supports CLIP text encoders (SD1.x, SD2.x, SDXL)")
-        # An embedding's vector is a tensor token: give it an id no real token has.
-        ids.append(tuple(t if isinstance(t, int) else -1 for t, _w, _word in chunk))
+        ids.append(tuple(_token_id(t) for t, _w, _word in chunk))
         content.append(tuple(word != 0 for _t, _w, word in chunk))
     return PromptTokens.from_chunks(ids, content)
 
@@ -45,7 +56,7 @@ def word_tokenizer(clip):
 
     def ids(word: str) -> list[int]:
         chunk = _first_encoder(clip.tokenize(word, return_word_ids=True))[0]
-        return [t if isinstance(t, int) else -1 for t, _w, w in chunk if w != 0]
+        return [_token_id(t) for t, _w, w in chunk if w != 0]
     return ids
 
 

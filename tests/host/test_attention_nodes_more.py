@@ -89,3 +89,27 @@ def test_the_input_model_is_left_as_it_was(comfy, tiny_sd15, nodes, edit):  # no
         assert patcher_state(m) != before  # the clone does carry the edit
     after = patcher_state(model)
     assert [key for key in before if after[key] != before[key]] == []
+
+
+def test_two_embeddings_in_a_prompt_are_told_apart(comfy, tiny_sd15):  # noqa: F811
+    """Every embedding vector once had the same placeholder id: looking up embedding:foo found embedding:bar's rows
+    too, and refinement aligned foo -> bar as an unchanged token (bar took foo's maps)."""
+    from comfyui_personalize.attention.align import refine_mapper
+    from comfyui_personalize.attention.tokens import word_positions
+    from comfyui_personalize.nodes.attention_text import prompt_tokens, word_tokenizer
+    from comfyui_personalize.nodes.embeddings import clip_with_embeddings, text_encoders
+
+    _, clip, _ = tiny_sd15
+    (key, _), = text_encoders(clip).items()
+    g = torch.Generator().manual_seed(0)
+    clip = clip_with_embeddings(clip, {"foo": {key: torch.randn(2, 768, generator=g)},
+                                       "bar": {key: torch.randn(2, 768, generator=g)}})
+    tokens = prompt_tokens(clip, "a photo of embedding:foo in the style of embedding:bar")
+    found = word_positions(tokens, ["embedding:foo", "embedding:bar"], word_tokenizer(clip))
+    assert found == {"embedding:foo": [4, 5], "embedding:bar": [10, 11]}
+    again = prompt_tokens(clip, "embedding:foo")  # the same vectors have the same ids wherever they are
+    assert again.content_ids() == [tokens.ids[4], tokens.ids[5]] and tokens.ids[4] != tokens.ids[5]
+    mapper, alphas = refine_mapper(prompt_tokens(clip, "a photo of embedding:foo"),
+                                   prompt_tokens(clip, "a photo of embedding:bar on a beach"))
+    assert alphas[4] == alphas[5] == 0  # bar is new in the target: it keeps its own maps
+    assert alphas[1] == alphas[3] == 1 and mapper[1, 1] == 1
