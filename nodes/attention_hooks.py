@@ -14,6 +14,7 @@ import comfy.ldm.modules.attention as comfy_attention
 import torch
 from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.patcher_extension import WrappersMP
 
 from ..training.errors import InputError
 
@@ -82,6 +83,27 @@ def current_sigma(extra_options: dict) -> float | None:
 def in_window(extra_options: dict, window: tuple[float, float]) -> bool:
     sigma = current_sigma(extra_options)
     return sigma is None or window[1] <= sigma <= window[0]
+
+
+_SAMPLED_AS = {COND: "positive", UNCOND: "negative"}  # the CFG guider's conds feeding each chunk kind
+
+
+def check_prompt_lengths(model, lengths: dict[int, int], input_name: str, what: str, fix: str) -> None:
+    """OUTER_SAMPLE wrapper on ``model`` (a clone): before the run loads or computes anything, every conditioning the
+    sampler was given for a chunk kind in ``lengths`` (COND: its positive, UNCOND: its negative) must have that many
+    tokens. A patch made for a prompt of another length would be tiled over it (ComfyUI repeats a short prompt to
+    the longer one's length when it batches them) or fail inside a layer with no hint."""
+    def wrapper(executor, *args, **kwargs):
+        conds = getattr(executor.class_obj, "conds", None) or {}
+        for kind, length in lengths.items():
+            for cond in conds.get(_SAMPLED_AS[kind]) or ():
+                got = cond.get("cross_attn")
+                if got is not None and got.shape[1] != length:
+                    raise InputError(input_name, f"{what} has {length} tokens and the {_SAMPLED_AS[kind]} "
+                                                 f"conditioning sampled with it {got.shape[1]} ({length // 77} vs "
+                                                 f"{got.shape[1] // 77} chunks of 77); {fix}")
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "personalize_prompt_lengths", wrapper)
 
 
 def chunks(extra_options: dict, batch: int) -> Iterator[tuple[int, slice]]:

@@ -8,7 +8,15 @@ from comfy_api.latest import io
 
 from ..attention.tokens import parse_word_weights, token_weights, word_positions
 from ..training.errors import InputError
-from .attention_hooks import APPLY_TO, COND, UNCOND, percent_window, replaces_cross_attention, transformer_blocks
+from .attention_hooks import (
+    APPLY_TO,
+    COND,
+    UNCOND,
+    check_prompt_lengths,
+    percent_window,
+    replaces_cross_attention,
+    transformer_blocks,
+)
 from .attention_text import (
     encode,
     pair_fresh_noise,
@@ -108,6 +116,11 @@ class PersonalizeAttentionReweight(io.ComfyNode):
             positive = paired_conditioning(positive, positive)
             latent = paired_latent(latent)
             pair_fresh_noise(m, "Reweight p2p_locked")
+        for kind, w in weights.items():  # each prompt's weights are laid out for its own token count
+            name, output = ("text", "positive") if kind == COND else ("negative_text", "negative")
+            check_prompt_lengths(m, {kind: w.shape[0]}, name, f"the {name}",
+                                 f"connect this node's {output} output to the sampler, or write the prompt you "
+                                 f"sample with in {name}")
         return io.NodeOutput(m, positive, latent, negative)
 
 

@@ -27,6 +27,7 @@ from ..training.errors import InputError
 from .attention_hooks import (
     COND,
     Block,
+    check_prompt_lengths,
     chunks,
     fused_attention,
     in_window,
@@ -253,23 +254,6 @@ class _Blend:
         return replace
 
 
-def check_prompt_lengths(model, hard_length: int) -> None:
-    """OUTER_SAMPLE wrapper on ``model`` (a clone): before the run loads or computes anything, every positive
-    conditioning it samples (the soft prompt) must have the hard prompt's token count. In the layer a 154-token soft
-    prompt would otherwise take a 77-token hard prompt repeated (what ComfyUI's batching does to a short prompt)."""
-    def wrapper(executor, *args, **kwargs):
-        conds = getattr(executor.class_obj, "conds", None) or {}
-        for cond in conds.get("positive") or ():
-            soft = cond.get("cross_attn")
-            if soft is not None and soft.shape[1] != hard_length:
-                raise InputError("hard", f"the hard prompt has {hard_length} tokens and the positive (soft) prompt "
-                                         f"{soft.shape[1]} ({hard_length // 77} vs {soft.shape[1] // 77} chunks of "
-                                         "77); use the same prompt with the learned token replaced by one word, or "
-                                         "leave hard unconnected to compute it from clip + soft_text")
-        return executor(*args, **kwargs)
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "personalize_dual_lengths", wrapper)
-
-
 def automatic_hard_prompt(clip, soft_text: str):
     if clip is None or not (soft_text or "").strip():
         raise InputError("hard", "connect the hard prompt's CONDITIONING, or connect clip and write soft_text "
@@ -330,7 +314,10 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         blocks = {b.key: b for b in transformer_blocks(model)}
         m = model.clone()
         hard_ctx = hard[0][0][:1].detach()
-        check_prompt_lengths(m, hard_ctx.shape[1])
+        # in the layer a 154-token soft prompt would take a 77-token hard prompt repeated, as batching repeats it
+        check_prompt_lengths(m, {COND: hard_ctx.shape[1]}, "hard", "the hard prompt",
+                             "use the same prompt with the learned token replaced by one word, or leave hard "
+                             "unconnected to compute it from clip + soft_text")
         install_pooled_blend(m, hard, a_blend, window)  # SDXL: the prompt also enters through y
         prompts = PromptCache(cache_budget(model))  # both paths' k/v, kept per run (shared by the layers)
         prompts.install(m)

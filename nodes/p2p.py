@@ -10,7 +10,7 @@ from ..attention.align import auto_mapper, refine_mapper, swap_mapper
 from ..attention.local_blend import LocalBlend
 from ..attention.tokens import parse_word_weights, token_weights, word_positions
 from ..training.errors import InputError
-from .attention_hooks import install_patch_first, percent_window, transformer_blocks
+from .attention_hooks import COND, check_prompt_lengths, install_patch_first, percent_window, transformer_blocks
 from .attention_reweight import window_inputs
 from .attention_text import (
     encode,
@@ -130,12 +130,17 @@ class PersonalizeP2P(io.ComfyNode):
         if recorder is not None:
             m.set_model_sampler_post_cfg_function(recorder.post_cfg)
         pair_fresh_noise(m, "P2P")
+        check_prompt_lengths(m, {COND: tgt.length}, "source", "the source prompt",
+                             "connect this node's positive output (source and target paired) to the sampler")
         positive = paired_conditioning(encode(clip, source), encode(clip, target))
         return io.NodeOutput(m, positive, paired_latent(latent))
 
     @staticmethod
     def _blend(model, src, tgt, blend_words, ids_of, threshold, start_percent) -> BlendRecorder:
         words = [w.strip() for w in blend_words.replace("\n", ",").split(",") if w.strip()]
+        if not words:
+            raise InputError("blend_words", "names no word; write words of the prompts separated by commas (e.g. "
+                                            "'car, bus'), or leave it empty to turn local blend off")
         src_pos, tgt_pos = [], []
         for word in words:
             ids = ids_of(word)

@@ -150,11 +150,53 @@ def test_dual_path_refuses_a_hard_prompt_of_another_length_before_sampling(comfy
     calls = []
     unet = model.model.diffusion_model
     monkeypatch.setattr(type(unet), "_forward", lambda *a, **k: calls.append(1))
-    for positive, lengths in ((long_soft, "77 tokens and the positive \\(soft\\) prompt 154"),
-                              (soft, "154 tokens and the positive \\(soft\\) prompt 77")):
+    for positive, lengths in ((long_soft, "77 tokens and the positive conditioning sampled with it 154"),
+                              (soft, "154 tokens and the positive conditioning sampled with it 77")):
         m = blended if positive is long_soft else dual(nodes, model, long_soft, attention_lora(model), 0.5)
         with pytest.raises(InputError, match=f"hard prompt has {lengths}") as e:
             sample(comfy, m, positive, negative)
         assert e.value.input_name == "hard" and not calls
     monkeypatch.undo()
     assert sample(comfy, blended, soft, negative).isfinite().all()  # equal lengths sample
+
+
+@pytest.mark.parametrize("mode", ["value", "renormalized", "p2p_locked"])
+def test_reweight_refuses_a_sampled_prompt_of_another_length_than_its_text(comfy, tiny_sd15, nodes, mode):  # noqa: F811
+    """The weights are laid out for ``text``'s tokens: a 154-token positive sampled with weights of a 77-token text
+    took them repeated onto its second chunk (other words weighed, silently); the other way a raw ValueError."""
+    model, clip, _ = tiny_sd15
+    long_text = POSITIVE + ", " + ", ".join(["a green tree in the park"] * 14)
+    long_positive, negative = encode(comfy, clip, long_text), encode(comfy, clip, NEGATIVE)
+    assert long_positive[0][0].shape[1] == 154
+    m, _, _ = reweighted(nodes, model, clip, "red:2", "cond", mode)
+    with pytest.raises(InputError, match="text has 77 tokens and the positive conditioning sampled with it "
+                                         "154 .*connect this node's positive output") as e:
+        sample(comfy, m, long_positive, negative)
+    assert e.value.input_name == "text"
+    if mode != "p2p_locked":  # (its positive is the text's source/target pair: always the text's length)
+        m = run_node(nodes["reweight"], model=model, clip=clip, text=long_text, words="red:2", mode=mode,
+                     apply_to="cond", start_percent=0.0, end_percent=1.0, latent=empty_latent()).result[0]
+        with pytest.raises(InputError, match="text has 154 tokens and the positive conditioning sampled with it 77"):
+            sample(comfy, m, encode(comfy, clip, POSITIVE), negative)
+        assert sample(comfy, m, long_positive, negative).isfinite().all()  # equal lengths sample
+    if mode == "value":  # the negative's weights against the negative it is sampled with
+        m, pos, neg = reweighted(nodes, model, clip, "blurry:2", "uncond", mode)
+        with pytest.raises(InputError, match="negative_text has 77 tokens and the negative conditioning") as e:
+            sample(comfy, m, pos, long_positive)
+        assert e.value.input_name == "negative_text"
+        assert sample(comfy, m, pos, neg).isfinite().all()
+
+
+def test_p2p_refuses_another_positive_and_an_empty_blend_word_list(comfy, tiny_sd15, nodes):  # noqa: F811
+    from test_attention_nodes import p2p
+
+    model, clip, _ = tiny_sd15
+    m, pair, latent = p2p(nodes, model, clip, POSITIVE, POSITIVE.replace("car", "bus"))
+    long_positive = encode(comfy, clip, POSITIVE + ", " + ", ".join(["a green tree in the park"] * 14))
+    with pytest.raises(InputError, match="source prompt has 77 tokens and the positive conditioning sampled "
+                                         "with it 154") as e:
+        sample(comfy, m, long_positive, encode(comfy, clip, NEGATIVE))
+    assert e.value.input_name == "source"
+    with pytest.raises(InputError, match="names no word") as e:
+        p2p(nodes, model, clip, POSITIVE, POSITIVE.replace("car", "bus"), blend_words=" , ")
+    assert e.value.input_name == "blend_words"
