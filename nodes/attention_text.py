@@ -5,6 +5,7 @@ import hashlib
 import inspect
 import logging
 
+import comfy.utils
 import torch
 from comfy.patcher_extension import WrappersMP
 
@@ -84,15 +85,24 @@ def encode(clip, text: str) -> list:
 
 def paired_conditioning(source: list, target: list) -> list:
     """One conditioning whose batch is [source, target] (pooled output too): ComfyUI repeats it over the latent
-    batch, so latent rows [src0, tgt0, src1, tgt1, ...] each get their prompt."""
-    (c_src, o_src), (c_tgt, o_tgt) = source[0], target[0]
+    batch, so latent rows [src0, tgt0, src1, tgt1, ...] each get their prompt. A CLIP with scheduled hooks encodes a
+    prompt as one entry per keyframe: the entries are paired one by one."""
+    if len(source) != len(target):
+        raise InputError("target", f"the source prompt was encoded as {len(source)} conditionings and the target "
+                                   f"as {len(target)} (a CLIP with scheduled hooks makes one per keyframe); give "
+                                   "both the same CLIP")
+    return [_paired_entry(s, t) for s, t in zip(source, target)]
+
+
+def _paired_entry(source: list, target: list) -> list:
+    (c_src, o_src), (c_tgt, o_tgt) = source, target
     if c_src.shape[1] != c_tgt.shape[1]:
         raise InputError("target", f"the source prompt has {c_src.shape[1] // CHUNK} chunks of 77 tokens and the "
                                    f"target {c_tgt.shape[1] // CHUNK}; make their lengths similar")
     extra = dict(o_src)
     if o_src.get("pooled_output") is not None and o_tgt.get("pooled_output") is not None:
         extra["pooled_output"] = torch.cat([o_src["pooled_output"], o_tgt["pooled_output"]])
-    return [[torch.cat([c_src, c_tgt]), extra]]
+    return [torch.cat([c_src, c_tgt]), extra]
 
 
 def paired_latent(latent: dict) -> dict:
@@ -104,8 +114,9 @@ def paired_latent(latent: dict) -> dict:
     out["samples"] = samples.repeat_interleave(2, dim=0)
     out["batch_index"] = [i for i in index for _ in range(2)]
     if latent.get("noise_mask") is not None:
-        mask = latent["noise_mask"]
-        out["noise_mask"] = mask.repeat_interleave(2, dim=0) if mask.shape[0] == n else mask
+        # first to the latent's batch as the sampler would (repeat or cut), so each pair's two rows share a mask
+        mask = comfy.utils.repeat_to_batch_size(latent["noise_mask"], n)
+        out["noise_mask"] = mask.repeat_interleave(2, dim=0)
     return out
 
 

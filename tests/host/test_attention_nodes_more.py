@@ -113,3 +113,37 @@ def test_two_embeddings_in_a_prompt_are_told_apart(comfy, tiny_sd15):  # noqa: F
                                    prompt_tokens(clip, "a photo of embedding:bar on a beach"))
     assert alphas[4] == alphas[5] == 0  # bar is new in the target: it keeps its own maps
     assert alphas[1] == alphas[3] == 1 and mapper[1, 1] == 1
+
+
+def test_p2p_pairs_every_keyframe_of_a_clip_with_scheduled_hooks(comfy, tiny_sd15, nodes):  # noqa: F811
+    """CLIPTextEncode on a CLIP with scheduled hooks makes one conditioning per keyframe; P2P kept the first only,
+    so from the second keyframe on sampling had no positive prompt."""
+    from comfy import hooks as comfy_hooks  # not "import comfy.hooks": that would shadow the comfy fixture
+    from comfy_extras.nodes_hooks import CreateHookKeyframe, SetClipHooks, SetHookKeyframes
+
+    model, clip, _ = tiny_sd15
+    keyframes = CreateHookKeyframe().create_hook_keyframe(1.0, 0.0)[0]
+    keyframes = CreateHookKeyframe().create_hook_keyframe(0.5, 0.5, keyframes)[0]
+    hooks = SetHookKeyframes().set_hook_keyframes(comfy_hooks.create_hook_lora({}, 1.0, 1.0), keyframes)[0]
+    scheduled = SetClipHooks().apply_hooks(clip, schedule_clip=True, apply_to_conds=True, hooks=hooks)[0]
+    source, target = PROMPT, PROMPT.replace("red", "blue")
+    stock_src, stock_tgt = encode(comfy, scheduled, source), encode(comfy, scheduled, target)
+    assert len(stock_src) == 2
+    _, positive, latent = p2p(nodes, model, scheduled, source, target)
+    span = lambda entry: (entry[1]["clip_start_percent"], entry[1]["clip_end_percent"])  # noqa: E731
+    assert [span(e) for e in positive] == [span(e) for e in stock_src] == [(0.0, 0.5), (0.5, 1.0)]
+    for pair, s, t in zip(positive, stock_src, stock_tgt):
+        torch.testing.assert_close(pair[0], torch.cat([s[0], t[0]]))
+
+
+@pytest.mark.parametrize("mask_batch", [1, 2, 3])
+def test_paired_latent_gives_both_images_of_a_pair_the_mask_of_their_latent(comfy, mask_batch):  # noqa: F811
+    """A noise_mask of another batch than the latent's (here 3 masks for 2 latents) was passed on as it was, and the
+    sampler then spread it over the 4 paired rows: a pair's source and target got different masks."""
+    from comfyui_personalize.nodes.attention_text import paired_latent
+
+    masks = torch.rand(mask_batch, 1, 8, 8)
+    out = paired_latent({"samples": torch.zeros(2, 4, 8, 8), "noise_mask": masks})
+    unpaired = masks[[i % mask_batch for i in range(2)]]  # what the sampler gives latent i (repeat_to_batch_size)
+    torch.testing.assert_close(out["noise_mask"], unpaired.repeat_interleave(2, dim=0))
+    assert out["batch_index"] == [0, 0, 1, 1]
