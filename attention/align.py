@@ -13,7 +13,8 @@ Deliberate differences from google/prompt-to-prompt ``seq_aligner.py``:
 * Refinement: the original maps the target rows after its EOS from the same source row (n -> n); when the source
   is longer those are source content tokens. Here target padding takes source padding in order (EOS -> EOS,
   first pad -> first pad, ...); target rows left without a source row get alpha 0.
-* Several 77-token chunks: the original handles one; here both mappers work on every chunk.
+* Several 77-token chunks: the original handles one; here both mappers work on every chunk, and refinement aligns
+  the content of all chunks as one sequence.
 """
 from __future__ import annotations
 
@@ -117,37 +118,41 @@ def swap_mapper(source_words: Sequence[Word], target_words: Sequence[Word], leng
     return mapper
 
 
-def _split_chunk(tokens: PromptTokens, chunk: int) -> tuple[list[int], list[int]]:
-    """(rows to align: the chunk's first row (BOS) through its last content token, rows after: EOS, padding)."""
-    start = chunk * CHUNK_LENGTH
-    content = [p for p, f in enumerate(tokens.content_mask[chunk]) if f]
-    end = (content[-1] if content else 0) + 1  # an empty chunk still aligns its BOS
-    return list(range(start, start + end)), list(range(start + end, start + CHUNK_LENGTH))
+def _rows(tokens: PromptTokens) -> tuple[list[int], list[list[int]]]:
+    """(content rows of every chunk, in order; per chunk the rows after its content: EOS, padding)."""
+    content, tails = [], []
+    for chunk, mask in enumerate(tokens.content_mask):
+        start = chunk * CHUNK_LENGTH
+        rows = [start + p for p, f in enumerate(mask) if f]
+        end = (rows[-1] + 1) if rows else start + 1  # after the BOS of an empty chunk
+        content += rows
+        tails.append(list(range(end, start + CHUNK_LENGTH)))
+    return content, tails
 
 
 def refine_mapper(source: PromptTokens, target: PromptTokens) -> tuple[torch.Tensor, torch.Tensor]:
     """Refinement (``get_mapper``): (mapper float32 [Ls, Lt] of 0/1, alphas float32 [Lt]).
 
-    Chunk by chunk, BOS and content are aligned globally (gap 0, match 1, mismatch -1);
-    ``mapper[w, n] = 1`` iff target row n is aligned to source row w, and ``alphas[n] = 0`` where the target
-    inserts a token (it keeps its own attention). Rows after the content (EOS, padding) map one to one in
-    order; target rows left without a source row get alpha 0."""
+    The content tokens of all chunks are aligned globally as one sequence (gap 0, match 1, mismatch -1), so words
+    that an insertion pushes into the next chunk still meet their source tokens; ``mapper[w, n] = 1`` iff target row
+    n is aligned to source row w, and ``alphas[n] = 0`` where the target inserts a token (it keeps its own
+    attention). Each chunk's BOS takes the source's BOS of that chunk, and the rows after a chunk's content (EOS,
+    padding) that chunk's in order; target rows left without a source row get alpha 0."""
     if source.n_chunks != target.n_chunks:
         raise InputError("target", f"the source prompt tokenizes to {source.n_chunks} chunks of 77 tokens and "
                                    f"the target to {target.n_chunks}; make the prompts similar in length "
                                    "(shorten the longer one or lengthen the shorter one)")
     mapper = torch.zeros(source.length, target.length, dtype=torch.float32)
     alphas = torch.ones(target.length, dtype=torch.float32)
-    source_ids, target_ids = source.ids, target.ids
-    for chunk in range(target.n_chunks):
-        head_s, tail_s = _split_chunk(source, chunk)
-        head_t, tail_t = _split_chunk(target, chunk)
-        y_to_x = global_align([source_ids[r] for r in head_s], [target_ids[r] for r in head_t])
-        for n, w in enumerate(y_to_x):
-            if w < 0:
-                alphas[head_t[n]] = 0.0
-            else:
-                mapper[head_s[w], head_t[n]] = 1.0
+    (content_s, tails_s), (content_t, tails_t) = _rows(source), _rows(target)
+    y_to_x = global_align([source.ids[r] for r in content_s], [target.ids[r] for r in content_t])
+    for n, w in enumerate(y_to_x):
+        if w < 0:
+            alphas[content_t[n]] = 0.0
+        else:
+            mapper[content_s[w], content_t[n]] = 1.0
+    for chunk, (tail_s, tail_t) in enumerate(zip(tails_s, tails_t)):
+        mapper[chunk * CHUNK_LENGTH, chunk * CHUNK_LENGTH] = 1.0  # BOS
         for k, row_t in enumerate(tail_t):
             if k < len(tail_s):
                 mapper[tail_s[k], row_t] = 1.0

@@ -175,6 +175,25 @@ def test_refine_long_prompts_chunk_by_chunk():
     assert m[77 + 2, 77 + 4] == 1 and m[77 + 3, 77 + 5] == 1  # cat -> cat, EOS -> EOS
 
 
+def test_refine_aligns_words_an_insertion_pushed_into_the_next_chunk():
+    """Aligned chunk by chunk, the words pushed over the border by "fluffy" lost their source maps (alpha 0)."""
+    tail = " ".join(["of", "a", "dog", "and"] * 4)
+    head = " ".join(["a", "photo"] * 36)  # 72 tokens
+    source, target = prompt(f"{head} of a cat {tail}"), prompt(f"{head} of a fluffy cat {tail}")
+    assert source.n_chunks == target.n_chunks == 2
+    m, alphas = refine_mapper(source, target)
+    # target: "fluffy" (2 tokens) does not fit after "... of a" (74 rows), so chunk 1 starts "fluffy cat of a dog";
+    # source: chunk 0 ends "... of a cat" (75 rows), chunk 1 starts "of a dog"
+    s_rows, t_rows = source.content_positions(), target.content_positions()
+    inserted = [t_rows[74], t_rows[75]]  # "fluffy"
+    assert inserted == [78, 79] and alphas[78] == alphas[79] == 0
+    assert alphas[76] == 0  # the target's chunk 0 has one padding row more than the source's
+    assert alphas.sum() == 154 - 3  # every other target row keeps a source row, the pushed words included
+    for i, t in enumerate(t_rows[:74] + t_rows[76:]):
+        assert m[s_rows[i], t] == 1  # each content token takes its own source token, across the border
+    assert m[0, 0] == m[77, 77] == 1  # each chunk's BOS
+
+
 def test_refine_needs_the_same_number_of_chunks():
     short, long = prompt("a photo of a cat"), prompt(" ".join(["a", "cat"] * 40))
     with pytest.raises(InputError) as err:
