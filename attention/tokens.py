@@ -128,7 +128,8 @@ def parse_word_weights(text: str, input_name: str = "words") -> list[tuple[str, 
 
 def _understood_words(prompt: PromptTokens, prompt_text: str, tokenize_word: Callable[[str], list[int]]) -> str:
     """The words of ``prompt_text`` that can be located, to show the user what a lookup can match."""
-    words = [w for w in re.split(r"[\s,()\[\]{}]+", prompt_text) if w][:_MAX_LISTED_WORDS]
+    plain = re.sub(r":\s*[-+]?(\d+\.?\d*|\.\d+)\s*\)", ")", prompt_text)  # "(red:1.3)" -> "(red)"
+    words = [w for w in re.split(r"[\s,()\[\]{}]+", plain) if w][:_MAX_LISTED_WORDS]
     located = [w for w in dict.fromkeys(words) if prompt.find(tokenize_word(w))]
     return ", ".join(located) if located else "none"
 

@@ -75,7 +75,7 @@ class PersonalizeAttentionMaps(io.ComfyNode):
         if resolution not in RESOLUTIONS:
             raise InputError("resolution", f"must be one of {', '.join(RESOLUTIONS)}")
         tokens = prompt_tokens(clip, text)
-        positions = word_positions(tokens, names, word_tokenizer(clip))
+        positions = word_positions(tokens, names, word_tokenizer(clip), prompt_text=text)
         recorder = _Recorder([torch.tensor(positions[n]) for n in names], RESOLUTIONS[resolution])
         m = model.clone()
         for block in transformer_blocks(m):

@@ -86,6 +86,8 @@ class PersonalizeAttentionReweight(io.ComfyNode):
         blocks = transformer_blocks(model)
         window = percent_window(model, start_percent, end_percent, ("start_percent", "end_percent"))
         weighted = parse_word_weights(words)
+        if not weighted:
+            raise InputError("words", "names no word; write word:weight entries, e.g. 'red:2.0, car:0.5'")
         if mode == "p2p_locked" and apply_to != "cond":
             log.warning("p2p_locked reweights the positive prompt only; apply_to=%s ignored", apply_to)
             apply_to = "cond"

@@ -73,6 +73,7 @@ def test_reweight_window_outside_sampling_is_identity(comfy, tiny_sd15, nodes):
 @pytest.mark.parametrize("override, input_name", [
     (dict(words="blue:2"), "words"), (dict(words="red:lots"), "words"), (dict(words="red"), "words"),
     (dict(start_percent=0.8, end_percent=0.2), "start_percent"), (dict(words="red:-1", mode="renormalized"), "words"),
+    (dict(words=" , "), "words"),
 ])
 def test_reweight_bad_inputs_name_the_input(comfy, tiny_sd15, nodes, override, input_name):
     model, clip, _ = tiny_sd15
@@ -231,7 +232,7 @@ def test_attention_maps_are_images_of_the_words(comfy, tiny_sd15, nodes):
     with pytest.raises(InputError) as e:
         run_node(nodes["maps"], model=model, clip=clip, text=PROMPT, words="giraffe", latent=latent,
                  resolution="all", at_percent=0.5, seed=0)
-    assert e.value.input_name == "words"
+    assert e.value.input_name == "words" and "Words found in the prompt: a, photo" in str(e.value)
 
 
 def attention_lora(model, seed=5, scale=0.1):

@@ -14,6 +14,7 @@ import pytest
 
 from comfyui_personalize.headless.comfy_server import (
     ComfyServer,
+    _input_order,
     cpu_overrides,
     ui_workflow_to_api,
     write_tiny_sd15_checkpoint,
@@ -356,6 +357,20 @@ def test_cpu_overrides_shrinks_without_touching_links_or_input():
     assert api["1"]["inputs"]["width"] == 512 and api["2"]["inputs"]["steps"] == 30
     api["6"] = {"class_type": "PersonalizeRankByReward", "inputs": {"top_k": 2}}
     assert cpu_overrides(api)["1"]["inputs"] == {"width": 64, "height": 64, "batch_size": 4}  # candidates to rank
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_example_workflow_nodes_of_the_pack_show_the_inputs_and_outputs_the_server_has(comfy_server, path):
+    """A node saved before an input or output was added loads without it in the frontend until it is re-created
+    (the reweight node's negative output, needed for apply_to uncond, was missing from its example)."""
+    info = comfy_server.object_info()
+    for node in json.loads(path.read_text())["nodes"]:
+        if not node["type"].startswith("Personalize"):
+            continue
+        spec = info[node["type"]]
+        inputs = {name for name, _ in _input_order(spec)}  # (their order in a saved node is the frontend's)
+        assert {i["name"] for i in node.get("inputs", [])} == inputs, (node["type"], node["id"])
+        assert [o["type"] for o in node.get("outputs", [])] == spec["output"], (node["type"], node["id"])
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)

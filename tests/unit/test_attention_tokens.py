@@ -115,6 +115,9 @@ def test_word_positions_error_names_the_input_and_the_word_and_lists_found_words
     assert err.value.input_name == "blend_words"
     assert "'dog' is not in the prompt" in str(err.value)
     assert "Words found in the prompt: a, photo, of, cat." in str(err.value)
+    with pytest.raises(InputError) as err:  # ComfyUI's weighted words are listed without their weight
+        word_positions(t, ["dog"], ids_of, prompt_text="(a photo:1.2) of a (cat:.9)")
+    assert "Words found in the prompt: a, photo, of, cat." in str(err.value)
     with pytest.raises(InputError, match="^words: 'red' is not in the prompt"):
         word_positions(t, ["red"], ids_of)
     with pytest.raises(InputError, match="gives no tokens"):
