@@ -15,7 +15,6 @@ from comfy_api.latest import io, ui
 
 from ..attention.dual_path import (
     AttentionDeltas,
-    LowRankDelta,
     OutUpdate,
     SamplingDeltas,
     blend_pairs,
@@ -38,8 +37,8 @@ from .attention_hooks import (
     transformer_blocks,
 )
 from .attention_reweight import window_inputs
-from .comfy_adapter import ComfyHost
 from .dual_path_direct import can_go_direct, check_not_bypassed, install_direct
+from .dual_path_lora import left_out_note, lora_parts
 from .dual_path_pooled import install_pooled_blend
 from .embeddings import hard_tokens
 from .prompt_cache import PromptCache, cache_budget, keeps_prompt
@@ -48,27 +47,6 @@ log = logging.getLogger(__name__)
 PATHS = ("cross", "self+cross")
 _X, _CTX, _VALUE = "personalize_dual_x", "personalize_dual_ctx", "personalize_dual_value"
 _OUT = "personalize_dual_out"
-_PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
-
-
-def block_deltas(model, lora: dict, attn: str) -> dict[tuple, AttentionDeltas]:
-    """Per block key, the LoRA's low-rank factors on ``attn`` ("attn1"/"attn2") q/k/v/out (kohya keys)."""
-    names = ComfyHost(model, None, None).unet_lora_targets("attention")  # kohya name -> module, our one map
-    by_module = {id(m): n for n, m in names.items()}
-    found = {}
-    for block in transformer_blocks(model):
-        parts = {}
-        for path, proj in _PROJ.items():
-            name = by_module.get(id(block.module.get_submodule(f"{attn}.{path}")))
-            down, up = lora.get(f"{name}.lora_down.weight"), lora.get(f"{name}.lora_up.weight")
-            if name is not None and down is not None and up is not None:
-                alpha = lora.get(f"{name}.alpha")
-                rank = down.shape[0]
-                parts[proj] = LowRankDelta.from_weights(down.float().flatten(1), up.float().flatten(1),
-                                                        float(alpha) if alpha is not None else rank)
-        if parts:
-            found[block.key] = AttentionDeltas(**parts)
-    return found
 
 
 def _cond_rows(extra_options: dict, batch: int) -> list[slice]:
@@ -321,9 +299,15 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         install_pooled_blend(m, hard, a_blend, window)  # SDXL: the prompt also enters through y
         prompts = PromptCache(cache_budget(model))  # both paths' k/v, kept per run (shared by the layers)
         prompts.install(m)
-        applied, direct = 0, []
+        parts = lora_parts(model, lora, list(blocks.values()))
+        if not parts.count("attn2") and not parts.count("attn1"):
+            raise InputError("lora_name", "the LoRA has no attention (q/k/v/out) factors for this model's blocks; "
+                                          "train it with attention targets on this model family")
+        direct = []
         for attn in ("attn2",) + (("attn1",) if paths == "self+cross" else ()):
-            deltas = block_deltas(model, lora, attn)
+            deltas = parts.deltas[attn]
+            if attn == "attn2":  # every block takes the hard prompt on its base path, with factors or without
+                deltas = {key: deltas.get(key, AttentionDeltas()) for key in blocks}
             for key, d in deltas.items():
                 blend = _Blend(blocks[key], d, hard_ctx, a_blend, window, prompts)
                 if attn == "attn1":
@@ -337,16 +321,12 @@ class PersonalizeDualPathBlend(io.ComfyNode):
                 # weights change between runs and, with scheduled hooks, within one: drop the cached hard k/v
                 for when in ("ON_PRE_RUN", "ON_APPLY_HOOKS", "ON_CLEANUP"):
                     m.add_callback(getattr(comfy.patcher_extension.CallbacksMP, when), blend.reset)
-            applied += len(deltas)
         if direct:
             m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, check_not_bypassed(direct))
-        if not applied:
-            raise InputError("lora_name", "the LoRA has no attention (q/k/v/out) factors for this model's blocks; "
-                                          "train it with attention targets on this model family")
-        log.info("dual-path blend on %d attention layers (a=%.2f)", applied, a_blend)
-        if paths == "cross" and block_deltas(model, lora, "attn1"):
-            note = ("the LoRA also has self-attention (attn1) factors, which paths='cross' leaves out, so even "
-                    "a_blend 1 is not the tuned model; use paths='self+cross'")
+        log.info("dual-path blend (a=%.2f): LoRA factors on %d cross- and %d self-attention layers", a_blend,
+                 parts.count("attn2"), parts.count("attn1") if paths == "self+cross" else 0)
+        note = left_out_note(parts, paths)
+        if note:
             log.warning("Dual-Path Attention Blend: %s", note)
             return io.NodeOutput(m, ui=ui.PreviewText(f"note: {note}"))
         return io.NodeOutput(m)

@@ -1,0 +1,83 @@
+"""The LoRA factors the Dual-Path blend adds in each attention layer, read from any LoRA file ComfyUI's LoraLoader
+reads (kohya with diffusers or ldm block names, diffusers/peft lora_A/lora_B, ComfyUI's own trainer's keys):
+through ComfyUI's own key map and loader, so a file that LoraLoader applies is never refused for its naming. What
+the blend cannot add beside the weights (DoRA, LoHa, LoKr, full diffs) is refused by name; what lies outside the
+attention projections is reported, since a = 1 is then not the LoRA's model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import comfy.lora
+from comfy.weight_adapter import LoRAAdapter
+
+from ..attention.dual_path import AttentionDeltas, LowRankDelta
+from ..training.errors import InputError
+from .attention_hooks import Block
+
+_PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
+ATTENTIONS = ("attn1", "attn2")
+
+
+@dataclass
+class LoraParts:
+    """``deltas[attn][block key]``: the factors on that block's attention ("attn1"/"attn2"); ``left_out``: the UNet
+    weights the LoRA also changes (feed-forward, projections around the blocks); ``not_unet``: how many of its keys
+    are for no weight of this UNet (a text encoder, another model)."""
+
+    deltas: dict[str, dict[tuple, AttentionDeltas]] = field(default_factory=lambda: {a: {} for a in ATTENTIONS})
+    left_out: list[str] = field(default_factory=list)
+    not_unet: int = 0
+
+    def count(self, attn: str) -> int:
+        return len(self.deltas[attn])
+
+
+def _low_rank(patch, key: str) -> LowRankDelta:
+    if not isinstance(patch, LoRAAdapter):
+        kind = getattr(patch, "name", None) or (patch[0] if isinstance(patch, tuple) else type(patch).__name__)
+        raise InputError("lora_name", f"the LoRA changes {key} as a {kind} patch, which is not a pair of low-rank "
+                                      "factors; the Dual-Path blend adds up/down factors beside the base weights: "
+                                      "use a plain LoRA, or merge this one with LoraLoader")
+    up, down, alpha, mid, dora_scale, _reshape = patch.weights
+    if dora_scale is not None:
+        raise InputError("lora_name", f"the LoRA is a DoRA ({key} has a dora_scale): it renormalises the whole "
+                                      "weight, which cannot be split into a base path and a LoRA path; use a plain "
+                                      "LoRA, or merge this one with LoraLoader")
+    if mid is not None:
+        raise InputError("lora_name", f"the LoRA has a mid factor on {key} (LoCon); the blend needs up/down pairs")
+    return LowRankDelta.from_weights(down.float().flatten(1), up.float().flatten(1),
+                                     None if alpha is None else float(alpha))
+
+
+def lora_parts(model, lora: dict, blocks: list[Block]) -> LoraParts:
+    """Split ``lora`` (a state dict) into per-block attention deltas and what the blend leaves out."""
+    patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    loaded = set().union(*(getattr(p, "loaded_keys", ()) for p in patches.values()))
+    parts = LoraParts(not_unet=sum(k not in loaded for k in lora))
+    for block in blocks:
+        for attn in ATTENTIONS:
+            found = {}
+            for path, proj in _PROJ.items():
+                key = f"{block.path}.{attn}.{path}.weight"
+                if key in patches:
+                    found[proj] = _low_rank(patches.pop(key), key)
+            if found:
+                parts.deltas[attn][block.key] = AttentionDeltas(**found)
+    parts.left_out = sorted(patches)
+    return parts
+
+
+def left_out_note(parts: LoraParts, paths: str) -> str | None:
+    """What a = 1 misses of the LoRA's model, in words, or None when the blend covers all of it."""
+    notes = []
+    if paths == "cross" and parts.count("attn1"):
+        notes.append("its self-attention (attn1) factors, which paths='cross' leaves out (use paths='self+cross')")
+    if parts.left_out:
+        shown = ", ".join(k.removeprefix("diffusion_model.").removesuffix(".weight") for k in parts.left_out[:3])
+        notes.append(f"{len(parts.left_out)} UNet weights outside attention q/k/v/out (e.g. {shown})")
+    if parts.not_unet:
+        notes.append(f"{parts.not_unet} keys for no weight of this UNet (text encoder: load the LoRA on the CLIP "
+                     "that encodes the soft prompt)")
+    if not notes:
+        return None
+    return "the blend leaves out " + "; ".join(notes) + ", so even a_blend 1 is not the LoRA's model"
