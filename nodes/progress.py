@@ -29,4 +29,5 @@ class TrainingProgress:
         except ImportError:  # headless use of ComfyUI modules: there is no UI to tell
             return
         if getattr(PromptServer, "instance", None) is not None:
-            PromptServer.instance.send_sync(LOSS_EVENT, data)
+            # to the client that queued the prompt (as ComfyUI's own progress), not to every open tab
+            PromptServer.instance.send_sync(LOSS_EVENT, data, PromptServer.instance.client_id)

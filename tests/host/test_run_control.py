@@ -80,3 +80,21 @@ def test_loss_plot_node(comfy):
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.std() > 0
     with pytest.raises(InputError, match="loss"):
         run_node(PersonalizeLossPlot, loss={"loss": []}, title="t")
+
+
+def test_the_loss_event_goes_to_the_client_that_queued_the_prompt(comfy, monkeypatch):
+    """It went to every open tab, each drawing it on whichever node had that id."""
+    import sys
+    import types
+
+    from comfyui_personalize.nodes.progress import LOSS_EVENT, TrainingProgress
+
+    sent = []
+    instance = types.SimpleNamespace(client_id="tab-1", send_sync=lambda *a: sent.append(a))
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(
+        instance=instance)))
+    progress = TrainingProgress(4, "12:5")
+    progress(1, [0.5])
+    progress(2, [0.5, 0.25])
+    assert sent == [(LOSS_EVENT, {"node": "12:5", "start": 0, "losses": [0.5], "step": 1, "total": 4}, "tab-1"),
+                    (LOSS_EVENT, {"node": "12:5", "start": 1, "losses": [0.25], "step": 2, "total": 4}, "tab-1")]

@@ -53,7 +53,8 @@ app.registerExtension({
   async setup() {
     api.addEventListener("personalize.loss", ({ detail }) => {
       if (!detail || detail.node == null) return;
-      const id = String(detail.node);
+      // an execution id: "12:5" is node 5 inside subgraph node 12; the widget knows its node's own id only
+      const id = String(detail.node).split(":").pop();
       const data = curves.get(id) ?? { losses: [], step: 0, total: detail.total };
       if (detail.start === 0) data.losses = [];
       data.losses.splice(detail.start, detail.losses.length, ...detail.losses);

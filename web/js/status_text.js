@@ -26,33 +26,44 @@ function drawStatus(ctx, lines, width, y) {
   ctx.restore();
 }
 
+function showStatus(node, lines) {
+  node.personalizeStatus = lines;
+  if (lines.length && !node.widgets?.some((w) => w.name === "personalize_status")) {
+    node.addCustomWidget({
+      name: "personalize_status",
+      type: "personalize.status",
+      serialize: false, // display only: never part of the saved workflow's widget values
+      options: { serialize: false },
+      computeSize: (width = node.size[0]) =>
+        [width, Math.min(node.personalizeStatus?.length ?? 0, MAX_LINES) * LINE + 4],
+      draw(ctx, _node, width, y) {
+        drawStatus(ctx, node.personalizeStatus ?? [], width, y);
+      },
+    });
+  }
+  const size = node.computeSize();
+  node.setSize([Math.max(node.size[0], size[0]), size[1]]);
+  app.graph?.setDirtyCanvas(true, true);
+}
+
 app.registerExtension({
   name: "personalize.statusText",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith("Personalize")) return;
+    // A run clears the text: ComfyUI sends "executed" only for a node with UI output (or a cached one), so a note
+    // of an earlier run would otherwise stay on a node that now runs without one.
+    const onExecutionStart = nodeType.prototype.onExecutionStart;
+    nodeType.prototype.onExecutionStart = function () {
+      const result = onExecutionStart?.apply(this, arguments);
+      if (this.personalizeStatus?.length) showStatus(this, []);
+      return result;
+    };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       const result = onExecuted?.apply(this, arguments);
-      const text = output?.text;
-      if (!Array.isArray(text) || !text.length) return result;
-      const node = this;
-      node.personalizeStatus = text.join("\n").split("\n").filter((line) => line.trim());
-      if (!node.widgets?.some((w) => w.name === "personalize_status")) {
-        node.addCustomWidget({
-          name: "personalize_status",
-          type: "personalize.status",
-          serialize: false, // display only: never part of the saved workflow's widget values
-          options: { serialize: false },
-          computeSize: (width = node.size[0]) =>
-            [width, Math.min(node.personalizeStatus?.length ?? 0, MAX_LINES) * LINE + 4],
-          draw(ctx, _node, width, y) {
-            drawStatus(ctx, node.personalizeStatus ?? [], width, y);
-          },
-        });
-      }
-      const size = node.computeSize();
-      node.setSize([Math.max(node.size[0], size[0]), size[1]]);
-      app.graph?.setDirtyCanvas(true, true);
+      const text = Array.isArray(output?.text) ? output.text : [];
+      const lines = text.join("\n").split("\n").filter((line) => line.trim());
+      if (lines.length || this.personalizeStatus?.length) showStatus(this, lines);
       return result;
     };
   },

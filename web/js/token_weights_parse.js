@@ -1,6 +1,17 @@
 // Parsing for the token weights preview (no ComfyUI imports, so it can be checked outside the browser).
 // It follows attention/tokens.py parse_word_weights: "word or phrase:weight", comma or new line; the last colon
 // separates the weight.
+const DECIMAL = /^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i;
+// ComfyUI's prompt weights "(red:1.3)": the number is not a word of the prompt
+const PROMPT_WEIGHT = /:\s*[-+]?(\d+\.?\d*|\.\d+)\s*\)/g;
+// CLIP's tokenizer splits words at these, so "red" is found in "red-car" and "(red)" (attention/tokens.py)
+const SEPARATORS = /[\s,()\[\]{}-]+/;
+
+function lookupWords(text) {
+  return String(text).toLowerCase().split(SEPARATORS).map((w) => w.replace(/^[.;:!?'"]+|[.;:!?'"]+$/g, ""))
+    .filter(Boolean);
+}
+
 export function parseWeights(spec) {
   const parsed = [];
   for (const raw of String(spec ?? "").split(/[,\n]/)) {
@@ -9,16 +20,25 @@ export function parseWeights(spec) {
     const colon = entry.lastIndexOf(":");
     const phrase = colon > 0 ? entry.slice(0, colon).trim().toLowerCase() : "";
     const number = colon > 0 ? entry.slice(colon + 1).trim() : "";
-    const weight = number === "" ? NaN : Number(number); // Number("") is 0; Python's float("") refuses
+    // decimal only, as Python's float(): Number() would also take "", "0x10" and "0b1"
+    const weight = DECIMAL.test(number) ? Number(number) : NaN;
     parsed.push({ entry, phrase, weight, ok: phrase !== "" && Number.isFinite(weight) });
   }
   return parsed;
 }
 
-// Weights per word index: a phrase weights each of its words where the whole phrase appears in order.
+// Weights per word of the prompt (split at spaces, as drawn): a phrase weights each word holding one of its parts
+// where all its parts appear in order.
 export function weightedWords(text, spec) {
   const words = String(text ?? "").split(/\s+/).filter(Boolean);
-  const lower = words.map((w) => w.toLowerCase().replace(/^[(\[{]+|[)\]},.;!?]+$/g, ""));
+  const parts = [];
+  const owner = [];
+  words.forEach((word, i) => {
+    for (const part of lookupWords(word.replace(PROMPT_WEIGHT, ")"))) {
+      parts.push(part);
+      owner.push(i);
+    }
+  });
   const weights = new Array(words.length).fill(null);
   const problems = [];
   for (const item of parseWeights(spec)) {
@@ -26,11 +46,11 @@ export function weightedWords(text, spec) {
       problems.push(`'${item.entry}' needs word:number`);
       continue;
     }
-    const phrase = item.phrase.split(/\s+/);
+    const phrase = lookupWords(item.phrase);
     let found = false;
-    for (let i = 0; i + phrase.length <= lower.length; i++) {
-      if (phrase.every((p, j) => lower[i + j] === p)) {
-        phrase.forEach((_, j) => (weights[i + j] = item.weight));
+    for (let i = 0; phrase.length && i + phrase.length <= parts.length; i++) {
+      if (phrase.every((p, j) => parts[i + j] === p)) {
+        phrase.forEach((_, j) => (weights[owner[i + j]] = item.weight));
         found = true;
       }
     }
@@ -38,4 +58,3 @@ export function weightedWords(text, spec) {
   }
   return { words, weights, problems };
 }
-
