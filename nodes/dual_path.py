@@ -232,6 +232,20 @@ class _Blend:
         return replace
 
 
+def warn_if_hard_is_sampled(model, hard_ctx: torch.Tensor) -> None:
+    """OUTER_SAMPLE wrapper: a warning when the positive sampled is the hard prompt itself (wired to the sampler by
+    mistake): both paths then read real words, so the learned token has no part in the image."""
+    def wrapper(executor, *args, **kwargs):
+        for cond in (getattr(executor.class_obj, "conds", None) or {}).get("positive") or ():
+            soft = cond.get("cross_attn")
+            if soft is not None and soft.shape[1:] == hard_ctx.shape[1:] and torch.equal(
+                    soft[:1].to(hard_ctx.device, hard_ctx.dtype), hard_ctx):
+                log.warning("Dual-Path Attention Blend: the sampler's positive is the hard prompt; connect the soft "
+                            "prompt (with the learned token) as positive, the blend takes the hard one itself")
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "personalize_dual_hard", wrapper)
+
+
 def automatic_hard_prompt(clip, soft_text: str):
     if clip is None or not (soft_text or "").strip():
         raise InputError("hard", "connect the hard prompt's CONDITIONING, or connect clip and write soft_text "
@@ -296,6 +310,7 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         check_prompt_lengths(m, {COND: hard_ctx.shape[1]}, "hard", "the hard prompt",
                              "use the same prompt with the learned token replaced by one word, or leave hard "
                              "unconnected to compute it from clip + soft_text")
+        warn_if_hard_is_sampled(m, hard_ctx)
         install_pooled_blend(m, hard, a_blend, window)  # SDXL: the prompt also enters through y
         prompts = PromptCache(cache_budget(model))  # both paths' k/v, kept per run (shared by the layers)
         prompts.install(m)

@@ -100,3 +100,15 @@ def test_a_dora_or_a_loha_is_refused_by_name(comfy, tiny_sd15, nodes):  # noqa: 
             f"{name}.hada_w2_b": down}
     with pytest.raises(InputError, match="as a loha patch, which is not a pair of low-rank factors"):
         blend_note(nodes, model, hard, loha)
+
+
+def test_sampling_the_hard_prompt_as_positive_is_warned_about(comfy, tiny_sd15, nodes, caplog):  # noqa: F811
+    model, clip, _ = tiny_sd15
+    soft, hard = encode(comfy, clip, SOFT), encode(comfy, clip, HARD)
+    blended = dual(nodes, model, hard, attention_lora(model), 0.5)
+    with caplog.at_level("WARNING"):
+        sample(comfy, blended, soft, empty_latent(), clip, steps=1)
+    assert not any("positive is the hard prompt" in r.getMessage() for r in caplog.records)
+    with caplog.at_level("WARNING"):
+        sample(comfy, blended, hard, empty_latent(), clip, steps=1)
+    assert any("positive is the hard prompt" in r.getMessage() for r in caplog.records)
