@@ -83,10 +83,11 @@ app.registerExtension({
         type: "personalize.score_badges",
         serialize: false, // display only: never part of the saved workflow's widget values
         options: { serialize: false },
-        computeSize(width = node.size[0]) { // the frontend calls it without a width
+        computeSize(width = node.size[0]) { // the frontend passes no width, or the node's minimum one
           const count = node.personalizeScores.badges.length;
           if (!count) return [width, MIN_ROWS_HEIGHT];
-          return [width, layout(count, width).rows * (CELL + GAP)];
+          // rows as drawn: at the node's own width (a wider node needs fewer)
+          return [width, layout(count, Math.max(width, node.size[0])).rows * (CELL + GAP)];
         },
         draw(ctx, _node, width, y) {
           drawBadges(ctx, node.personalizeScores, width, y);
