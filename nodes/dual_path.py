@@ -318,6 +318,9 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         if not parts.count("attn2") and not parts.count("attn1"):
             raise InputError("lora_name", "the LoRA has no attention (q/k/v/out) factors for this model's blocks; "
                                           "train it with attention targets on this model family")
+        if paths == "cross" and not parts.count("attn2"):
+            raise InputError("paths", "the LoRA has factors on self-attention (attn1) only, which paths='cross' "
+                                      "leaves out; use paths='self+cross'")
         direct = []
         for attn in ("attn2",) + (("attn1",) if paths == "self+cross" else ()):
             deltas = parts.deltas[attn]

@@ -112,3 +112,13 @@ def test_sampling_the_hard_prompt_as_positive_is_warned_about(comfy, tiny_sd15, 
     with caplog.at_level("WARNING"):
         sample(comfy, blended, hard, empty_latent(), clip, steps=1)
     assert any("positive is the hard prompt" in r.getMessage() for r in caplog.records)
+
+
+def test_a_self_attention_only_lora_needs_both_paths(comfy, tiny_sd15, nodes):  # noqa: F811
+    model, clip, _ = tiny_sd15
+    hard = encode(comfy, clip, HARD)
+    self_only = {k: v for k, v in attention_lora(model).items() if "attn1" in k}
+    with pytest.raises(InputError, match="self-attention \\(attn1\\) only") as e:
+        blend_note(nodes, model, hard, self_only, "cross")
+    assert e.value.input_name == "paths"
+    assert blend_note(nodes, model, hard, self_only) is None  # self+cross: all of it is blended
