@@ -88,17 +88,22 @@ def in_window(extra_options: dict, window: tuple[float, float]) -> bool:
 _SAMPLED_AS = {COND: "positive", UNCOND: "negative"}  # the CFG guider's conds feeding each chunk kind
 
 
+def sampled_prompts(executor, kind: int) -> list[torch.Tensor]:
+    """In an OUTER_SAMPLE wrapper: the cross-attention prompts the guider (``executor.class_obj``) samples for a
+    chunk kind (COND: its positive conditionings, UNCOND: its negative ones)."""
+    conds = (getattr(executor.class_obj, "conds", None) or {}).get(_SAMPLED_AS[kind]) or ()
+    return [c["cross_attn"] for c in conds if c.get("cross_attn") is not None]
+
+
 def check_prompt_lengths(model, lengths: dict[int, int], input_name: str, what: str, fix: str) -> None:
     """OUTER_SAMPLE wrapper on ``model`` (a clone): before the run loads or computes anything, every conditioning the
     sampler was given for a chunk kind in ``lengths`` (COND: its positive, UNCOND: its negative) must have that many
     tokens. A patch made for a prompt of another length would be tiled over it (ComfyUI repeats a short prompt to
     the longer one's length when it batches them) or fail inside a layer with no hint."""
     def wrapper(executor, *args, **kwargs):
-        conds = getattr(executor.class_obj, "conds", None) or {}
         for kind, length in lengths.items():
-            for cond in conds.get(_SAMPLED_AS[kind]) or ():
-                got = cond.get("cross_attn")
-                if got is not None and got.shape[1] != length:
+            for got in sampled_prompts(executor, kind):
+                if got.shape[1] != length:
                     raise InputError(input_name, f"{what} has {length} tokens and the {_SAMPLED_AS[kind]} "
                                                  f"conditioning sampled with it {got.shape[1]} ({length // 77} vs "
                                                  f"{got.shape[1] // 77} chunks of 77); {fix}")

@@ -33,6 +33,7 @@ from .attention_hooks import (
     install_patch_first,
     install_patch_once,
     percent_window,
+    sampled_prompts,
     set_replace,
     transformer_blocks,
 )
@@ -236,10 +237,9 @@ def warn_if_hard_is_sampled(model, hard_ctx: torch.Tensor) -> None:
     """OUTER_SAMPLE wrapper: a warning when the positive sampled is the hard prompt itself (wired to the sampler by
     mistake): both paths then read real words, so the learned token has no part in the image."""
     def wrapper(executor, *args, **kwargs):
-        for cond in (getattr(executor.class_obj, "conds", None) or {}).get("positive") or ():
-            soft = cond.get("cross_attn")
-            if soft is not None and soft.shape[1:] == hard_ctx.shape[1:] and torch.equal(
-                    soft[:1].to(hard_ctx.device, hard_ctx.dtype), hard_ctx):
+        for soft in sampled_prompts(executor, COND):
+            if soft.shape[1:] == hard_ctx.shape[1:] and torch.equal(soft[:1].to(hard_ctx.device, hard_ctx.dtype),
+                                                                     hard_ctx):
                 log.warning("Dual-Path Attention Blend: the sampler's positive is the hard prompt; connect the soft "
                             "prompt (with the learned token) as positive, the blend takes the hard one itself")
         return executor(*args, **kwargs)
