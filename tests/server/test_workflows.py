@@ -383,3 +383,21 @@ def test_example_workflow_is_consistent(path):
         assert link_id in nodes[src]["outputs"][src_slot]["links"], link_id
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id, link_id
         assert nodes[dst]["inputs"][dst_slot]["type"] == kind == nodes[src]["outputs"][src_slot]["type"], link_id
+
+
+def test_the_server_serves_every_web_script_and_what_it_imports(comfy_server):
+    """The frontend loads what /extensions lists; a script importing a sibling that is not served breaks every
+    widget of the pack (the import fails the whole module)."""
+    import re
+    import urllib.request
+
+    listed = set(comfy_server._request("/extensions"))
+    scripts = sorted((ROOT / "web" / "js").glob("*.js"))
+    assert scripts
+    for script in scripts:
+        url = f"/extensions/ComfyUI-Personalize/js/{script.name}"
+        assert url in listed, url
+        with urllib.request.urlopen(comfy_server.base_url + url, timeout=30) as resp:
+            assert resp.read().decode() == script.read_text()
+        for sibling in re.findall(r'from "\./([\w.]+)"', script.read_text()):
+            assert f"/extensions/ComfyUI-Personalize/js/{sibling}" in listed, (script.name, sibling)

@@ -3,11 +3,11 @@
 // (a widget, so the node layout reserves its space).
 import { app } from "../../../scripts/app.js"; // served at /extensions/<pack>/js/
 import { api } from "../../../scripts/api.js";
+import { nodeForExecutionId } from "./execution_node.js";
 
 const TRAINERS = new Set(["PersonalizeTrainLoRA", "PersonalizeTrainDreamBooth", "PersonalizeTrainTextualInversion",
   "PersonalizeTrainPivotal", "PersonalizeFastTune"]);
 const CHART_HEIGHT = 110;
-const curves = new Map(); // node id -> {losses: number[], step, total}
 
 function drawChart(ctx, data, width, y) {
   const left = 10;
@@ -53,13 +53,15 @@ app.registerExtension({
   async setup() {
     api.addEventListener("personalize.loss", ({ detail }) => {
       if (!detail || detail.node == null) return;
-      // an execution id: "12:5" is node 5 inside subgraph node 12; the widget knows its node's own id only
-      const id = String(detail.node).split(":").pop();
-      const data = curves.get(id) ?? { losses: [], step: 0, total: detail.total };
+      // The curve lives on the node object it belongs to: a node of the same id in another subgraph or in a
+      // workflow opened later never shows it, and it goes with its workflow when that is closed.
+      const node = nodeForExecutionId(app.rootGraph ?? app.graph, detail.node);
+      if (!node || !TRAINERS.has(node.comfyClass ?? node.type)) return; // its workflow is not the one shown
+      const data = node.personalizeLoss ?? { losses: [], step: 0, total: detail.total };
       if (detail.start === 0) data.losses = [];
       data.losses.splice(detail.start, detail.losses.length, ...detail.losses);
       Object.assign(data, { step: detail.step, total: detail.total });
-      curves.set(id, data);
+      node.personalizeLoss = data;
       app.graph?.setDirtyCanvas(true, false);
     });
   },
@@ -76,7 +78,7 @@ app.registerExtension({
         options: { serialize: false }, // nor of the prompt; the frontend also reads options on every widget
         computeSize: (width = node.size[0]) => [width, CHART_HEIGHT],
         draw(ctx, _node, width, y) {
-          drawChart(ctx, curves.get(String(node.id)), width, y);
+          drawChart(ctx, node.personalizeLoss, width, y);
         },
       });
       this.setSize(this.computeSize());

@@ -17,7 +17,7 @@ function badgeColor(score, lo, hi) {
 
 function thumbnail(badge) {
   const query = new URLSearchParams({ filename: badge.filename, subfolder: badge.subfolder ?? "",
-    type: badge.type ?? "temp" });
+    type: badge.type ?? "temp", rand: Math.random() }); // as ComfyUI's previews: never a cached older image
   const img = new Image();
   img.onload = () => app.graph?.setDirtyCanvas(true, false);
   img.src = api.apiURL(`/view?${query}`);
