@@ -229,10 +229,13 @@ def refine_plan() -> CrossPlan:
     return CrossPlan(mapper, alphas, torch.ones(77), ALL)
 
 
-def attention_lora(model, rank=8):
-    """A kohya-key rank-``rank`` LoRA on every attention projection (q/k/v/out of attn1 and attn2)."""
+def attention_lora(model, rank=8, part=""):
+    """A kohya-key rank-``rank`` LoRA on every attention projection (q/k/v/out of attn1 and attn2) whose name has
+    ``part`` (a partial LoRA: the blocks left out run both prompt paths on the base weights)."""
     lora = {}
     for name, lin in ComfyHost(model, None, None).unet_lora_targets("attention").items():
+        if part not in name:
+            continue
         lora[f"{name}.lora_down.weight"] = torch.randn(rank, lin.in_features) * 0.01
         lora[f"{name}.lora_up.weight"] = torch.randn(lin.out_features, rank) * 0.01
         lora[f"{name}.alpha"] = torch.tensor(float(rank))
@@ -288,6 +291,9 @@ for family in args.models.split(","):
     modes.append(("dual-path a=0.7 (cross)", cross, pos1, neg1, n, False))
     modes.append(("dual-path a=0.7 (cross, by modules)", cross, pos1, neg1, n, False, by_modules))
     modes.append(("dual-path a=0.7 (self+cross)", dual_path(base, pos1, lora, "self+cross"), pos1, neg1, n, False))
+    up = "output_blocks" if family == "sdxl" else "up_blocks"  # kohya names: SDXL's are ComfyUI's, SD1.5's diffusers'
+    partial = dual_path(base, pos1, attention_lora(base, part=up), "cross")
+    modes.append(("dual-path a=0.7 (cross, partial LoRA: output blocks only)", partial, pos1, neg1, n, False))
     wanted = [w for w in args.only.split(",") if w]
     modes = [m for m in modes if m[0].startswith("plain") or not wanted or any(w in m[0] for w in wanted)]
     measure_family(family, modes, lat)
