@@ -1,6 +1,6 @@
 """The web extension in ComfyUI's real frontend (headless Chromium): a training run draws its live loss chart on the
-trainer node, at the root of the graph and inside a subgraph (execution id "<instance>:<inner>"), and the status
-text shows the saved file. The checks are asserted; the screenshots go to --out for a look.
+trainer node, at the root of the graph and inside a subgraph (execution id "<instance>:<inner>"); ImageReward Score
+shows a badge and a loaded thumbnail per image. The checks are asserted; the screenshots go to --out for a look.
 
 CI has no browser, so this is a manual check (its result is recorded in bench/results). Needs the ComfyUI host with
 its frontend package (requirements.txt of ComfyUI), Debian's chromium and playwright from PyPI (their own venv is
@@ -25,6 +25,8 @@ from playwright.sync_api import sync_playwright
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "example_workflows" / "train_lora_then_sample.json"
 TRAINER = "5"  # the Train LoRA node of that workflow
+SCORING = ROOT / "example_workflows" / "image_reward_top2.json"
+SCORER = "9"  # its ImageReward Score node
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]  # this machine has no network beyond loopback
 
@@ -36,15 +38,19 @@ pkg = types.ModuleType("comfyui_personalize"); pkg.__path__ = [sys.argv[1]]; sys
 from PIL import Image
 from comfyui_personalize.headless.comfy_server import (ComfyServer, cpu_overrides, ui_workflow_to_api,
                                                        write_tiny_sd15_checkpoint)
+from comfyui_personalize.headless.tiny_reward import write_tiny_reward_files
 from comfyui_personalize.headless.workflow_inputs import use_tiny_inputs
-base, comfyui, workflow = Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+base, comfyui = Path(sys.argv[2]), sys.argv[3]
 write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / "tiny.safetensors", cache_dir=base / "cache",
                            comfyui_path=comfyui)
+write_tiny_reward_files(base / "models" / "image_reward", name="tiny-reward.safetensors")
 with ComfyServer(base, comfyui_path=comfyui) as server:
-    api = ui_workflow_to_api(json.loads(workflow.read_text()), server.object_info())
-    api = cpu_overrides(use_tiny_inputs(api, "tiny.safetensors", server.input_dir,
-                                        lambda p: Image.new("RGB", (64, 64), (200, 40, 40)).save(p), "none"))
-    print(json.dumps({"url": server.base_url, "prompt": api}), flush=True)
+    def prompt(workflow):
+        api = ui_workflow_to_api(json.loads(Path(workflow).read_text()), server.object_info())
+        return cpu_overrides(use_tiny_inputs(api, "tiny.safetensors", server.input_dir,
+                                             lambda p: Image.new("RGB", (64, 64), (200, 40, 40)).save(p),
+                                             "tiny-reward.safetensors"))
+    print(json.dumps({"url": server.base_url, "prompts": [prompt(w) for w in sys.argv[4:]]}), flush=True)
     sys.stdin.read()  # until the check closes stdin
 """
 
@@ -72,7 +78,15 @@ def renamed(prompt: dict, old: str, new: str) -> dict:
     return out
 
 
-def check(url: str, prompt: dict, out: Path, chromium: str) -> None:
+def show(page, node_id: int, path: Path) -> None:
+    page.evaluate(f"""(() => {{ const n = window.app.graph.getNodeById({node_id}), c = window.app.canvas;
+        c.ds.scale = 1; c.ds.offset = [100 - n.pos[0], 100 - n.pos[1]]; c.setDirty(true, true); }})()""")
+    page.keyboard.press("Escape")  # the templates dialog a fresh frontend opens
+    time.sleep(1)
+    page.screenshot(path=str(path))
+
+
+def check(url: str, prompt: dict, scoring: dict, out: Path, chromium: str) -> None:
     prompt[TRAINER]["inputs"]["steps"] = 24
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -86,11 +100,7 @@ def check(url: str, prompt: dict, out: Path, chromium: str) -> None:
         queue(url, prompt, client_id)
         losses = page.evaluate(f"window.app.graph.getNodeById({TRAINER}).personalizeLoss?.losses?.length")
         assert losses == 24, f"root trainer: {losses} losses drawn, 24 expected"
-        page.evaluate(f"""(() => {{ const n = window.app.graph.getNodeById({TRAINER}), c = window.app.canvas;
-            c.ds.scale = 1; c.ds.offset = [100 - n.pos[0], 100 - n.pos[1]]; c.setDirty(true, true); }})()""")
-        page.keyboard.press("Escape")  # the templates dialog a fresh frontend opens
-        time.sleep(1)
-        page.screenshot(path=str(out / "loss_chart_root.png"))
+        show(page, int(TRAINER), out / "loss_chart_root.png")
 
         # the trainer moved into a subgraph: events name it "<instance>:<inner>"; the root has no node of its id
         instance, inner = page.evaluate(f"""(() => {{ const g = window.app.graph;
@@ -104,11 +114,21 @@ def check(url: str, prompt: dict, out: Path, chromium: str) -> None:
             .personalizeLoss?.losses?.length""")
         assert losses == 12, f"trainer in a subgraph: {losses} losses drawn, 12 expected"
         assert not page.evaluate(f"window.app.graph.getNodeById({inner})?.personalizeLoss"), "drawn on a root node"
+
+        # score badges: one per image, each thumbnail loaded from /view
+        page.evaluate("wf => window.app.loadGraphData(wf)", json.loads(SCORING.read_text()))
+        queue(url, scoring, client_id)
+        images = scoring[next(k for k, n in scoring.items() if n["class_type"] == "EmptyLatentImage")]["inputs"]
+        page.wait_for_function(f"""window.app.graph.getNodeById({SCORER}).personalizeScores?.images?.every(
+            (img) => img.complete && img.naturalWidth > 0)""", timeout=30_000)
+        badges = page.evaluate(f"window.app.graph.getNodeById({SCORER}).personalizeScores.badges.length")
+        assert badges == images["batch_size"], f"{badges} badges for {images['batch_size']} images"
+        show(page, int(SCORER), out / "score_badges.png")
         ours = [e for e in errors if "/extensions/" in e]
         assert not ours, ours
         browser.close()
-    print(f"ok: loss chart on the root trainer (24 steps) and inside subgraph {instance} (12 steps); "
-          f"screenshot in {out}")
+    print(f"ok: loss chart on the root trainer (24 steps) and inside subgraph {instance} (12 steps); {badges} score "
+          f"badges with their thumbnails; screenshots in {out}")
 
 
 def main() -> None:
@@ -121,7 +141,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as base:
-        server = subprocess.Popen([args.python, "-c", SERVE, str(ROOT), base, args.comfyui, str(WORKFLOW)],
+        server = subprocess.Popen([args.python, "-c", SERVE, str(ROOT), base, args.comfyui, str(WORKFLOW),
+                                   str(SCORING)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             line = ""
@@ -130,7 +151,7 @@ def main() -> None:
                 if not line:
                     raise RuntimeError("the ComfyUI server did not start (see above)")
             started = json.loads(line)
-            check(started["url"], started["prompt"], out, args.chromium)
+            check(started["url"], *started["prompts"], out, args.chromium)
         finally:
             server.stdin.close()
             server.wait(timeout=60)
