@@ -188,11 +188,14 @@ def _score_in_chunks(scorer: RewardScorer, images: torch.Tensor, prompts: list[s
 
 
 def summary_text(loaded: LoadedImageReward, scores: list[float], notes: list[str]) -> str:
-    best = max(range(len(scores)), key=lambda i: scores[i])
+    """The node's text: "image i" is a batch position (from 0, as ComfyUI's batch_index) and "#k" a rank (1 = best),
+    as on the badges, so "#1" never means the second image in one line and the best in another."""
+    order = rank(scores)
+    place = {index: position + 1 for position, index in enumerate(order)}
     lines = [f"ImageReward ({loaded.describe()}): {len(scores)} image{'s' if len(scores) != 1 else ''}",
-             f"best #{best} ({scores[best]:+.4f}), mean {sum(scores) / len(scores):+.4f}"]
+             f"best: image {order[0]} ({scores[order[0]]:+.4f}), mean {sum(scores) / len(scores):+.4f}"]
     lines += [f"note: {n}" for n in notes]  # before the per-image lines: the node shows the first lines
-    lines += [f"#{i}: {s:+.4f}" for i, s in enumerate(scores)]
+    lines += [f"image {i}: {s:+.4f} #{place[i]}" for i, s in enumerate(scores)]
     return "\n".join(lines)
 
 

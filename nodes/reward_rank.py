@@ -78,7 +78,7 @@ def select(scores: list[float], top_k: int, threshold: float | None, if_none_pas
     if order:
         return order, ""
     best = rank(scores, 1)[0]
-    why = f"no image scored {threshold:g} or more (best: image #{best} with {scores[best]:.4f})"
+    why = f"no image scored {threshold:g} or more (best: image {best} with {scores[best]:.4f})"
     if if_none_pass == "error":
         raise InputError("threshold", f"{why}; lower the threshold, turn use_threshold off, or set if_none_pass "
                                       "to 'keep best' or 'stop quietly'")
@@ -154,7 +154,7 @@ class PersonalizeRankByReward(io.ComfyNode):
         if note:
             lines.append(note)
             log.warning("Rank by Reward: %s", note)
-        lines += [f"#{i}: {values[i]:+.4f}" for i in order]
+        lines += [f"#{k} image {i}: {values[i]:+.4f}" for k, i in enumerate(order, 1)]  # rank, batch position
         return io.NodeOutput(batch[index], out_latent, out_mask, order, kept, ui=ui.PreviewText("\n".join(lines)))
 
 

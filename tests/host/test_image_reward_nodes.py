@@ -130,8 +130,10 @@ def test_scores_equal_the_core_scorer_and_show_on_the_node(reward, loaded, core_
     assert len(set(scores)) == 4  # the tiny model really tells these images apart
     assert loaded.scorer.dtype == torch.float32  # auto on the CPU
     assert out.ui["text"] == (summary,)
-    for i, s in enumerate(scores):
-        assert f"#{i}: {s:+.4f}" in summary
+    order = sorted(range(4), key=lambda i: -scores[i])
+    for i, s in enumerate(scores):  # batch position, score and rank (as on the badges)
+        assert f"image {i}: {s:+.4f} #{order.index(i) + 1}" in summary.splitlines()
+    assert f"best: image {order[0]} ({scores[order[0]]:+.4f})" in summary
     assert "smaller than 224" in summary  # 64 px images: the upsampling note is shown
     assert weights_hash(loaded.scorer.model) == before  # scoring never changes the weights
 
@@ -245,9 +247,12 @@ def test_rank_reorders_images_latent_and_mask_together(reward, loaded):
     scores = score(reward, loaded, images).result[0]
     latent = {"samples": torch.arange(4.0).view(4, 1, 1, 1).expand(4, 4, 8, 8).clone(), "batch_index": [10, 11, 12, 13]}
     mask = torch.arange(4.0).view(4, 1, 1).expand(4, 64, 64).clone()
-    out_images, out_latent, out_mask, indices, kept = rank(images, scores, top_k=2, latent=latent, mask=mask).result
+    out = rank(images, scores, top_k=2, latent=latent, mask=mask)
+    out_images, out_latent, out_mask, indices, kept = out.result
     best_first = sorted(range(4), key=lambda i: -scores[i])
     assert indices == best_first[:2]
+    assert out.ui.as_dict()["text"][0].splitlines()[1:] == [  # rank, then batch position, as the badges
+        f"#{k} image {i}: {scores[i]:+.4f}" for k, i in enumerate(best_first[:2], 1)]
     assert kept == [scores[i] for i in best_first[:2]]
     assert torch.equal(out_images, images[best_first[:2]])
     assert out_latent["samples"][:, 0, 0, 0].tolist() == [float(i) for i in best_first[:2]]
@@ -273,7 +278,7 @@ def test_a_threshold_that_keeps_nothing(comfy):
     from comfyui_personalize.training.errors import InputError
 
     images, scores = batch_of_images(n=3, size=8), [0.25, -1.0, 1.5]
-    with pytest.raises(InputError, match=r"threshold: no image scored 2 or more \(best: image #2 with 1.5000\)"):
+    with pytest.raises(InputError, match=r"threshold: no image scored 2 or more \(best: image 2 with 1.5000\)"):
         rank(images, scores, threshold=2.0)
     out = rank(images, scores, threshold=2.0, if_none_pass="keep best")
     assert out.result[3] == [2] and torch.equal(out.result[0], images[2:3])

@@ -203,12 +203,12 @@ def test_image_reward_workflow_keeps_the_best_two(comfy_server, run_workflow):
     saved = next(outputs[node_id]["images"] for node_id, n in run.prompt.items() if n["_meta"]["title"] == "Best 2")
     assert len(saved) == 2, saved
     (summary,) = outputs[_node_id(run.prompt, "PersonalizeImageRewardScore")]["text"]
-    scores = [float(line.split(": ")[1]) for line in summary.splitlines() if line.startswith("#")]
+    scores = [float(line.split(": ")[1].split()[0]) for line in summary.splitlines() if line.startswith("image ")]
     assert len(scores) == 4 and len(set(scores)) == 4, summary
     (kept,) = outputs[_node_id(run.prompt, "PersonalizeRankByReward")]["text"]
     best_two = sorted(range(4), key=lambda i: -scores[i])[:2]
-    assert [line for line in kept.splitlines() if line.startswith("#")] == [f"#{i}: {scores[i]:+.4f}"
-                                                                           for i in best_two], (summary, kept)
+    assert [line for line in kept.splitlines() if line.startswith("#")] == [
+        f"#{k} image {i}: {scores[i]:+.4f}" for k, i in enumerate(best_two, 1)], (summary, kept)
 
 
 def _widgets(prompt: dict, class_type: str) -> dict:
