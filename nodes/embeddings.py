@@ -68,6 +68,13 @@ def clip_with_embeddings(clip, embeddings: Mapping[str, Mapping[str, torch.Tenso
     return out
 
 
+def reads_embedding(clip, text: str) -> bool:
+    """Whether every text encoder of ``clip`` gets at least one embedding vector from ``text`` (ComfyUI's tokenizer
+    hands vectors over as tensors, words as ids): an "embedding:NAME" it cannot read is dropped with a log warning."""
+    tokens = clip.tokenize(text)
+    return all(any(not isinstance(t[0], int) for chunk in chunks for t in chunk) for chunks in tokens.values())
+
+
 def hard_tokens(clip, text: str, input_name: str = "soft_text") -> tuple[dict, list[str]]:
     """``clip.tokenize(text)`` with every learned vector (``embedding:NAME``) replaced by its nearest real token
     in the same encoder's table: the "hard prompt" of the same length. Also returns the chosen words."""

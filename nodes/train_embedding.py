@@ -22,7 +22,7 @@ from ..training.files import lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from ..training.regularizers import FastTuneRegularizer, NearestTokenContrastive
 from ..training.trainer import ParamGroup
-from .embeddings import clip_with_embeddings, init_ids, text_encoders, token_table
+from .embeddings import clip_with_embeddings, init_ids, reads_embedding, text_encoders, token_table
 from .session import TrainingSession, common_inputs, save_intermediate
 from .types import Embedding
 
@@ -81,6 +81,10 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
         inversion = _make_inversion(session, token, init_word, num_vectors, resume_from)
         host.clip = clip_with_embeddings(host.clip, {token: inversion.vectors})
         host.cache_tokens = False
+        for caption in sorted(set(dataset.captions)):  # a caption that drops the token trains nothing
+            if not reads_embedding(host.clip, caption):
+                raise InputError("dataset", f"ComfyUI's tokenizer does not read the token in caption {caption!r}; "
+                                            f"write {token} as a word of its own")
         net = None
         params = [*inversion.parameters()]
         groups = None

@@ -76,7 +76,16 @@ def with_embedding_syntax(caption: str, token: str) -> str:
     if not pattern.search(caption):
         raise InputError("token", f"caption {caption!r} does not contain {token!r}; put the token (or "
                                   "{identifier}) in every caption")
-    return pattern.sub(f"embedding:{token}", caption)
+
+    def spaced(match: re.Match) -> str:
+        # ComfyUI reads "embedding:NAME" only after a space or line start and up to the next space (trailing
+        # commas aside): "zwx." or ",zwx" would name no embedding and the word would be dropped. The spaces change
+        # no CLIP token: its tokenizer splits punctuation off a word anyway.
+        before = "" if match.start() == 0 or caption[match.start() - 1].isspace() else " "
+        after = "" if match.end() == len(caption) or caption[match.end()].isspace() else " "
+        return f"{before}embedding:{token}{after}"
+
+    return pattern.sub(spaced, caption)
 
 
 class TrainedEmbedding(dict):

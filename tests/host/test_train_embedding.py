@@ -96,3 +96,31 @@ def test_bad_inputs_name_the_input(comfy, tiny_sd15, nodes):
         with pytest.raises(InputError) as e:
             run_node(train_ti, model=model, clip=clip, vae=vae, **args)
         assert e.value.input_name == name, override
+
+
+@pytest.mark.parametrize("caption, without", [
+    ("a photo of zwx.", "a photo of ."), ("zwx's dog", "'s dog"), ("photo,zwx dog", "photo, dog"),
+    ("a dog named zwx!", "a dog named !"), ("a (zwx:1.2) dog", "a dog"), ("zwx, a dog", ", a dog")])
+def test_the_token_next_to_punctuation_is_read_by_comfyuis_tokenizer(comfy, tiny_sd15, caption, without):
+    """Captions end in "." and names take "'s": "embedding:zwx." named no embedding, so ComfyUI dropped the word and
+    the vectors got no gradient (Textual Inversion failed, pivotal and fast tune trained the LoRA alone)."""
+    from comfyui_personalize.nodes.embeddings import clip_with_embeddings, reads_embedding
+    from comfyui_personalize.training.embedding import with_embedding_syntax
+
+    clip = clip_with_embeddings(tiny_sd15[1], {"zwx": {"clip_l": torch.randn(2, 768)}})
+    rewritten = with_embedding_syntax(caption, "zwx")
+    assert reads_embedding(clip, rewritten), rewritten
+    end = clip.tokenizer.clip_l.end_token
+
+    def words(text):  # the word ids up to the end token (the vectors and the padding left out)
+        ids = [t[0] for chunk in clip.tokenize(text)["l"] for t in chunk if isinstance(t[0], int)]
+        return ids[:ids.index(end) + 1]
+
+    assert words(rewritten) == words(without)  # the added spaces change no other token
+
+def test_a_caption_whose_token_comfyui_cannot_read_is_refused(comfy, tiny_sd15):
+    from comfyui_personalize.nodes.embeddings import clip_with_embeddings, reads_embedding
+
+    clip = clip_with_embeddings(tiny_sd15[1], {"zwx": {"clip_l": torch.randn(2, 768)}})
+    assert not reads_embedding(clip, "a photo of embedding:zwx.")  # what the old rewriting made of "zwx."
+    assert reads_embedding(clip, "a photo of embedding:zwx .")
