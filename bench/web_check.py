@@ -1,6 +1,7 @@
 """The web extension in ComfyUI's real frontend (headless Chromium): a training run draws its live loss chart on the
 trainer node, at the root of the graph and inside a subgraph (execution id "<instance>:<inner>"); ImageReward Score
-shows a badge and a loaded thumbnail per image. The checks are asserted; the screenshots go to --out for a look.
+shows a badge and a loaded thumbnail per image; a new node's seed starts "fixed". The checks are asserted; the
+screenshots go to --out for a look.
 
 CI has no browser, so this is a manual check (its result is recorded in bench/results). Needs the ComfyUI host with
 its frontend package (requirements.txt of ComfyUI), Debian's chromium and playwright from PyPI (their own venv is
@@ -95,6 +96,17 @@ def check(url: str, prompt: dict, scoring: dict, out: Path, chromium: str) -> No
         page.on("pageerror", lambda e: errors.append(str(e.stack)))
         page.goto(url)
         page.wait_for_function("window.app?.graph && window.app.extensionManager", timeout=120_000)
+        # a new node's seed starts fixed (a saved workflow keeps its own choice); other packs' nodes are left alone
+        made = page.evaluate("""["PersonalizeTrainLoRA", "PersonalizeIdentifier", "KSampler"].map((type) =>
+            window.LiteGraph.createNode(type).widgets.find((w) => w.name === "control_after_generate")?.value)""")
+        assert made == ["fixed", "fixed", "randomize"], made
+        saved = json.loads(WORKFLOW.read_text())
+        trainer = next(n for n in saved["nodes"] if str(n["id"]) == TRAINER)
+        trainer["widgets_values"][trainer["widgets_values"].index("fixed")] = "randomize"
+        page.evaluate("wf => window.app.loadGraphData(wf)", saved)
+        kept = page.evaluate(f"""window.app.graph.getNodeById({TRAINER}).widgets.find(
+            (w) => w.name === "control_after_generate").value""")
+        assert kept == "randomize", kept
         page.evaluate("wf => window.app.loadGraphData(wf)", json.loads(WORKFLOW.read_text()))
         client_id = page.evaluate("window.app.api.clientId ?? window.app.api.initialClientId")
         queue(url, prompt, client_id)

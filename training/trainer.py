@@ -147,6 +147,7 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
          for g in groups], fused=on_gpu or None, capturable=graphed)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
     ema = [p.detach().clone() for p in flat] if cfg.ema_decay > 0 else None
+    ema_dtypes = {e.dtype for e in ema or ()}
 
     scheduled = cfg.lr_schedule != "constant" or cfg.warmup_steps > 0  # else the lr never changes
     accum, bs = cfg.gradient_accumulation, cfg.batch_size
@@ -246,7 +247,12 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            torch._foreach_lerp_(ema, [p.detach() for p in flat], 1.0 - cfg.ema_decay)
+            # the decay warms up as in diffusers' EMAModel, min(decay, (1 + t) / (10 + t)): a fixed 0.999 would
+            # return 61% of the untrained start after 500 steps. On the device, so a CUDA graph replays it.
+            t = step_counter.to(torch.float32)
+            follow = 1.0 - torch.clamp((1.0 + t) / (10.0 + t), max=cfg.ema_decay).view(())
+            by_dtype = {dtype: follow.to(dtype) for dtype in ema_dtypes}
+            torch._foreach_lerp_(ema, [p.detach() for p in flat], [by_dtype[e.dtype] for e in ema])
         losses_dev.index_copy_(0, step_counter, total.view(1))
         step_counter.add_(1)
 

@@ -151,6 +151,31 @@ def test_ema_returns_the_average_of_the_trajectory(host):
     assert 0 < (ema.weight - start).norm() < (plain.weight - start).norm()
 
 
+def test_ema_warms_up_as_diffusers_and_is_what_training_returns(host):
+    """decay_t = min(decay, (1 + t) / (10 + t)): with a fixed 0.999 the returned weights were mostly the start
+    (0.999^500 = 61% of it after 500 steps)."""
+    latents = _latents(host)
+    data = TrainingData.single(latents, [CAPTION] * 2, lambda c, s: host.encode_text(c)).cache_conditioning()
+    net = LoRANetwork(host.unet_lora_targets("attention"), rank=2, alpha=2)
+    params = list(net.parameters())
+    expected = [p.detach().clone() for p in params]
+    raw = []
+
+    def progress(step, _losses):  # after each optimiser step: the raw weights, and the EMA as it should be
+        t = step - 1
+        follow = 1 - min(0.999, (1 + t) / (10 + t))
+        for e, p in zip(expected, params):
+            e.lerp_(p.detach(), follow)
+        raw.append([p.detach().clone() for p in params])
+
+    cfg = TrainConfig(steps=5, learning_rate=1e-2, batch_size=2, seed=0, ema_decay=0.999)
+    with net.attached():
+        train(host.task(), data, params, cfg, progress=progress)
+    for e, p, last in zip(expected, params, raw[-1]):
+        torch.testing.assert_close(p.detach(), e)
+        assert not torch.equal(p.detach(), last)  # the average, not the last weights
+
+
 def test_lr_schedules():
     def f(step, schedule, warmup=0, total=10):
         return float(lr_factor(torch.tensor(step), total, schedule, warmup))
