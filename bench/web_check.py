@@ -1,7 +1,7 @@
 """The web extension in ComfyUI's real frontend (headless Chromium): a training run draws its live loss chart on the
 trainer node, at the root of the graph and inside a subgraph (execution id "<instance>:<inner>"); ImageReward Score
-shows a badge and a loaded thumbnail per image; a new node's seed starts "fixed". The checks are asserted; the
-screenshots go to --out for a look.
+shows a badge and a loaded thumbnail per image; status text survives a cached rerun; a new node's seed starts
+"fixed". The checks are asserted; the screenshots go to --out for a look.
 
 CI has no browser, so this is a manual check (its result is recorded in bench/results). Needs the ComfyUI host with
 its frontend package (requirements.txt of ComfyUI), Debian's chromium and playwright from PyPI (their own venv is
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "example_workflows" / "train_lora_then_sample.json"
 TRAINER = "5"  # the Train LoRA node of that workflow
 SCORING = ROOT / "example_workflows" / "image_reward_top2.json"
-SCORER = "9"  # its ImageReward Score node
+SCORER, RANKER = "9", "10"  # its ImageReward Score and Rank by Reward nodes
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]  # this machine has no network beyond loopback
 
@@ -136,11 +136,19 @@ def check(url: str, prompt: dict, scoring: dict, out: Path, chromium: str) -> No
         badges = page.evaluate(f"window.app.graph.getNodeById({SCORER}).personalizeScores.badges.length")
         assert badges == images["batch_size"], f"{badges} badges for {images['batch_size']} images"
         show(page, int(SCORER), out / "score_badges.png")
+
+        # status text: a rerun taken from the cache keeps it (its nodes get no "executing", nor "executed")
+        status = f"window.app.graph.getNodeById({RANKER}).personalizeStatus"
+        first = page.evaluate(status)
+        assert first and first[0].startswith("kept 2 of 4"), first
+        queue(url, scoring, client_id)
+        time.sleep(1)
+        assert page.evaluate(status) == first, page.evaluate(status)
         ours = [e for e in errors if "/extensions/" in e]
         assert not ours, ours
         browser.close()
     print(f"ok: loss chart on the root trainer (24 steps) and inside subgraph {instance} (12 steps); {badges} score "
-          f"badges with their thumbnails; screenshots in {out}")
+          f"badges with their thumbnails; status text kept over a cached rerun; new seeds fixed; screenshots in {out}")
 
 
 def main() -> None:

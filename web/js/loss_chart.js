@@ -62,7 +62,7 @@ app.registerExtension({
       data.losses.splice(detail.start, detail.losses.length, ...detail.losses);
       Object.assign(data, { step: detail.step, total: detail.total });
       node.personalizeLoss = data;
-      app.graph?.setDirtyCanvas(true, false);
+      app.canvas?.setDirty(true, false);
     });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {

@@ -19,7 +19,7 @@ function thumbnail(badge) {
   const query = new URLSearchParams({ filename: badge.filename, subfolder: badge.subfolder ?? "",
     type: badge.type ?? "temp", rand: Math.random() }); // as ComfyUI's previews: never a cached older image
   const img = new Image();
-  img.onload = () => app.graph?.setDirtyCanvas(true, false);
+  img.onload = () => app.canvas?.setDirty(true, false);
   img.src = api.apiURL(`/view?${query}`);
   return img;
 }
@@ -102,7 +102,7 @@ app.registerExtension({
       this.personalizeScores = { badges, images: badges.map(thumbnail) };
       const size = this.computeSize();
       this.setSize([Math.max(this.size[0], size[0]), size[1]]);
-      app.graph?.setDirtyCanvas(true, true);
+      app.canvas?.setDirty(true, true);
       return result;
     };
   },

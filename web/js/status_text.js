@@ -2,6 +2,8 @@
 // notes, Rank by Reward's kept images, ...). The nodes send it as the "text" UI output, which the ComfyUI frontend
 // shows only on its own Preview Any node; here it is drawn under the node's widgets, first lines first.
 import { app } from "../../../scripts/app.js"; // served at /extensions/<pack>/js/
+import { api } from "../../../scripts/api.js";
+import { nodeForExecutionId } from "./execution_node.js";
 
 const LINE = 14;
 const MAX_LINES = 8;
@@ -43,21 +45,24 @@ function showStatus(node, lines) {
   }
   const size = node.computeSize();
   node.setSize([Math.max(node.size[0], size[0]), size[1]]);
-  app.graph?.setDirtyCanvas(true, true);
+  app.canvas?.setDirty(true, true);
 }
 
 app.registerExtension({
   name: "personalize.statusText",
+  async setup() {
+    // A node about to run loses its old text: ComfyUI sends "executed" only for a node with UI output, so a note
+    // of an earlier run would otherwise stay on a node that now runs without one. Nodes the run takes from the
+    // cache never get "executing" (nor, unless they are output nodes, "executed"): they keep their text.
+    api.addEventListener("executing", ({ detail }) => {
+      const id = typeof detail === "object" && detail !== null ? detail.node : detail;
+      if (id == null) return;
+      const node = nodeForExecutionId(app.graph, id);
+      if (node?.personalizeStatus?.length) showStatus(node, []);
+    });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith("Personalize")) return;
-    // A run clears the text: ComfyUI sends "executed" only for a node with UI output (or a cached one), so a note
-    // of an earlier run would otherwise stay on a node that now runs without one.
-    const onExecutionStart = nodeType.prototype.onExecutionStart;
-    nodeType.prototype.onExecutionStart = function () {
-      const result = onExecutionStart?.apply(this, arguments);
-      if (this.personalizeStatus?.length) showStatus(this, []);
-      return result;
-    };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       const result = onExecuted?.apply(this, arguments);
