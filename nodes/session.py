@@ -102,6 +102,9 @@ class TrainingSession:
             # keep reading the old addresses, so the steps run eagerly.
             cfg = dataclasses.replace(cfg, cuda_graph=False)
 
+        if save is not None and opts.save_every:  # a save never writes weights whose loss went NaN unseen
+            cfg = dataclasses.replace(cfg, check_every=opts.save_every)
+
         def on_step(step: int, losses: list[float]) -> None:
             preview = None
             if sample_every and (step % sample_every == 0 or step == cfg.steps):

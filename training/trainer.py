@@ -42,6 +42,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: off; else the trained weights returned are the exponential moving average
     objective: Objective = Objective()
     report_every: int = 10  # how often losses are read back from the device (each read is a sync)
+    check_every: int = 0  # also read back (and stop on a non-finite loss) at these multiples: before each save
     cuda_graph: bool = True  # replay the step as a CUDA graph when the run allows it (see cuda_graph.py)
 
     def validate(self, num_timesteps: int = 1000) -> None:
@@ -294,7 +295,8 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
                     step(i)
                 if side is not None:
                     transient = torch.cuda.max_memory_allocated(device) - before
-            if (i + 1) % cfg.report_every == 0 or i + 1 == cfg.steps:
+            if ((i + 1) % cfg.report_every == 0 or i + 1 == cfg.steps
+                    or (cfg.check_every and (i + 1) % cfg.check_every == 0)):
                 if on_gpu:
                     torch.cuda.synchronize(device)
                 losses.extend(_read_back(losses_dev, len(losses), i + 1))

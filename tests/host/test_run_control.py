@@ -73,6 +73,40 @@ def test_options_preview_save_every_and_resume(comfy, tiny_sd15):
         torch.testing.assert_close(resumed[k].float(), step2[k].float(), rtol=0, atol=2e-3)
 
 
+def test_a_save_every_n_steps_never_writes_weights_past_a_nan_loss(comfy, tiny_sd15, monkeypatch):
+    """Losses were read back (and checked) every 10 steps only: a save at step 4 wrote weights that went NaN at
+    step 3, and the error then said nothing was saved."""
+    import dataclasses
+
+    from comfyui_personalize.nodes import session
+    from comfyui_personalize.nodes.session import PersonalizeTrainingOptions
+    from comfyui_personalize.nodes.train_lora import PersonalizeTrainLoRA
+    from comfyui_personalize.training.errors import TrainingDiverged
+
+    def diverging(task, *args, **kwargs):  # the model's prediction turns NaN from the third step on
+        calls = [0]
+
+        def predict(x_t, t, cond):
+            calls[0] += 1
+            out = task.predict(x_t, t, cond)
+            return out * float("nan") if calls[0] >= 3 else out
+        return train(dataclasses.replace(task, predict=predict), *args, **kwargs)
+
+    train = session.train
+    monkeypatch.setattr(session, "train", diverging)
+    options = run_node(PersonalizeTrainingOptions, lr_schedule="constant", warmup_steps=0, gradient_accumulation=1,
+                       max_grad_norm=1.0, min_snr_gamma=0.0, noise_offset=0.0, timestep_min=0, timestep_max=999,
+                       ema_decay=0.0, sample_every=0, sample_prompt="", save_every=2).result[0]
+    folder = comfy.models / "loras" / "personalize_checkpoints"
+    for old in folder.glob("lora_step*.safetensors"):
+        old.unlink()
+    model, clip, vae = tiny_sd15
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        run_node(PersonalizeTrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset(), options=options,
+                 **dict(TRAIN_ARGS, steps=6, batch_size=1, dtype="fp32"))
+    assert [p.name for p in folder.glob("lora_step*.safetensors")] == ["lora_step00002.safetensors"]
+
+
 def test_loss_plot_node(comfy):
     from comfyui_personalize.nodes.loss_plot import PersonalizeLossPlot
     from comfyui_personalize.training.errors import InputError
