@@ -190,6 +190,16 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
             cond = cond.where(drop, empty.expand(n))
         return cond, klass
 
+    # prior_prediction's target is the frozen model's, its text encoder included: where the text side trains, the
+    # class prompt is encoded once with the adapters off (encoded each step, it would follow the trained encoder)
+    frozen_class = {}
+    if data.prior == "prior_prediction" and any(b.cond is None for b in buckets):
+        with torch.no_grad(), frozen():
+            for i, b in enumerate(buckets):
+                if b.cond is None:
+                    frozen_class[i] = (data.prompt_encoder(b.size).select(class_row) if device_text
+                                       else data.encode([data.class_prompt], b.size))
+
     def micro_step(k: int, bucket_id: int, host_rows: list[int] | None) -> torch.Tensor:
         bucket = buckets[bucket_id]
         rows = plan_rows.index_select(0, step_counter)[0, k]
@@ -211,7 +221,7 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
         target = schedule.target(x0, noise, t)
         if data.prior == "prior_prediction":
             with torch.no_grad(), frozen(), autocast():
-                prior_target = task.predict(x_t[bs:], t[bs:], class_cond.expand(bs))
+                prior_target = task.predict(x_t[bs:], t[bs:], frozen_class.get(bucket_id, class_cond).expand(bs))
             target = torch.cat([target[:bs], prior_target.float()])
         with autocast():
             pred = task.predict(x_t, t, cond)

@@ -250,3 +250,28 @@ def test_trains_after_comfyui_moved_the_weights(comfy, tiny_sd15, pack_nodes):
     _, _, lora, loss = run_node(pack_nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
                                 **dict(TRAIN_ARGS, steps=2)).result
     assert len(loss["loss"]) == 2 and any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("up.weight"))
+
+
+def test_prior_prediction_targets_come_from_the_frozen_text_encoder_too(comfy, tiny_sd15, pack_nodes, monkeypatch):
+    """With train_text_encoder the class prompt was encoded by the trained encoder for the 'frozen' target, so the
+    text encoder's drift on the class prompt was never penalised."""
+    from comfyui_personalize.nodes import comfy_adapter
+    from comfyui_personalize.training.datasets import PriorPreservation
+
+    model, clip, vae = tiny_sd15
+    targets = []
+    predict = comfy_adapter.ComfyHost.predict
+
+    def spy(self, x_t, t, cond):
+        if not torch.is_grad_enabled():  # the frozen model's prediction (the prior target)
+            targets.append(cond.context[0].detach().float().cpu().clone())
+        return predict(self, x_t, t, cond)
+
+    monkeypatch.setattr(comfy_adapter.ComfyHost, "predict", spy)
+    run_node(pack_nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
+             prior=PriorPreservation("prior_prediction", "a photo of a dog"),
+             **dict(TRAIN_ARGS, steps=4, learning_rate=5e-2, train_text_encoder=True))
+    frozen = comfy.nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0][0][0][0].float().cpu()
+    assert len(targets) == 4
+    for context in targets:
+        torch.testing.assert_close(context, frozen, rtol=0, atol=1e-4)
