@@ -28,13 +28,18 @@ def load_resume(nets: list[LoRANetwork], name: str) -> None:
     if path is None:
         raise InputError("resume_from", f"{name!r} is not in models/loras")
     sd = load_file(path)
+    fix = "pick the same targets, rank and text-encoder setting it was trained with"
+    # the file's adapters this run would not train: resuming without them would silently drop part of the LoRA
+    left_out = sorted({k.split(".")[0] for k in sd} - {a for net in nets for a in net.adapters})
+    if left_out:
+        raise InputError("resume_from", f"{name} has {len(left_out)} adapters this run does not train (e.g. "
+                                        f"{', '.join(left_out[:2])}); {fix}")
     for net in nets:
         mine = {k: v for k, v in sd.items() if k.split(".")[0] in net.adapters}
         try:
             net.load_kohya_state_dict(mine)
         except ValueError as e:
-            raise InputError("resume_from", f"{name} does not match this LoRA's targets/rank ({e}); pick the "
-                                            "same targets, rank and text-encoder setting it was trained with") from e
+            raise InputError("resume_from", f"{name} does not match this LoRA's targets/rank ({e}); {fix}") from e
 
 
 class PersonalizeTrainLoRA(io.ComfyNode):
@@ -81,6 +86,10 @@ class PersonalizeTrainLoRA(io.ComfyNode):
             nets = [n for n in (unet_net, te_net) if n is not None]
             if resume_from != NONE:
                 load_resume(nets, resume_from)
+                if nets[0].alpha != alpha:  # the file's scale keeps what was trained; the metadata says so too
+                    log.warning("resume_from: %s was trained with alpha %g; continuing with it, not %g",
+                                resume_from, nets[0].alpha, alpha)
+                    alpha = nets[0].alpha
             data = session.data(text_trains=te_net is not None)
             for n in nets:
                 n.to(host.model.load_device)

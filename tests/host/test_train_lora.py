@@ -275,3 +275,22 @@ def test_prior_prediction_targets_come_from_the_frozen_text_encoder_too(comfy, t
     assert len(targets) == 4
     for context in targets:
         torch.testing.assert_close(context, frozen, rtol=0, atol=1e-4)
+
+
+def test_resume_refuses_a_file_with_adapters_the_run_drops_and_keeps_the_files_alpha(comfy, tiny_sd15, pack_nodes):
+    """A text-encoder LoRA resumed without the text encoder lost those adapters silently; a different alpha was
+    replaced by the file's while the metadata kept the node's."""
+    from comfyui_personalize.training.errors import InputError
+    train, save = pack_nodes
+    model, clip, vae = tiny_sd15
+    args = dict(TRAIN_ARGS, dataset=dataset(), steps=1, batch_size=1)
+    lora = run_node(train, model=model, clip=clip, vae=vae, **dict(args, train_text_encoder=True)).result[2]
+    name = run_node(save, lora=lora, name="resume_te", subfolder="", save_dtype="fp32",
+                    if_exists="overwrite").result[0]
+    with pytest.raises(InputError, match="adapters this run does not train") as e:
+        run_node(train, model=model, clip=clip, vae=vae, **dict(args, resume_from=name))
+    assert e.value.input_name == "resume_from"
+    resumed = run_node(train, model=model, clip=clip, vae=vae,
+                       **dict(args, train_text_encoder=True, resume_from=name, alpha=2.0)).result[2]
+    assert {float(v) for k, v in resumed.items() if k.endswith(".alpha")} == {4.0}  # TRAIN_ARGS' alpha, the file's
+    assert resumed.metadata["ss_network_alpha"] == "4.0"
