@@ -3,8 +3,11 @@ with the connected model exactly as KSampler would make them and cached on disk;
 class images; or no images at all (the frozen model's own prediction is the class target)."""
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import types
+import uuid
 from pathlib import Path
 
 import comfy.k_diffusion.sampling as k_diffusion_sampling
@@ -61,7 +64,7 @@ class _Walk:
     """Walk patch values (tuples, dicts, weight-adapter objects, modules, functions) into named tensors and a
     text description. Depth- and size-limited: a patch object may point back at its model."""
 
-    MAX_DEPTH, MAX_ITEMS = 6, 50_000
+    MAX_DEPTH, MAX_ITEMS = 10, 50_000  # FreeU's settings sit 9 deep (model_options > ... > closure > dict)
 
     def __init__(self):
         self.tensors: list[tuple[str, torch.Tensor]] = []
@@ -74,7 +77,8 @@ class _Walk:
             self.tensors.append((prefix, value))
         elif value is None or isinstance(value, (bool, int, float, str)):
             self.text.append(f"{prefix}={value!r}")
-        elif depth >= self.MAX_DEPTH or self.items > self.MAX_ITEMS:
+        elif depth >= self.MAX_DEPTH or self.items > self.MAX_ITEMS or isinstance(value, uuid.UUID):
+            # (a UUID names an object, a ModelPatcher's patches_uuid say: new for every clone, no setting)
             self.text.append(f"{prefix}:{type(value).__qualname__}")
         elif isinstance(value, nn.Module):
             self.text.append(f"{prefix}:{type(value).__qualname__}")
@@ -85,12 +89,35 @@ class _Walk:
         elif isinstance(value, dict):
             for k in sorted(value, key=str):
                 self(value[k], f"{prefix}[{k}]", depth + 1)
+        elif isinstance(value, functools.partial):
+            self.text.append(f"{prefix}:partial")
+            self((value.func, value.args, value.keywords), f"{prefix}.partial", depth + 1)
         elif inspect.isroutine(value):  # functions by name: their repr holds a memory address
             self.text.append(f"{prefix}:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}")
+            # and by the settings a patch keeps in its closure, defaults or bound object (RescaleCFG's multiplier,
+            # FreeU's b1/b2/s1/s2): the same function with other settings makes other images
+            self((_closure_values(value), getattr(value, "__defaults__", None),
+                  getattr(value, "__kwdefaults__", None), _bound_object(value)), f"{prefix}.settings", depth + 1)
         else:
             self.text.append(f"{prefix}:{type(value).__module__}.{type(value).__qualname__}")
             for k, v in sorted(getattr(value, "__dict__", {}).items()):
                 self(v, f"{prefix}.{k}", depth + 1)
+
+
+def _closure_values(function) -> list:
+    values = []
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a cell not yet filled
+            values.append(None)
+    return values
+
+
+def _bound_object(function):
+    """The object a method is bound to; not a module or class (a builtin's __self__), whose contents are code."""
+    owner = getattr(function, "__self__", None)
+    return None if isinstance(owner, (types.ModuleType, type)) else owner
 
 
 def _unpatched_weights(module: nn.Module, patcher, prefix: str):

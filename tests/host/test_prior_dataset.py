@@ -177,6 +177,26 @@ def test_cache_key_follows_prompt_and_patches(comfy, tiny_sd15, node, dirs):
     assert model_fingerprints(model, skip, vae)["clip"] != base["clip"]
 
 
+def test_cache_key_follows_the_settings_a_model_patch_keeps_in_its_function(comfy, tiny_sd15):
+    """RescaleCFG and FreeU patch with closures: their settings were not in the key, so another multiplier reused
+    the class images made with the first."""
+    from comfy_extras.nodes_freelunch import FreeU
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    from comfyui_personalize.nodes.prior_dataset import model_fingerprints
+    model, clip, vae = tiny_sd15
+
+    def key(patched):
+        return model_fingerprints(patched, clip, vae)["model"]
+
+    assert key(RescaleCFG().patch(model, 0.7)[0]) == key(RescaleCFG().patch(model, 0.7)[0])  # a rerun hits
+    assert key(RescaleCFG().patch(model, 0.7)[0]) != key(RescaleCFG().patch(model, 1.0)[0])
+    assert key(FreeU().patch(model, 1.1, 1.2, 0.9, 0.2)[0]) == key(FreeU().patch(model, 1.1, 1.2, 0.9, 0.2)[0])
+    assert key(FreeU().patch(model, 1.1, 1.2, 0.9, 0.2)[0]) != key(FreeU().patch(model, 1.5, 1.6, 0.2, 0.2)[0])
+    rescale = RescaleCFG().patch(model, 0.7)[0]
+    assert key(rescale) != key(model)
+
+
 def test_folder_mode_returns_the_folders_images(comfy, node, dirs):
     folder = dirs / "input" / "class_dogs"
     folder.mkdir()
