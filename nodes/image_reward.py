@@ -25,6 +25,7 @@ from ..scoring.ranking import rank
 from ..scoring.scorer import RewardScorer, load_scorer
 from ..training.errors import InputError
 from ..training.files import IF_EXISTS, resolve_output_path
+from .reward_rank import single
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +200,24 @@ def summary_text(loaded: LoadedImageReward, scores: list[float], notes: list[str
     return "\n".join(lines)
 
 
-def badge_previews(images: torch.Tensor, scores: list[float], cls) -> list[dict]:
-    """Small temp PNGs of the first images with their score and rank (1 = best), for the score badges the
-    frontend draws on the node. Thumbnails keep the preview cheap for big batches."""
-    shown = images[:BADGE_MAX_IMAGES].float()
-    shown = shown[..., :3] if shown.shape[-1] >= 3 else shown.expand(-1, -1, -1, 3)  # RGBA / gray -> RGB
-    height, width = shown.shape[1:3]
-    factor = BADGE_THUMB_PX / max(height, width)
-    if factor < 1:
-        size = (max(1, round(height * factor)), max(1, round(width * factor)))
-        shown = torch.nn.functional.interpolate(shown.movedim(-1, 1), size=size, mode="bilinear",
-                                                antialias=True).movedim(1, -1).clamp(0, 1)
-    saved = ui.ImageSaveHelper.save_images(shown, "personalize_reward", io.FolderType.temp, cls, compress_level=1)
+def badge_previews(parts: list[torch.Tensor], scores: list[float], cls) -> list[dict]:
+    """Small temp PNGs of the first images (over the batches of a list, in order) with their score and rank
+    (1 = best), for the score badges the frontend draws on the node. Thumbnails keep the preview cheap."""
+    saved, left = [], BADGE_MAX_IMAGES
+    for part in parts:
+        if left <= 0:
+            break
+        shown = part[:left].float()
+        left -= shown.shape[0]
+        shown = shown[..., :3] if shown.shape[-1] >= 3 else shown.expand(-1, -1, -1, 3)  # RGBA / gray -> RGB
+        height, width = shown.shape[1:3]
+        factor = BADGE_THUMB_PX / max(height, width)
+        if factor < 1:
+            size = (max(1, round(height * factor)), max(1, round(width * factor)))
+            shown = torch.nn.functional.interpolate(shown.movedim(-1, 1), size=size, mode="bilinear",
+                                                    antialias=True).movedim(1, -1).clamp(0, 1)
+        saved += ui.ImageSaveHelper.save_images(shown, "personalize_reward", io.FolderType.temp, cls,
+                                                compress_level=1)
     place = {index: position + 1 for position, index in enumerate(rank(scores))}
     return [{**dict(file), "index": i, "score": scores[i], "rank": place[i]} for i, file in enumerate(saved)]
 
@@ -241,26 +248,49 @@ class PersonalizeImageRewardScore(io.ComfyNode):
                      io.String.Output(display_name="summary")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
+            is_input_list=True,
         )
 
     @classmethod
     def execute(cls, image_reward, images, prompt, prompt_mode, batch_size) -> io.NodeOutput:
+        # Lists come whole (is_input_list): an IMAGE list (RebatchImages, a list of batches of other sizes) is
+        # scored and ranked as one set of images, as Rank by Reward ranks it, not once per list item.
+        image_reward, prompt_mode, batch_size = (single(image_reward, "image_reward"),
+                                                 single(prompt_mode, "prompt_mode"), single(batch_size, "batch_size"))
         if not isinstance(image_reward, LoadedImageReward):
             raise InputError("image_reward", "connect the output of Load ImageReward")
         if batch_size < 1:
             raise InputError("batch_size", f"must be at least 1, got {batch_size}")
-        notes = image_notes(images)  # checks the batch first, with batch-wide image numbers
-        prompts = prompt_list(prompt, prompt_mode, images.shape[0])
-        scorer = image_reward.ready(min(batch_size, images.shape[0]))
-        notes += scorer.tokenize(prompts)[2]
+        parts = list(images)
+        if not parts:
+            raise InputError("images", "the list is empty")
+        notes = [n for part in parts for n in image_notes(part)]  # checks every batch first
+        notes = list(dict.fromkeys(notes))
+        if len(prompt) not in (1, len(parts)):
+            raise InputError("prompt", f"got a list of {len(prompt)} prompts for {len(parts)} image batches; give "
+                                       "one prompt, or one per batch")
+        total = sum(part.shape[0] for part in parts)
+        if len(prompt) == 1:
+            prompts = prompt_list(prompt[0], prompt_mode, total)
+            prompts = prompts * total if len(prompts) == 1 else prompts
+        else:
+            prompts = [p for part, text in zip(parts, prompt) for p in prompt_list(text, prompt_mode, part.shape[0])
+                       * (part.shape[0] if prompt_mode == "one for all" else 1)]
+        scorer = image_reward.ready(min(batch_size, max(part.shape[0] for part in parts)))
+        notes += scorer.tokenize(sorted(set(prompts)))[2]
         if not any(p.strip() for p in prompts):
             notes.append("the prompt is empty: ImageReward judges how well an image fits its prompt, so give the "
                          "prompt the images were made from")
-        scores = _score_in_chunks(scorer, images, prompts, batch_size, cls.hidden.unique_id).tolist()
+        scores, start = [], 0
+        for part in parts:
+            count = part.shape[0]
+            scores += _score_in_chunks(scorer, part, prompts[start:start + count], batch_size,
+                                       cls.hidden.unique_id).tolist()
+            start += count
         for note in notes:
             log.info("ImageReward Score: %s", note)
         text = summary_text(image_reward, scores, notes)
-        badges = badge_previews(images, scores, cls)
+        badges = badge_previews(parts, scores, cls)
         return io.NodeOutput(scores, text, ui={"text": (text,), "personalize_scores": badges})
 
 

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 IF_NONE_PASS = ("error", "keep best", "stop quietly")
 
 
-def _one(values, name: str):
+def single(values, name: str):
     """Inputs arrive as lists (the node takes the whole FLOAT list): widgets and single sockets give one item."""
     if not values:
         raise InputError(name, "is empty")
@@ -134,8 +134,8 @@ class PersonalizeRankByReward(io.ComfyNode):
         if len(values) != count:
             raise InputError("scores", f"got {len(values)} scores for {count} images; connect the scores of "
                                        "these images (ImageReward Score's scores output)")
-        limit = _one(threshold, "threshold") if _one(use_threshold, "use_threshold") else None
-        order, note = select(values, _one(top_k, "top_k"), limit, _one(if_none_pass, "if_none_pass"))
+        limit = single(threshold, "threshold") if single(use_threshold, "use_threshold") else None
+        order, note = select(values, single(top_k, "top_k"), limit, single(if_none_pass, "if_none_pass"))
         carried_latent = None if latent is None else _latent(latent, count)
         carried_mask = None if mask is None else _batch(mask, "mask")
         if not order:  # "stop quietly": block everything downstream, silently

@@ -56,8 +56,11 @@ def core_scorer(reward):
 
 
 def score(reward, loaded, images, prompt="a photo of a dog on a beach", mode="one for all", batch_size=16):
-    return run_node(reward[0].PersonalizeImageRewardScore, image_reward=loaded, images=images, prompt=prompt,
-                    prompt_mode=mode, batch_size=batch_size)
+    """One batch (or a list of batches, as an upstream IMAGE list gives them): the node takes whole lists."""
+    parts = images if isinstance(images, list) else [images]
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    return run_node(reward[0].PersonalizeImageRewardScore, image_reward=[loaded], images=parts, prompt=prompts,
+                    prompt_mode=[mode], batch_size=[batch_size])
 
 
 def rank(images, scores, top_k=0, threshold=None, if_none_pass="error", **carried):
@@ -136,6 +139,26 @@ def test_scores_equal_the_core_scorer_and_show_on_the_node(reward, loaded, core_
     assert f"best: image {order[0]} ({scores[order[0]]:+.4f})" in summary
     assert "smaller than 224" in summary  # 64 px images: the upsampling note is shown
     assert weights_hash(loaded.scorer.model) == before  # scoring never changes the weights
+
+
+def test_an_image_list_is_scored_and_ranked_as_one_set(comfy, reward, loaded):
+    """Run once per list item, each item was ranked alone: two "#1" badges and positions 0, 1, 0, 1."""
+    parts = [batch_of_images(n=2, size=64, seed=1), batch_of_images(n=1, size=80, seed=2),
+             batch_of_images(n=2, size=64, seed=3)]  # a list of batches of different sizes
+    out = score(reward, loaded, parts)
+    scores, summary = out.result
+    alone = [s for part in parts for s in score(reward, loaded, part).result[0]]
+    torch.testing.assert_close(torch.tensor(scores), torch.tensor(alone))  # each image's score is its own
+    badges = out.ui["personalize_scores"]
+    assert [b["index"] for b in badges] == [0, 1, 2, 3, 4]
+    order = sorted(range(5), key=lambda i: -scores[i])
+    assert [badges[i]["rank"] for i in order] == [1, 2, 3, 4, 5]
+    assert out.ui["text"] == (summary,) and f"best: image {order[0]} " in summary
+    lines = "\n".join(f"prompt {i}" for i in range(5))  # one per line runs over the whole list
+    per_line = score(reward, loaded, parts, prompt=lines, mode="one per line").result[0]
+    by_batch = score(reward, loaded, parts, prompt=["prompt 0\nprompt 1", "prompt 2", "prompt 3\nprompt 4"],
+                     mode="one per line").result[0]
+    assert per_line == by_batch and per_line != scores
 
 
 def test_score_badges_carry_rank_and_a_thumbnail_per_image(comfy, reward, loaded):
