@@ -1,7 +1,8 @@
 """The web extension in ComfyUI's real frontend (headless Chromium): a training run draws its live loss chart on the
 trainer node, at the root of the graph and inside a subgraph (execution id "<instance>:<inner>"); ImageReward Score
 shows a badge and a loaded thumbnail per image; status text survives a cached rerun; a new node's seed starts
-"fixed". The checks are asserted; the screenshots go to --out for a look.
+"fixed"; the example workflows load without overlapping nodes. The checks are asserted; the screenshots go to
+--out for a look.
 
 CI has no browser, so this is a manual check (its result is recorded in bench/results). Needs the ComfyUI host with
 its frontend package (requirements.txt of ComfyUI), Debian's chromium and playwright from PyPI (their own venv is
@@ -96,6 +97,15 @@ def check(url: str, prompt: dict, scoring: dict, out: Path, chromium: str) -> No
         page.on("pageerror", lambda e: errors.append(str(e.stack)))
         page.goto(url)
         page.wait_for_function("window.app?.graph && window.app.extensionManager", timeout=120_000)
+        # every example loads with no node on top of another, at the sizes the frontend gives them
+        for example in sorted((ROOT / "example_workflows").glob("*.json")):
+            page.evaluate("wf => window.app.loadGraphData(wf)", json.loads(example.read_text()))
+            boxes = page.evaluate("""window.app.graph.nodes.map((n) => [n.id, n.pos[0], n.pos[1] - 30, n.size[0],
+                n.size[1] + 30])""")  # the title bar sits above pos
+            hits = [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                    if a[1] < b[1] + b[3] and b[1] < a[1] + a[3] and a[2] < b[2] + b[4] and b[2] < a[2] + a[4]]
+            assert not hits, f"{example.name}: nodes on top of each other {hits}"
+
         # a new node's seed starts fixed (a saved workflow keeps its own choice); other packs' nodes are left alone
         made = page.evaluate("""["PersonalizeTrainLoRA", "PersonalizeIdentifier", "KSampler"].map((type) =>
             window.LiteGraph.createNode(type).widgets.find((w) => w.name === "control_after_generate")?.value)""")
@@ -148,7 +158,8 @@ def check(url: str, prompt: dict, scoring: dict, out: Path, chromium: str) -> No
         assert not ours, ours
         browser.close()
     print(f"ok: loss chart on the root trainer (24 steps) and inside subgraph {instance} (12 steps); {badges} score "
-          f"badges with their thumbnails; status text kept over a cached rerun; new seeds fixed; screenshots in {out}")
+          "badges with their thumbnails; status text kept over a cached rerun; new seeds fixed; examples without "
+          f"overlaps; screenshots in {out}")
 
 
 def main() -> None:
