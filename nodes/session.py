@@ -84,6 +84,11 @@ class TrainingSession:
                 data.prompt_encoder = host.device_prompt_encoder(data.prompts(), data.buckets[0].size)
         return data
 
+    def schedule_metadata(self) -> dict:
+        """What a saved LoRA's kohya metadata says of the schedule and the class images."""
+        images = len(self.prior.images) if self.prior is not None else 0
+        return {"lr_scheduler": self.options.lr_schedule, "num_reg_images": images}
+
     def run(self, data, params: Sequence, attach: Sequence[ContextManager], text_trains: bool,
             frozen: Callable[[], ContextManager] | None = None, save: Callable[[int], None] | None = None,
             channels_last: bool = True, nhwc_inputs: bool = False, previews: bool = True,

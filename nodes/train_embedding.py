@@ -18,7 +18,7 @@ from ..training.embedding import (
     with_embedding_syntax,
 )
 from ..training.errors import InputError
-from ..training.files import lora_metadata
+from ..training.files import architecture, lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from ..training.regularizers import FastTuneRegularizer, NearestTokenContrastive
 from ..training.trainer import ParamGroup
@@ -110,16 +110,12 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
                              frozen=net.disabled if net is not None else None, save=save, regularizer=regularizer)
     tensors = inversion.file_tensors()
     meta = {"personalize.token": token, "personalize.init_word": init_word, "personalize.steps": str(cfg_args["steps"]),
-            "personalize.base_model": host.family, "modelspec.architecture": _architecture(host.family),
+            "personalize.base_model": host.family,
+            "modelspec.architecture": f"{architecture(host.family, host.prediction)}/textual-inversion",
             "personalize.final_loss": f"{losses[-1]:.6g}"}
     embedding = TrainedEmbedding(token, tensors, meta)
     out_clip = clip_with_embeddings(clip, {token: tensors})
     return session, out_clip, embedding, net, losses
-
-
-def _architecture(family: str) -> str:
-    return {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v",
-            "sdxl": "stable-diffusion-xl-v1-base"}[family] + "/textual-inversion"
 
 
 def embedding_files() -> list[str]:
@@ -206,7 +202,8 @@ def pivotal_outputs(cls, model, clip, vae, dataset, prior, options, cfg_args: di
         base_model=session.host.family, rank=lora_args["rank"], alpha=lora_args["alpha"],
         learning_rate=cfg_args["learning_rate"], steps=cfg_args["steps"], batch_size=cfg_args["batch_size"],
         resolution=session.size, num_images=len(dataset), seed=cfg_args["seed"], title=title,
-        text_encoder_trained=False, prediction=session.host.prediction, targets=lora_args["targets"], extra=extra)
+        text_encoder_trained=False, prediction=session.host.prediction, targets=lora_args["targets"],
+        **session.schedule_metadata(), extra=extra)
     lora = TrainedLoRA(net.kohya_state_dict(torch.float32), meta)
     out_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     return io.NodeOutput(out_model, out_clip, lora, embedding, {"loss": losses})

@@ -21,9 +21,15 @@ _BAD_NAME = re.compile(r'[<>:"|?*\x00-\x1f]')
 # kohya's ss_base_model_version and SAI modelspec architecture names per base model family.
 BASE_MODELS = {
     "sd1": ("sd_v1", "stable-diffusion-v1"),
-    "sd2": ("sd_v2", "stable-diffusion-v2-768-v"),
+    "sd2": ("sd_v2", "stable-diffusion-v2-512"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
 }
+
+
+def architecture(base_model: str, prediction: str) -> str:
+    """The SAI modelspec architecture: SD2 names its v-prediction (768-v) and eps (512, base) models apart."""
+    arch = BASE_MODELS.get(base_model, (base_model, base_model))[1]
+    return "stable-diffusion-v2-768-v" if base_model == "sd2" and prediction == "v" else arch
 
 
 def _check_part(input_name: str, part: str) -> None:
@@ -96,10 +102,10 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
 
 def lora_metadata(*, base_model: str, rank: int, alpha: float, learning_rate: float, steps: int,
                   batch_size: int, resolution: tuple[int, int], num_images: int, seed: int, title: str,
-                  text_encoder_trained: bool, prediction: str, targets: str, extra: Mapping[str, object] = ()
-                  ) -> dict[str, str]:
+                  text_encoder_trained: bool, prediction: str, targets: str, lr_scheduler: str = "constant",
+                  num_reg_images: int = 0, extra: Mapping[str, object] = ()) -> dict[str, str]:
     """The ``ss_*`` keys kohya writes and the SAI ``modelspec.*`` keys, as strings (safetensors metadata)."""
-    version, arch = BASE_MODELS.get(base_model, (base_model, base_model))
+    version, arch = BASE_MODELS.get(base_model, (base_model, base_model))[0], architecture(base_model, prediction)
     now = time.time()
     meta = {
         "ss_network_module": "networks.lora",
@@ -114,10 +120,10 @@ def lora_metadata(*, base_model: str, rank: int, alpha: float, learning_rate: fl
         "ss_steps": str(steps),
         "ss_batch_size_per_device": str(batch_size),
         "ss_optimizer": "torch.optim.AdamW",
-        "ss_lr_scheduler": "constant",
+        "ss_lr_scheduler": lr_scheduler,
         "ss_resolution": str(tuple(resolution)),
         "ss_num_train_images": str(num_images),
-        "ss_num_reg_images": "0",
+        "ss_num_reg_images": str(num_reg_images),
         "ss_seed": str(seed),
         "ss_base_model_version": version,
         "ss_v2": str(base_model == "sd2"),

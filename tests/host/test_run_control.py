@@ -58,6 +58,7 @@ def test_options_preview_save_every_and_resume(comfy, tiny_sd15):
                                     options=options, **dict(TRAIN_ARGS, steps=4, batch_size=1)).result
     finally:
         comfy_utils.set_progress_bar_global_hook(None)
+    assert lora.metadata["ss_lr_scheduler"] == "cosine"  # the schedule trained with, in kohya's key
     shown = [p for p in previews if p is not None]
     assert len(shown) == 2 and shown[0][0] == "JPEG" and shown[0][1].size == (64, 64)
     saved = sorted((comfy.models / "loras" / "personalize_checkpoints").glob("lora_step*.safetensors"))

@@ -55,6 +55,18 @@ def test_saved_file_has_metadata_and_normal_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
+def test_metadata_names_the_schedule_the_class_images_and_the_sd2_variant():
+    """ss_lr_scheduler always said constant and ss_num_reg_images 0; every SD2 file said 768-v."""
+    common = dict(rank=4, alpha=2.0, learning_rate=1e-4, steps=10, batch_size=1, resolution=(64, 64), num_images=3,
+                  seed=1, title="t", text_encoder_trained=False, targets="attention")
+    meta = files.lora_metadata(base_model="sd2", prediction="eps", lr_scheduler="cosine", num_reg_images=200,
+                               **common)
+    assert meta["ss_lr_scheduler"] == "cosine" and meta["ss_num_reg_images"] == "200"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora" and meta["ss_v_parameterization"] == "False"
+    v = files.lora_metadata(base_model="sd2", prediction="v", **common)
+    assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and v["ss_v_parameterization"] == "True"
+
+
 def test_read_only_folder_is_a_clear_error(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
