@@ -23,6 +23,7 @@ from torch import nn
 
 from ..training.datasets import PriorPreservation
 from ..training.errors import InputError
+from ..training.identifier import class_prompt as default_class_prompt
 from ..training.image_folder import load_image_folder
 from ..training.prior_cache import ClassImageCache, cache_key, image_to_pil, tensor_fingerprint
 from .types import Prior
@@ -39,12 +40,13 @@ _NOISE_FREE_SAMPLERS = ("ddim", "uni_pc", "uni_pc_bh2")
 
 
 def resolve_prompt(class_noun: str, class_prompt: str) -> str:
+    """The written prompt, else the Identifier node's class prompt ("an" before a vowel), so the two agree."""
     if class_prompt.strip():
         return class_prompt.strip()
     if not class_noun.strip():
         raise InputError("class_noun", "is empty; name the class of your subject (e.g. 'dog', 'man', 'car') "
                                        "or write a class_prompt")
-    return f"a photo of a {class_noun.strip()}"
+    return default_class_prompt(class_noun)
 
 
 def batchable(sampler_name: str) -> bool:
@@ -289,7 +291,7 @@ class PersonalizePriorDataset(io.ComfyNode):
                 io.String.Input("class_noun", default="dog",
                                 tooltip="The class of your subject, e.g. dog, man, woman, car."),
                 io.String.Input("class_prompt", default="",
-                                tooltip="Empty: 'a photo of a {class_noun}'. Also the trainers' caption for the "
+                                tooltip="Empty: 'a photo of a/an {class_noun}'. Also the trainers' caption for the "
                                         "class images."),
                 io.String.Input("negative_prompt", default="", multiline=True),
                 io.Int.Input("num_class_images", default=100, min=1, max=10000,

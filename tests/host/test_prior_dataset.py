@@ -216,6 +216,8 @@ def test_folder_mode_returns_the_folders_images(comfy, node, dirs):
 def test_prior_prediction_needs_no_model(comfy, node, dirs):
     prior, preview = run_node(node, **dict(ARGS, mode="prior_prediction", class_noun="cat")).result
     assert prior.mode == "prior_prediction" and prior.images == () and prior.class_prompt == "a photo of a cat"
+    owl = run_node(node, **dict(ARGS, mode="prior_prediction", class_noun="owl")).result[0]
+    assert owl.class_prompt == "a photo of an owl"  # as the Identifier node's class_prompt output says it
     assert preview.shape == (1, 64, 64, 3)
     assert not cache_folders(dirs)
 
