@@ -165,7 +165,8 @@ class PersonalizeTrainingOptions(io.ComfyNode):
                 io.Int.Input("timestep_max", default=999, min=0, max=999),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001,
                                tooltip="0 = off; e.g. 0.999 returns the moving average of the weights (the decay "
-                                       "warms up as min(decay, (1 + step) / (10 + step)), as in diffusers)."),
+                                       "warms up as min(decay, (1 + step) / (10 + step)), as in diffusers); the "
+                                       "saves every N steps hold the average too."),
                 io.Int.Input("sample_every", default=0, min=0, max=100000,
                              tooltip="Show a preview image on the trainer every N steps (0 = off)."),
                 io.String.Input("sample_prompt", default="", tooltip="Empty = the first training caption."),

@@ -42,7 +42,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: off; else the trained weights returned are the exponential moving average
     objective: Objective = Objective()
     report_every: int = 10  # how often losses are read back from the device (each read is a sync)
-    check_every: int = 0  # also read back (and stop on a non-finite loss) at these multiples: before each save
+    check_every: int = 0  # save steps: read back (stop on a non-finite loss) and hand progress the EMA weights
     cuda_graph: bool = True  # replay the step as a CUDA graph when the run allows it (see cuda_graph.py)
 
     def validate(self, num_timesteps: int = 1000) -> None:
@@ -311,7 +311,16 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
                     torch.cuda.synchronize(device)
                 losses.extend(_read_back(losses_dev, len(losses), i + 1))
             if progress is not None:
-                progress(i + 1, losses)
+                # at a save step (check_every) the weights are the EMA while progress saves them, as the result
+                # will be; the losses were just read back, so every stream is synchronised
+                swap = ema is not None and cfg.check_every and (i + 1) % cfg.check_every == 0 and i + 1 < cfg.steps
+                if swap:
+                    _swap_values(flat, ema)
+                try:
+                    progress(i + 1, losses)
+                finally:
+                    if swap:
+                        _swap_values(flat, ema)
     if ema is not None:
         with torch.no_grad():
             torch._foreach_copy_(flat, ema)
@@ -349,6 +358,16 @@ def fixed_noise_loss(task: DiffusionTask, latents: torch.Tensor, cond: Condition
     t = torch.randint(0, task.schedule.num_timesteps, (x0.shape[0],), generator=g, device=task.device)
     pred = task.predict(task.schedule.add_noise(x0, noise, t), t, c)
     return F.mse_loss(pred.float(), task.schedule.target(x0, noise, t)).item()
+
+
+@torch.no_grad()
+def _swap_values(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    """Exchange the values of two tensor lists in place (addresses kept: a CUDA graph reads them), one tensor's
+    worth of memory at a time."""
+    for x, y in zip(a, b):
+        held = x.detach().clone()
+        x.detach().copy_(y)
+        y.copy_(held)
 
 
 def _read_back(losses_dev: torch.Tensor, start: int, end: int) -> list[float]:

@@ -176,6 +176,40 @@ def test_ema_warms_up_as_diffusers_and_is_what_training_returns(host):
         assert not torch.equal(p.detach(), last)  # the average, not the last weights
 
 
+def test_with_ema_the_saves_every_n_steps_get_the_ema_and_training_goes_on_unchanged(host):
+    """The saves every N steps wrote the raw weights while the result was the EMA."""
+    latents = _latents(host)
+    data = TrainingData.single(latents, [CAPTION] * 2, lambda c, s: host.encode_text(c)).cache_conditioning()
+
+    def run(check_every):
+        net = LoRANetwork(host.unet_lora_targets("attention"), rank=2, alpha=2)
+        params = list(net.parameters())
+        ema, seen = [p.detach().clone() for p in params], {}
+
+        def progress(step, _losses):
+            seen[step] = [p.detach().clone() for p in params]
+            if not check_every:  # the EMA of the raw weights, as it should be after this step
+                for e, p in zip(ema, params):
+                    e.lerp_(p.detach(), 1 - min(0.9, step / (9 + step)))
+                seen[step] = (seen[step], [e.clone() for e in ema])
+
+        cfg = TrainConfig(steps=5, learning_rate=1e-2, batch_size=2, seed=0, ema_decay=0.9, check_every=check_every)
+        with net.attached():
+            train(host.task(), data, params, cfg, progress=progress)
+        return params, seen
+
+    plain, raw = run(0)
+    saving, given = run(2)
+    for step in (2, 4):  # what a save at these steps reads: the EMA so far
+        for got, want in zip(given[step], raw[step][1]):
+            torch.testing.assert_close(got, want)
+    for step in (1, 3):  # other steps: the raw weights
+        for got, want in zip(given[step], raw[step][0]):
+            torch.testing.assert_close(got, want)
+    for a, b in zip(saving, plain):  # the EMA was swapped back: the run and its result are unchanged
+        torch.testing.assert_close(a.detach(), b.detach())
+
+
 def test_lr_schedules():
     def f(step, schedule, warmup=0, total=10):
         return float(lr_factor(torch.tensor(step), total, schedule, warmup))
