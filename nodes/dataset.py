@@ -106,7 +106,8 @@ class PersonalizeInstanceDataset(io.ComfyNode):
             pictures = _batch_to_images(images) if images is not None else []
             file_captions: list[str | None] = [None] * len(pictures)
             if folder:
-                for image, text in load_image_folder(_resolve_folder(folder), "folder"):
+                # the shorter side at most the resolution: no bucket's shorter side is larger
+                for image, text in load_image_folder(_resolve_folder(folder), "folder", max_short_side=resolution):
                     pictures.append(image)  # made here, outside inference mode: already a normal tensor
                     file_captions.append(text)
         if all(text is not None for text in file_captions):

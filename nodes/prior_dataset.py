@@ -354,7 +354,8 @@ class PersonalizePriorDataset(io.ComfyNode):
             return io.NodeOutput(prior, preview_batch(()), ui=ui.PreviewText(message))
         if mode == "folder":
             path = resolve_folder(folder)
-            images = [image for image, _caption in load_image_folder(path, input_name="folder")]
+            # the trainer's resolution is not known here: 1536 covers SDXL's 1024 buckets (a 12 MP photo: 1/4)
+            images = [image for image, _caption in load_image_folder(path, "folder", max_short_side=1536)]
             message = f"loaded {len(images)} class images from {path}"
             log.info(message)
         else:

@@ -22,7 +22,9 @@ class PersonalizeSaveLoRA(io.ComfyNode):
             node_id="PersonalizeSaveLoRA",
             display_name="Personalize Save LoRA",
             category="personalize/training",
-            description="Saves a LoRA to models/loras (kohya keys: loads in LoraLoader, A1111 and Forge).",
+            description="Saves a LoRA to models/loras (kohya keys: loads in LoraLoader, A1111 and Forge). A "
+                        "DreamBooth weight difference is saved too; it loads in ComfyUI's LoraLoader only (use Save "
+                        "Checkpoint for A1111/Forge).",
             inputs=[
                 io.LoraModel.Input("lora"),
                 io.String.Input("name", default="personalize_lora"),

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .errors import InputError
@@ -23,13 +24,14 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT_MODES:  # 16-bit grey: convert("RGB") would clip it to 8 bits at 255
         grey = np.asarray(image, dtype=np.float32) / 65535.0
         return np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1)
-    if image.has_transparency_data:
+    if image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in image.info:  # (has_transparency_data,
+        # which Pillow < 10.1 lacks)
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image.convert("RGBA"))
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def _read_image(path: str, input_name: str) -> torch.Tensor:
+def _read_image(path: str, input_name: str, max_short_side: int | None) -> torch.Tensor:
     name = os.path.basename(path)
     try:
         with Image.open(path) as opened:
@@ -40,7 +42,14 @@ def _read_image(path: str, input_name: str) -> torch.Tensor:
     height, width = array.shape[:2]
     if min(height, width) < MIN_SIDE:
         raise InputError(input_name, f"{name} is {width}x{height} px; use images of at least {MIN_SIDE} px a side")
-    return torch.from_numpy(np.ascontiguousarray(array))
+    image = torch.from_numpy(np.ascontiguousarray(array))
+    if max_short_side and min(height, width) > max_short_side:
+        # kept whole, a 12 MP phone photo is 140 MB of float32; training crops it to its bucket anyway
+        scale = max_short_side / min(height, width)
+        size = (max(max_short_side, round(height * scale)), max(max_short_side, round(width * scale)))
+        image = F.interpolate(image.permute(2, 0, 1).unsqueeze(0), size=size, mode="bicubic", antialias=True,
+                              align_corners=False).squeeze(0).permute(1, 2, 0).clamp(0.0, 1.0).contiguous()
+    return image
 
 
 def _read_caption(image_path: str) -> str | None:
@@ -54,24 +63,27 @@ def _read_caption(image_path: str) -> str | None:
     return text or None
 
 
-def load_image_folder(path, input_name: str = "folder") -> list[tuple[torch.Tensor, str | None]]:
-    """Every image directly in ``path`` (not sub-folders), sorted by file name, as (float RGB [H, W, 3] in 0..1,
-    caption from the same-named .txt file or None). Raises InputError naming ``input_name`` when the folder is
-    missing or has no images, or an image is unreadable or smaller than 64 px a side."""
+def load_image_folder(path, input_name: str = "folder", max_short_side: int | None = None
+                      ) -> list[tuple[torch.Tensor, str | None]]:
+    """Every image directly in ``path`` (not sub-folders, not hidden files such as macOS's ``._*``), sorted by file
+    name, as (float RGB [H, W, 3] in 0..1, caption from the same-named .txt file or None); an image whose shorter
+    side exceeds ``max_short_side`` is scaled down to it (antialiased). Raises InputError naming ``input_name``
+    when the folder is missing or has no images, or an image is unreadable or smaller than 64 px a side."""
     folder = os.fspath(path)
     if not os.path.exists(folder):
         raise InputError(input_name, f"{folder} does not exist; give a folder of images")
     if not os.path.isdir(folder):
         raise InputError(input_name, f"{folder} is not a folder; give the folder that holds the images")
     names = sorted(entry.name for entry in os.scandir(folder)
-                   if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+                   if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                   and not entry.name.startswith("."))  # macOS copies carry ._name metadata files
     if not names:
         raise InputError(input_name, f"{folder} has no images; put {', '.join(IMAGE_EXTENSIONS)} files "
                                      "directly in it (sub-folders are not read)")
     items = []
     for name in names:
         image_path = os.path.join(folder, name)
-        items.append((_read_image(image_path, input_name), _read_caption(image_path)))
+        items.append((_read_image(image_path, input_name, max_short_side), _read_caption(image_path)))
     log.info("loaded %d images from %s (%d with caption files)", len(items), folder,
              sum(caption is not None for _, caption in items))
     return items

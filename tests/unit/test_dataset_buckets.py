@@ -166,3 +166,22 @@ def test_load_folder_rejects_tiny_images_by_name(tmp_path):
     _save(tmp_path / "tiny.png", np.zeros((63, 200, 3)))
     with pytest.raises(InputError, match=r"tiny\.png is 200x63"):
         load_image_folder(tmp_path)
+
+
+def test_load_folder_scales_big_images_down_to_the_short_side_it_needs(tmp_path):
+    """A 12 MP phone photo kept whole is 140 MB of float32: twenty of them, or a class folder, ran out of RAM."""
+    stripes = np.zeros((300, 400, 3))
+    stripes[:, ::2] = 255
+    _save(tmp_path / "big.png", stripes)
+    _save(tmp_path / "small.png", np.full((64, 96, 3), 128))
+    big, small = [image for image, _ in load_image_folder(tmp_path, max_short_side=120)]
+    assert big.shape == (120, 160, 3) and small.shape == (64, 96, 3)  # the aspect ratio kept; small ones untouched
+    torch.testing.assert_close(big.mean(), torch.tensor(0.5), atol=0.01, rtol=0)  # antialiased: stripes average
+    assert [image.shape for image, _ in load_image_folder(tmp_path)][0] == (300, 400, 3)  # no cap: as stored
+    assert fit_image(big, (96, 96)).shape == (96, 96, 3)
+
+
+def test_load_folder_skips_hidden_files_such_as_macos_metadata(tmp_path):
+    _save(tmp_path / "a.png", np.zeros((64, 64, 3)))
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image
+    assert len(load_image_folder(tmp_path)) == 1
