@@ -54,10 +54,10 @@ def resolve_output_path(folder: str | os.PathLike, subfolder: str, name: str, ex
     parts = [p for p in re.split(r"[/\\]", subfolder.strip()) if p]
     for p in parts:
         _check_part("subfolder", p)
+    # Every part was checked to be a plain name (no "..", no drive or root), so the path stays inside ``folder`` by
+    # construction. It is not resolved: a subfolder the user linked to another disk is where they want files.
     root = Path(folder).resolve()
-    target_dir = root.joinpath(*parts).resolve()
-    if root != target_dir and root not in target_dir.parents:
-        raise InputError("subfolder", f"{subfolder!r} leaves the folder {root}")
+    target_dir = root.joinpath(*parts)
     path = target_dir / f"{name}{extension}"
     if path.exists():
         if if_exists == "error":

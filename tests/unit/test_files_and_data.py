@@ -23,6 +23,17 @@ def test_names_cannot_escape_the_folder(tmp_path, subfolder, name, bad):
     assert e.value.input_name == bad
 
 
+def test_a_subfolder_the_user_linked_elsewhere_is_used(tmp_path):
+    """Linking a models subfolder to another disk is common (ComfyUI lists files through such links); the link was
+    refused as leaving the folder. Names themselves still cannot leave it (above)."""
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "other_disk").mkdir()
+    (tmp_path / "loras" / "shared").symlink_to(tmp_path / "other_disk", target_is_directory=True)
+    path = files.resolve_output_path(tmp_path / "loras", "shared", "x", ".safetensors")
+    files.save_safetensors_atomic({"a": torch.ones(1)}, path)
+    assert (tmp_path / "other_disk" / "x.safetensors").is_file()
+
+
 def test_existing_files_are_never_overwritten_silently(tmp_path):
     first = files.resolve_output_path(tmp_path, "s", "lora", ".safetensors")
     files.save_safetensors_atomic({"a": torch.zeros(1)}, first)
