@@ -6,6 +6,7 @@ other models can evict it and it comes back when needed.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -269,24 +270,21 @@ class PersonalizeImageRewardScore(io.ComfyNode):
         if len(prompt) not in (1, len(parts)):
             raise InputError("prompt", f"got a list of {len(prompt)} prompts for {len(parts)} image batches; give "
                                        "one prompt, or one per batch")
-        total = sum(part.shape[0] for part in parts)
-        if len(prompt) == 1:
-            prompts = prompt_list(prompt[0], prompt_mode, total)
-            prompts = prompts * total if len(prompts) == 1 else prompts
+        counts = [part.shape[0] for part in parts]
+        if len(prompt) == 1:  # one text over the whole list: one prompt, or one line per image of the list
+            whole = prompt_list(prompt[0], prompt_mode, sum(counts))
+            ends = list(itertools.accumulate(counts))
+            per_part = [whole if len(whole) == 1 else whole[end - n:end] for n, end in zip(counts, ends)]
         else:
-            prompts = [p for part, text in zip(parts, prompt) for p in prompt_list(text, prompt_mode, part.shape[0])
-                       * (part.shape[0] if prompt_mode == "one for all" else 1)]
-        scorer = image_reward.ready(min(batch_size, max(part.shape[0] for part in parts)))
+            per_part = [prompt_list(text, prompt_mode, n) for text, n in zip(prompt, counts)]
+        prompts = [p for part_prompts in per_part for p in part_prompts]
+        scorer = image_reward.ready(min(batch_size, max(counts)))
         notes += scorer.tokenize(sorted(set(prompts)))[2]
         if not any(p.strip() for p in prompts):
             notes.append("the prompt is empty: ImageReward judges how well an image fits its prompt, so give the "
                          "prompt the images were made from")
-        scores, start = [], 0
-        for part in parts:
-            count = part.shape[0]
-            scores += _score_in_chunks(scorer, part, prompts[start:start + count], batch_size,
-                                       cls.hidden.unique_id).tolist()
-            start += count
+        scores = [s for part, part_prompts in zip(parts, per_part)
+                  for s in _score_in_chunks(scorer, part, part_prompts, batch_size, cls.hidden.unique_id).tolist()]
         for note in notes:
             log.info("ImageReward Score: %s", note)
         text = summary_text(image_reward, scores, notes)
