@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.lora
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -134,6 +135,23 @@ class ComfyHost:
             for path, m in find_linear_targets(encoder.transformer, TEXT_ENCODER_TARGETS).items():
                 out[f"{prefix}_{path.replace('.', '_')}"] = m
         return out
+
+    def kohya_module_names(self, with_text_encoder: bool) -> dict[str, str]:
+        """ComfyUI's generic module names (``diffusion_model.<module>``, ``text_encoders.<module>``) -> the kohya
+        names A1111/Forge read, for every module ComfyUI's key map also resolves under that name (text encoders:
+        the layers' attention and MLP projections; the rest keeps the generic name, which ComfyUI alone reads)."""
+        names = {}
+        for lora_key, model_key in comfy.lora.model_lora_keys_unet(self.model.model, {}).items():
+            module = model_key[: -len(".weight")]
+            if lora_key == "lora_unet_" + module[len("diffusion_model."):].replace(".", "_"):
+                names[module] = lora_key
+        if with_text_encoder:
+            prefixes = _TE_PREFIXES[self.family]
+            for lora_key, model_key in comfy.lora.model_lora_keys_clip(self.clip.cond_stage_model, {}).items():
+                attr, _, path = model_key[: -len(".weight")].partition(".transformer.")
+                if attr in prefixes and lora_key == f"{prefixes[attr]}_{path.replace('.', '_')}":
+                    names[f"text_encoders.{model_key[: -len('.weight')]}"] = lora_key
+        return names
 
     # ---- encoders
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

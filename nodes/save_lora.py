@@ -23,8 +23,8 @@ class PersonalizeSaveLoRA(io.ComfyNode):
             display_name="Personalize Save LoRA",
             category="personalize/training",
             description="Saves a LoRA to models/loras (kohya keys: loads in LoraLoader, A1111 and Forge). A "
-                        "DreamBooth weight difference is saved too; it loads in ComfyUI's LoraLoader only (use Save "
-                        "Checkpoint for A1111/Forge).",
+                        "DreamBooth weight difference is saved too (kohya names where A1111 reads them; for "
+                        "A1111/Forge, Save Checkpoint is exact).",
             inputs=[
                 io.LoraModel.Input("lora"),
                 io.String.Input("name", default="personalize_lora"),

@@ -65,11 +65,13 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
             attach = [unet.swapped_in()] + ([te.swapped_in()] if te is not None else [])
             save_dtype = torch.float16 if host.model.model.get_dtype() == torch.float16 else torch.float32
 
+            names = host.kohya_module_names(te is not None)  # kohya names: A1111/Forge read the file too
+
             def weight_diff() -> dict[str, torch.Tensor]:
-                diff = diff_state_dict(unet.deltas(save_dtype), "diffusion_model.")
+                diff = diff_state_dict(unet.deltas(save_dtype), "diffusion_model.", names)
                 if te is not None:  # ComfyUI's CLIP key map names weights (and their biases) only
                     te_deltas = {n: d for n, d in te.deltas(save_dtype).items() if n.endswith((".weight", ".bias"))}
-                    diff.update(diff_state_dict(te_deltas, "text_encoders."))
+                    diff.update(diff_state_dict(te_deltas, "text_encoders.", names))
                 return diff
 
             def save(step: int) -> None:  # the weight difference so far, as a diff file LoraLoader applies

@@ -8,7 +8,7 @@ difference to the starting weights, which ComfyUI applies as ``diff`` patches (w
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -67,15 +67,19 @@ class FullFineTune(nn.Module):
                 for name, w in self.named_weights()}
 
 
-def diff_state_dict(deltas: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def diff_state_dict(deltas: dict[str, torch.Tensor], prefix: str,
+                    names: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
     """ComfyUI's generic diff format: ``<prefix><module>.diff`` for a weight, ``.diff_b`` for a bias, other
-    parameters as ``<prefix><name>.diff``. LoraLoader applies it as ``weight += strength * diff``."""
+    parameters as ``<prefix><name>.diff``. LoraLoader applies it as ``weight += strength * diff``. ``names`` renames
+    modules (``<prefix><module>`` -> e.g. a kohya name, which A1111/Forge read too)."""
+    names = names or {}
     out = {}
     for name, d in deltas.items():
         if name.endswith(".weight"):
-            out[f"{prefix}{name[:-len('.weight')]}.diff"] = d
+            module, part = name[:-len(".weight")], "diff"
         elif name.endswith(".bias"):
-            out[f"{prefix}{name[:-len('.bias')]}.diff_b"] = d
+            module, part = name[:-len(".bias")], "diff_b"
         else:
-            out[f"{prefix}{name}.diff"] = d
+            module, part = name, "diff"
+        out[f"{names.get(prefix + module, prefix + module)}.{part}"] = d
     return out

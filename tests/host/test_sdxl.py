@@ -140,3 +140,23 @@ def test_sdxl_device_prompt_encoding_equals_comfyui_with_gradients(comfy, tiny_s
     host, vectors = host_with_token(tiny_sdxl, tiny_sdxl_clip, None)
     ours = check_against_comfyui(host, vectors, size=(64, 96))
     assert set(vectors) == {"clip_l", "clip_g"} and ours.y is not None
+
+
+def test_sdxl_dreambooth_diff_names_are_kohyas_and_resolve_in_comfyui(comfy, tiny_sdxl, tiny_sdxl_clip):
+    """DreamBooth's diff file is named as kohya names SDXL modules (A1111/Forge read lora_unet_*, lora_te1_*,
+    lora_te2_*); every such name must resolve in ComfyUI's key map to the module it came from."""
+    import comfy.lora
+
+    from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+
+    names = ComfyHost(tiny_sdxl, tiny_sdxl_clip, None).kohya_module_names(True)
+    unet_keys = comfy.lora.model_lora_keys_unet(tiny_sdxl.model, {})
+    clip_keys = comfy.lora.model_lora_keys_clip(tiny_sdxl_clip.cond_stage_model, {})
+    unet = {g: k for g, k in names.items() if g.startswith("diffusion_model.")}
+    assert len(unet) == sum(1 for k in tiny_sdxl.model.state_dict() if k.startswith("diffusion_model.")
+                            and k.endswith(".weight"))
+    assert all(unet_keys[k] == g + ".weight" for g, k in unet.items())
+    te = {g: k for g, k in names.items() if g.startswith("text_encoders.")}
+    assert {"_".join(k.split("_")[:2]) for k in te.values()} == {"lora_te1", "lora_te2"}
+    assert all(clip_keys[k] == g[len("text_encoders."):] + ".weight" for g, k in te.items())
+    assert any(".clip_g." in g and k.startswith("lora_te2_") for g, k in te.items())

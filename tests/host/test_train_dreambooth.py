@@ -19,6 +19,12 @@ def nodes(comfy):
     return PersonalizeTrainDreamBooth, PersonalizeSaveLoRA, PersonalizeSaveCheckpoint
 
 
+def save_file_for(comfy, diff) -> str:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in diff.items()}, str(comfy.models / "loras" / "db_te_diff.safetensors"))
+    return "db_te_diff.safetensors"
+
+
 def class_prior(n=3):
     from comfyui_personalize.training.datasets import PriorPreservation
     g = torch.Generator().manual_seed(9)
@@ -35,7 +41,8 @@ def test_dreambooth_with_prior_tunes_a_copy_and_its_files_reproduce_it(comfy, ti
     out_model, out_clip, diff, loss = run_node(train, model=model, clip=clip, vae=vae, dataset=dataset(),
                                                prior=class_prior(), **ARGS).result
     assert len(loss["loss"]) == 2 and out_clip is clip
-    assert all(k.startswith("diffusion_model.") and k.endswith((".diff", ".diff_b")) for k in diff)
+    # kohya names (A1111/Forge read them; ComfyUI's key map resolves them) for every UNet tensor
+    assert all(k.startswith("lora_unet_") and k.endswith((".diff", ".diff_b")) for k in diff)
     n_params = sum(1 for _ in model.model.diffusion_model.parameters())
     assert len(diff) == n_params and sum(float(v.abs().sum()) for v in diff.values()) > 0
     assert len(out_model.patches) == n_params  # every UNet tensor is patched
@@ -55,8 +62,11 @@ def test_dreambooth_with_prior_tunes_a_copy_and_its_files_reproduce_it(comfy, ti
     sd = load_file(str(comfy.models / "checkpoints" / ckpt))
     assert not list((comfy.models / "checkpoints" / "tests").glob(".*tmp"))
     mm.unload_all_models()
+    from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+    module = {kohya: generic for generic, kohya in ComfyHost(model, clip, vae).kohya_module_names(False).items()}
     for k, d in list(diff.items())[:20]:
-        param = k[len("diffusion_model."):].replace(".diff_b", ".bias").replace(".diff", ".weight")
+        name, part = k.rsplit(".", 1)
+        param = module[name][len("diffusion_model."):] + (".bias" if part == "diff_b" else ".weight")
         base = model.model.diffusion_model.get_parameter(param).detach().float()
         saved = sd["model.diffusion_model." + param].float()
         torch.testing.assert_close(saved, base + d.float(), rtol=1e-5, atol=1e-6)
@@ -70,8 +80,17 @@ def test_dreambooth_text_encoder_and_refusals(comfy, tiny_sd15, nodes):
     model, clip, vae = tiny_sd15
     out_model, out_clip, diff, _ = run_node(train, model=model, clip=clip, vae=vae, dataset=dataset(),
                                             **dict(ARGS, train_text_encoder=True)).result
-    assert any(k.startswith("text_encoders.") for k in diff) and out_clip is not clip
-    assert len(out_clip.patcher.patches) > 0
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in diff) and out_clip is not clip
+    assert any(k.startswith("text_encoders.") for k in diff)  # embeddings and norms: ComfyUI's generic names
+    te_keys = [k for k in diff if k.startswith(("lora_te_", "text_encoders."))]
+    assert len(out_clip.patcher.patches) == len(te_keys) > 0  # every name resolves in ComfyUI's key map
+    # the file as LoraLoader reads it patches every text-encoder tensor the node patched, with the same values
+    _, loaded_clip = comfy.nodes.LoraLoader().load_lora(model, clip, save_file_for(comfy, diff), 1.0, 1.0)
+    assert loaded_clip.patcher.patches.keys() == out_clip.patcher.patches.keys()
+    for key, patches in out_clip.patcher.patches.items():
+        kind, (value,) = loaded_clip.patcher.patches[key][-1][1]  # (strength, ("diff", (tensor,)), ...)
+        assert kind == "diff"
+        torch.testing.assert_close(value, patches[-1][1][1][0])
     bad = [({"prior": PriorPreservation("prior_prediction", "a photo of a dog")}, "prior"),
            ({"text_encoder_lr": 0.0, "train_text_encoder": True}, "text_encoder_lr"), ({"steps": 0}, "steps")]
     for override, name in bad:
