@@ -7,6 +7,7 @@ stays in use.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -18,6 +19,7 @@ from comfy.patcher_extension import WrappersMP
 
 from ..training.errors import InputError
 
+log = logging.getLogger(__name__)
 COND, UNCOND = 0, 1
 APPLY_TO = {"cond": (COND,), "uncond": (UNCOND,), "both": (COND, UNCOND)}
 
@@ -111,6 +113,23 @@ def check_prompt_lengths(model, lengths: dict[int, int], input_name: str, what: 
     model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "personalize_prompt_lengths", wrapper)
 
 
+def warn_if_prompt_differs(model, own: dict[int, torch.Tensor], node: str, inputs: dict[int, str]) -> None:
+    """OUTER_SAMPLE wrapper: a warning when the sampler's positive/negative (per chunk kind in ``own``) is not the
+    prompt the node encoded: a patch laid out on that prompt's token positions would act on other words, with no
+    error (the usual slip: a prompt from one's own text encoder, only the MODEL wire re-routed)."""
+    def wrapper(executor, *args, **kwargs):
+        for kind, expected in own.items():
+            for got in sampled_prompts(executor, kind):
+                if got.shape[1:] != expected.shape[1:] or got.shape[0] % expected.shape[0] or not torch.equal(
+                        got.to(expected.device, expected.dtype),
+                        expected.repeat(got.shape[0] // expected.shape[0], 1, 1)):
+                    log.warning("%s: the %s conditioning the sampler got is not this node's %s (its words sit at "
+                                "other token positions, so the edit acts on other words); connect this node's "
+                                "%s output", node, _SAMPLED_AS[kind], inputs[kind], _SAMPLED_AS[kind])
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, f"personalize_prompt_check_{node}", wrapper)
+
+
 def chunks(extra_options: dict, batch: int) -> Iterator[tuple[int, slice]]:
     """(cond_or_uncond id, rows) of each chunk the sampler batched together: 0 = positive, 1 = negative,
     others = extra conds of custom guiders. Never by position: ComfyUI orders them as it likes."""
@@ -201,8 +220,8 @@ def paired_rows(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """Source and target rows of a chunk laid out as [src0, tgt0, src1, tgt1, ...] (the paired batch)."""
     idx = torch.arange(rows.start, rows.stop)
     if len(idx) % 2:
-        raise InputError("latent", "the paired source/target batch lost its pairing (odd batch); feed the "
-                                   "LATENT from the P2P node straight into the sampler")
+        raise InputError("latent", "the paired source/target batch lost its pairing (odd batch); feed the LATENT "
+                                   "of the P2P (or p2p_locked Reweight) node straight into the sampler")
     return idx[0::2], idx[1::2]
 
 

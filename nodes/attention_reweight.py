@@ -16,6 +16,7 @@ from .attention_hooks import (
     percent_window,
     replaces_cross_attention,
     transformer_blocks,
+    warn_if_prompt_differs,
 )
 from .attention_text import (
     encode,
@@ -23,6 +24,7 @@ from .attention_text import (
     paired_conditioning,
     paired_latent,
     prompt_tokens,
+    refuse_second_pairing,
     word_tokenizer,
 )
 from .p2p_patches import CrossPlan, install, p2p_cross_replace, renormalized_replace, value_reweight_patch
@@ -59,7 +61,10 @@ class PersonalizeAttentionReweight(io.ComfyNode):
                 io.String.Input("words", multiline=True, default="red:2.0",
                                 tooltip="word:weight per line or comma; phrases allowed; weights may be negative "
                                         "(except renormalized); 1 = unchanged, 0 = ignore the word."),
-                io.Combo.Input("mode", options=list(MODES), default="value"),
+                io.Combo.Input("mode", options=list(MODES), default="value",
+                               tooltip="value: scales the words' attention (no extra cost). renormalized: a softmax "
+                                       "bias, so the other words give way. p2p_locked: reweights on the layout of "
+                                       "the unweighted image (one run makes both; use this node's latent)."),
                 io.Combo.Input("apply_to", options=list(APPLY_TO), default="cond",
                                tooltip="Which prompt the weights act on: cond = positive (the text above), uncond "
                                        "= negative (negative_text), both = each where its words are."),
@@ -95,7 +100,17 @@ class PersonalizeAttentionReweight(io.ComfyNode):
         if UNCOND in texts and not (negative_text or "").strip():
             raise InputError("negative_text", f"apply_to={apply_to} reweights words of the negative prompt: write "
                                               "it here, and connect this node's negative output to the sampler")
-        weights = prompt_weights(clip, texts, weighted)
+        try:
+            weights = prompt_weights(clip, texts, weighted)
+        except InputError as e:  # a word of the negative prompt with apply_to=cond: say where it is
+            if UNCOND in texts or not (negative_text or "").strip():
+                raise
+            tokens, tokenize_word = prompt_tokens(clip, negative_text), word_tokenizer(clip)
+            negative_words = [w for w, _ in weighted if tokens.find(tokenize_word(w))]
+            if not negative_words:
+                raise
+            raise InputError("apply_to", f"{str(e).removeprefix('words: ')} {', '.join(negative_words)} "
+                                         "is in negative_text: set apply_to to uncond or both") from e
         if mode == "renormalized" and any(bool((w < 0).any()) for w in weights.values()):
             raise InputError("words", "renormalized mode needs weights >= 0; use value mode for negative weights")
         if mode == "renormalized" and any(replaces_cross_attention(model, b) for b in blocks):
@@ -105,6 +120,7 @@ class PersonalizeAttentionReweight(io.ComfyNode):
                                      "or p2p_locked mode, which run on top of it")
         m = model.clone()
         positive, negative = encode(clip, text), encode(clip, negative_text or "")
+        own = {COND: positive[0][0], UNCOND: negative[0][0]}  # the prompts the weights are laid out on
         if mode == "value":
             m.set_model_attn2_patch(value_reweight_patch(weights, window))
         elif mode == "renormalized":
@@ -112,6 +128,7 @@ class PersonalizeAttentionReweight(io.ComfyNode):
         else:
             if latent is None:
                 raise InputError("latent", "p2p_locked needs the empty latent (it doubles it into pairs)")
+            refuse_second_pairing(model, "Reweight p2p_locked")
             length = weights[COND].shape[0]
             plan = CrossPlan(torch.eye(length), torch.ones(length), weights[COND], window)
             install(m, blocks, "attn2", p2p_cross_replace(plan, None))
@@ -123,6 +140,8 @@ class PersonalizeAttentionReweight(io.ComfyNode):
             check_prompt_lengths(m, {kind: w.shape[0]}, name, f"the {name}",
                                  f"connect this node's {output} output to the sampler, or write the prompt you "
                                  f"sample with in {name}")
+        warn_if_prompt_differs(m, {kind: own[kind] for kind in weights}, "Attention Reweight",
+                               {COND: "text", UNCOND: "negative_text"})
         return io.NodeOutput(m, positive, latent, negative)
 
 

@@ -143,17 +143,38 @@ def paired_noise_sampler(sampler_name: str, noise: torch.Tensor, sigmas: torch.T
     return lambda sigma, sigma_next: inner(sigma, sigma_next).repeat_interleave(2, dim=0)
 
 
+def refuse_second_pairing(model, node: str) -> None:
+    """One paired edit per model: a second P2P (or p2p_locked Reweight) would re-pair the pairs with its own token
+    map, applied to the other's prompts: duplicated images and a mis-mapped edit, silently."""
+    if model.get_wrappers(WrappersMP.SAMPLER_SAMPLE, "personalize_paired_noise"):
+        raise InputError("model", f"{node}: this MODEL already carries a paired edit (P2P or a p2p_locked "
+                                  "Reweight); use one per model, from the model before that node")
+
+
+def check_pairs_share_noise(noise: torch.Tensor, edit: str) -> None:
+    """The paired batch starts each source and its target from one noise (``paired_latent``'s batch_index). A latent
+    from elsewhere (an Empty Latent of batch 2) gives each its own: the edit then keeps no layout, silently."""
+    if noise.shape[0] % 2:
+        raise InputError("latent", f"{edit}: the sampler's latent has an odd batch ({noise.shape[0]}), so it is not "
+                                   "this node's source/target pairs; connect this node's LATENT output to the sampler")
+    if not torch.equal(noise[0::2], noise[1::2]):
+        raise InputError("latent", f"{edit}: the sampler's latent is not this node's LATENT output (the source and "
+                                   "target of a pair start from different noise, so the edit would not keep the "
+                                   "layout); connect this node's LATENT output to the sampler")
+
+
 def pair_fresh_noise(model, edit: str) -> None:
     """A SAMPLER_SAMPLE wrapper on ``model`` (a clone) for the paired batch: a sampler that adds fresh noise every
     step (ancestral, SDE, lcm, ...) gets one noise per pair (``paired_noise_sampler``), so the source and the edited
     image stay paired; where it cannot (a sampler without a noise_sampler option, an odd batch), a warning."""
     def wrapper(executor, *args, **kwargs):
         sampler, (sigmas, extra_args, noise) = executor.class_obj, (args[1], args[2], args[4])
+        check_pairs_share_noise(noise, edit)
         function = getattr(sampler, "sampler_function", None)
         name = getattr(function, "__name__", "").removeprefix("sample_")
         options = getattr(sampler, "extra_options", None)
         if (function is None or "noise_sampler" not in inspect.signature(function).parameters
-                or not isinstance(options, dict) or options.get("noise_sampler") is not None or noise.shape[0] % 2):
+                or not isinstance(options, dict) or options.get("noise_sampler") is not None):
             if adds_fresh_noise(name):
                 log.warning("%s with %s: this sampler adds new noise to each image every step, so the edited "
                             "image loses the source's layout; feed the node's LATENT (pairs) to a sampler without a "

@@ -343,11 +343,23 @@ class PersonalizeDualPathBlend(io.ComfyNode):
             m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, check_not_bypassed(direct))
         log.info("dual-path blend (a=%.2f): LoRA factors on %d cross- and %d self-attention layers", a_blend,
                  parts.count("attn2"), parts.count("attn1") if paths == "self+cross" else 0)
-        note = left_out_note(parts, paths)
-        if note:
+        notes = [n for n in (left_out_note(parts, paths), _patched_attention_note(model)) if n]
+        for note in notes:
             log.warning("Dual-Path Attention Blend: %s", note)
-            return io.NodeOutput(m, ui=ui.PreviewText(f"note: {note}"))
+        if notes:
+            return io.NodeOutput(m, ui=ui.PreviewText("\n".join(f"note: {n}" for n in notes)))
         return io.NodeOutput(m)
+
+
+def _patched_attention_note(model) -> str:
+    """The hard path is meant to be the base model: a LoRA already loaded on the MODEL (often this same LoRA,
+    through LoraLoader) patches both paths, so a = 0 is not the model without it."""
+    patched = sum(1 for key in model.patches if any(f".{a}.to_" in key for a in ("attn1", "attn2")))
+    if not patched:
+        return ""
+    return (f"the MODEL already has weight patches on {patched} attention projections (a LoRA loaded before this "
+            "node): both paths carry them, so a = 0 is not the base model; connect the model from before the "
+            "LoRA loader, the blend applies its LoRA itself")
 
 
 NODES = [PersonalizeDualPathBlend]

@@ -4,13 +4,21 @@ from __future__ import annotations
 import logging
 
 import torch
+from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
 from ..attention.align import auto_mapper, refine_mapper, swap_mapper
 from ..attention.local_blend import LocalBlend
 from ..attention.tokens import parse_word_weights, token_weights, word_positions
 from ..training.errors import InputError
-from .attention_hooks import COND, check_prompt_lengths, install_patch_first, percent_window, transformer_blocks
+from .attention_hooks import (
+    COND,
+    check_prompt_lengths,
+    install_patch_first,
+    percent_window,
+    sampled_prompts,
+    transformer_blocks,
+)
 from .attention_reweight import window_inputs
 from .attention_text import (
     encode,
@@ -18,6 +26,7 @@ from .attention_text import (
     paired_conditioning,
     paired_latent,
     prompt_tokens,
+    refuse_second_pairing,
     word_tokenizer,
     words_with_positions,
 )
@@ -46,8 +55,11 @@ class PersonalizeP2P(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
-                io.String.Input("source", multiline=True, default="a photo of a cat riding a bicycle"),
-                io.String.Input("target", multiline=True, default="a photo of a dog riding a bicycle"),
+                io.String.Input("source", multiline=True, default="a photo of a cat riding a bicycle",
+                                tooltip="The prompt of the image whose layout is kept (the first of each pair)."),
+                io.String.Input("target", multiline=True, default="a photo of a dog riding a bicycle",
+                                tooltip="The edited prompt (the second of each pair). Connect this node's "
+                                        "positive and latent to the sampler: they hold both."),
                 io.Latent.Input("latent", tooltip="The empty latent (any batch size)."),
                 io.Combo.Input("mode", options=list(MODES), default="auto",
                                tooltip="swap: same number of words, some replaced. refine: words added or "
@@ -61,8 +73,12 @@ class PersonalizeP2P(io.ComfyNode):
                 io.String.Input("blend_words", default="",
                                 tooltip="Local blend: words (of the source and/or target) whose region may "
                                         "change; everything else stays as in the source image. Empty = off."),
-                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01),
-                io.Float.Input("blend_start_percent", default=0.2, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Local blend: where the words' summed attention exceeds this share of its "
+                                       "maximum, the image may change (the paper's 0.3; lower = larger region)."),
+                io.Float.Input("blend_start_percent", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="Local blend: from this fraction of the steps on, the image outside the "
+                                       "words' region is taken from the source."),
             ],
             outputs=[io.Model.Output(), io.Conditioning.Output(display_name="positive"),
                      io.Latent.Output(display_name="latent")],
@@ -121,6 +137,7 @@ class PersonalizeP2P(io.ComfyNode):
         recorder = None
         if blend_words.strip():
             recorder = cls._blend(model, src, tgt, blend_words, ids_of, blend_threshold, blend_start_percent)
+        refuse_second_pairing(model, "P2P")
         m = model.clone()
         install_cross(m, blocks, plan, recorder)
         if self_end_percent > self_start_percent:
@@ -132,6 +149,7 @@ class PersonalizeP2P(io.ComfyNode):
         pair_fresh_noise(m, "P2P")
         check_prompt_lengths(m, {COND: tgt.length}, "source", "the source prompt",
                              "connect this node's positive output (source and target paired) to the sampler")
+        refuse_unpaired_positive(m)
         positive = paired_conditioning(encode(clip, source), encode(clip, target))
         return io.NodeOutput(m, positive, paired_latent(latent))
 
@@ -155,4 +173,18 @@ class PersonalizeP2P(io.ComfyNode):
         return BlendRecorder(local, min(4, _max_downscale(model)), start)
 
 
+def refuse_unpaired_positive(model) -> None:
+    """OUTER_SAMPLE wrapper: the sampler's positive must be the node's pair (source, target). One prompt of one's
+    own is repeated over both rows: source and target are then the same image, silently."""
+    def wrapper(executor, *args, **kwargs):
+        for got in sampled_prompts(executor, COND):
+            if got.shape[0] != 2:
+                raise InputError("target", f"P2P: the sampler's positive holds {got.shape[0]} prompt(s), not this "
+                                           "node's source/target pair, so both images would be the same; connect "
+                                           "this node's positive output to the sampler")
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "personalize_p2p_pair", wrapper)
+
+
 NODES = [PersonalizeP2P]
+

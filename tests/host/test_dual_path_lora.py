@@ -122,3 +122,13 @@ def test_a_self_attention_only_lora_needs_both_paths(comfy, tiny_sd15, nodes):  
         blend_note(nodes, model, hard, self_only, "cross")
     assert e.value.input_name == "paths"
     assert blend_note(nodes, model, hard, self_only) is None  # self+cross: all of it is blended
+
+
+def test_a_model_with_a_lora_already_loaded_is_noted(comfy, tiny_sd15, nodes):  # noqa: F811
+    """The LoRA loaded by LoraLoader before the blend patched both paths: a = 0 was not the base model, silently."""
+    model, clip, _ = tiny_sd15
+    hard = encode(comfy, clip, HARD)
+    lora = attention_lora(model)
+    assert blend_note(nodes, model, hard, lora) is None
+    note = blend_note(nodes, with_lora(model, lora), hard, lora)
+    assert note.startswith("note: the MODEL already has weight patches on") and "a = 0 is not the base model" in note
