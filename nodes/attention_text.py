@@ -166,7 +166,8 @@ def check_pairs_share_noise(noise: torch.Tensor, edit: str) -> None:
 def pair_fresh_noise(model, edit: str) -> None:
     """A SAMPLER_SAMPLE wrapper on ``model`` (a clone) for the paired batch: a sampler that adds fresh noise every
     step (ancestral, SDE, lcm, ...) gets one noise per pair (``paired_noise_sampler``), so the source and the edited
-    image stay paired; where it cannot (a sampler without a noise_sampler option, an odd batch), a warning."""
+    image stay paired; where it cannot (a sampler without a noise_sampler option), a warning. A latent that is not
+    the node's pairs is refused first (``check_pairs_share_noise``)."""
     def wrapper(executor, *args, **kwargs):
         sampler, (sigmas, extra_args, noise) = executor.class_obj, (args[1], args[2], args[4])
         check_pairs_share_noise(noise, edit)
