@@ -113,6 +113,13 @@ def check_prompt_lengths(model, lengths: dict[int, int], input_name: str, what: 
     model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "personalize_prompt_lengths", wrapper)
 
 
+def is_prompt(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether a sampled cross-attention prompt is ``expected`` (its rows, repeated over the sampler's batch)."""
+    rows = expected.shape[0]
+    return (got.shape[1:] == expected.shape[1:] and got.shape[0] % rows == 0
+            and torch.equal(got.to(expected.device, expected.dtype), expected.repeat(got.shape[0] // rows, 1, 1)))
+
+
 def warn_if_prompt_differs(model, own: dict[int, torch.Tensor], node: str, inputs: dict[int, str]) -> None:
     """OUTER_SAMPLE wrapper: a warning when the sampler's positive/negative (per chunk kind in ``own``) is not the
     prompt the node encoded: a patch laid out on that prompt's token positions would act on other words, with no
@@ -120,9 +127,7 @@ def warn_if_prompt_differs(model, own: dict[int, torch.Tensor], node: str, input
     def wrapper(executor, *args, **kwargs):
         for kind, expected in own.items():
             for got in sampled_prompts(executor, kind):
-                if got.shape[1:] != expected.shape[1:] or got.shape[0] % expected.shape[0] or not torch.equal(
-                        got.to(expected.device, expected.dtype),
-                        expected.repeat(got.shape[0] // expected.shape[0], 1, 1)):
+                if not is_prompt(got, expected):
                     log.warning("%s: the %s conditioning the sampler got is not this node's %s (its words sit at "
                                 "other token positions, so the edit acts on other words); connect this node's "
                                 "%s output", node, _SAMPLED_AS[kind], inputs[kind], _SAMPLED_AS[kind])

@@ -32,6 +32,7 @@ from .attention_hooks import (
     in_window,
     install_patch_first,
     install_patch_once,
+    is_prompt,
     percent_window,
     sampled_prompts,
     set_replace,
@@ -238,8 +239,7 @@ def warn_if_hard_is_sampled(model, hard_ctx: torch.Tensor) -> None:
     mistake): both paths then read real words, so the learned token has no part in the image."""
     def wrapper(executor, *args, **kwargs):
         for soft in sampled_prompts(executor, COND):
-            if soft.shape[1:] == hard_ctx.shape[1:] and torch.equal(soft[:1].to(hard_ctx.device, hard_ctx.dtype),
-                                                                     hard_ctx):
+            if is_prompt(soft[:1], hard_ctx):
                 log.warning("Dual-Path Attention Blend: the sampler's positive is the hard prompt; connect the soft "
                             "prompt (with the learned token) as positive, the blend takes the hard one itself")
         return executor(*args, **kwargs)

@@ -63,6 +63,13 @@ def assign_buckets(sizes: Sequence[tuple[int, int]], resolution: int, step: int 
     return {bucket: groups[bucket] for bucket in sorted(groups)}
 
 
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Float RGB [H, W, 3] -> [h, w, 3], bicubic with antialiasing (downscaling averages, no aliasing)."""
+    channels_first = image.permute(2, 0, 1).unsqueeze(0).float()
+    resized = F.interpolate(channels_first, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return resized.squeeze(0).permute(1, 2, 0).clamp(0.0, 1.0)  # bicubic overshoots at hard edges
+
+
 def fit_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Float RGB [H, W, 3] -> [h, w, 3]: scaled (antialiased) so it covers ``size`` with its aspect ratio kept,
     then centre-cropped. Returns ``image`` itself when it already has that size."""
@@ -77,9 +84,6 @@ def fit_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # max() guards rounding down below the target on the side that should match it exactly.
     new_h, new_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
     if (new_h, new_w) != (height, width):
-        channels_first = image.permute(2, 0, 1).unsqueeze(0).float()
-        resized = F.interpolate(channels_first, size=(new_h, new_w), mode="bicubic", antialias=True,
-                                align_corners=False)
-        image = resized.squeeze(0).permute(1, 2, 0).clamp(0.0, 1.0)  # bicubic overshoots at hard edges
+        image = resize_image(image, (new_h, new_w))
     top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
     return image[top:top + target_h, left:left + target_w, :].contiguous()

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .buckets import resize_image
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ def _read_image(path: str, input_name: str, max_short_side: int | None) -> torch
         # kept whole, a 12 MP phone photo is 140 MB of float32; training crops it to its bucket anyway
         scale = max_short_side / min(height, width)
         size = (max(max_short_side, round(height * scale)), max(max_short_side, round(width * scale)))
-        image = F.interpolate(image.permute(2, 0, 1).unsqueeze(0), size=size, mode="bicubic", antialias=True,
-                              align_corners=False).squeeze(0).permute(1, 2, 0).clamp(0.0, 1.0).contiguous()
+        image = resize_image(image, size).contiguous()
     return image
 
 
