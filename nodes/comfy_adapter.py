@@ -47,12 +47,18 @@ def model_family(model) -> str:
 
 
 def model_prediction(model) -> str:
+    """"eps" or "v". The prediction is read from how the sampling turns the model's output into the image, so a
+    ModelSamplingDiscrete node set to x0, img_to_img or lcm (subclasses of EPS) is refused, not trained as eps."""
     sampling = model.get_model_object("model_sampling")
+    denoised = getattr(type(sampling), "calculate_denoised", None)
+    predictions = {comfy.model_sampling.EPS.calculate_denoised: "eps",
+                   comfy.model_sampling.V_PREDICTION.calculate_denoised: "v"}
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or isinstance(
-            sampling, comfy.model_sampling.EDM):
-        raise InputError("model", f"{type(sampling).__name__} sampling is not supported; "
-                                  "training needs a discrete eps or v schedule (remove ModelSampling* nodes)")
-    return "v" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "eps"
+            sampling, comfy.model_sampling.EDM) or denoised not in predictions:
+        raise InputError("model", f"{type(sampling).__name__} sampling is not supported; training needs a discrete "
+                                  "eps or v-prediction schedule (remove ModelSampling* nodes, or set "
+                                  "ModelSamplingDiscrete to eps or v_prediction)")
+    return predictions[denoised]
 
 
 def _fixed_attention(func, *args, **kwargs):

@@ -146,6 +146,22 @@ def test_non_sd_model_is_refused(comfy, tiny_sd15, pack_nodes):
         run_node(pack_nodes[0], model=other, clip=clip, vae=vae, dataset=dataset(), **TRAIN_ARGS)
 
 
+@pytest.mark.parametrize("sampling,prediction", [("eps", "eps"), ("v_prediction", "v"), ("x0", None),
+                                                 ("img_to_img", None), ("lcm", None)])
+def test_prediction_follows_comfyuis_model_sampling_node(comfy, tiny_sd15, sampling, prediction):
+    """x0, img_to_img and lcm are EPS subclasses in ComfyUI: they must be refused, not trained toward the noise."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    from comfyui_personalize.nodes.comfy_adapter import model_prediction
+    from comfyui_personalize.training.errors import InputError
+    patched = ModelSamplingDiscrete().patch(tiny_sd15[0], sampling, False)[0]
+    if prediction is None:
+        with pytest.raises(InputError, match="model: .*set ModelSamplingDiscrete to eps or v_prediction"):
+            model_prediction(patched)
+    else:
+        assert model_prediction(patched) == prediction
+
+
 def _flow_sampling(model):
     import comfy.model_sampling
 
