@@ -4,13 +4,45 @@ from __future__ import annotations
 import logging
 import os
 
+import comfy.model_base
+import comfy.model_sampling
 import comfy.sd
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
-from ..training.files import IF_EXISTS, resolve_output_path, write_atomic
+from ..training.errors import InputError
+from ..training.files import IF_EXISTS, architecture, resolve_output_path, write_atomic
+from .comfy_adapter import model_family, model_prediction
 
 log = logging.getLogger(__name__)
+
+
+def checkpoint_extras(model) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and marker tensors ComfyUI's CheckpointSave writes beside the weights, so that Load Checkpoint
+    sets the same sampling up again: ``v_pred``, ``ztsnr`` (zero terminal SNR, which only this key turns on) and
+    the EDM v-prediction sigmas; plus the modelspec architecture and prediction."""
+    metadata: dict[str, str] = {}
+    extra: dict[str, torch.Tensor] = {}
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.ModelSamplingContinuousEDM) and isinstance(
+            sampling, comfy.model_sampling.V_PREDICTION):
+        extra["edm_vpred.sigma_max"] = torch.tensor(sampling.sigma_max).float()
+        extra["edm_vpred.sigma_min"] = torch.tensor(sampling.sigma_min).float()
+    model_type = model.model.model_type
+    if model_type == comfy.model_base.ModelType.EPS:
+        metadata["modelspec.predict_key"] = "epsilon"
+    elif model_type == comfy.model_base.ModelType.V_PREDICTION:
+        metadata["modelspec.predict_key"] = "v"
+        extra["v_pred"] = torch.tensor([])
+        if getattr(sampling, "zsnr", False):
+            extra["ztsnr"] = torch.tensor([])
+    try:
+        metadata["modelspec.architecture"] = architecture(model_family(model), model_prediction(model))
+        metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm"})
+    except InputError:
+        pass  # a family the trainers do not know: saved as ComfyUI saves it, without an architecture
+    return metadata, extra
 
 
 class PersonalizeSaveCheckpoint(io.ComfyNode):
@@ -36,9 +68,11 @@ class PersonalizeSaveCheckpoint(io.ComfyNode):
     def execute(cls, model, clip, vae, name, subfolder, if_exists) -> io.NodeOutput:
         folder = folder_paths.get_folder_paths("checkpoints")[0]
         path = resolve_output_path(folder, subfolder, name, ".safetensors", if_exists)
-        metadata = {"modelspec.title": path.stem, "personalize.saved_by": "ComfyUI-Personalize"}
+        metadata, extra_keys = checkpoint_extras(model)
+        metadata.update({"modelspec.title": path.stem, "personalize.saved_by": "ComfyUI-Personalize"})
         # ComfyUI's own writer (CheckpointSave uses it): merges the patches, keeps the file layout loaders expect.
-        write_atomic(path, lambda tmp: comfy.sd.save_checkpoint(tmp, model, clip, vae, metadata=metadata))
+        write_atomic(path, lambda tmp: comfy.sd.save_checkpoint(tmp, model, clip, vae, metadata=metadata,
+                                                                extra_keys=extra_keys))
         rel = os.path.relpath(path, folder)
         log.info("saved checkpoint %s", path)
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/checkpoints/{rel}"))
