@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..training.errors import InputError
+from ..training.files import base_model_metadata, tag_frequency
 from ..training.full_finetune import FullFineTune, diff_state_dict
 from ..training.lora import TrainedLoRA
 from ..training.trainer import ParamGroup
@@ -74,16 +75,20 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
                     diff.update(diff_state_dict(te_deltas, "text_encoders.", names))
                 return diff
 
+            # A1111/Forge file a network by these keys (without them: under SD1, hidden for SDXL/SD2 models).
+            base_meta = {**base_model_metadata(host.family, host.prediction), **tag_frequency(dataset.captions)}
+
             def save(step: int) -> None:  # the weight difference so far, as a diff file LoraLoader applies
                 save_intermediate("loras", f"dreambooth_step{step:05d}", weight_diff(),
-                                  {"personalize.method": "dreambooth", "personalize.step": str(step)})
+                                  {**base_meta, "personalize.method": "dreambooth", "personalize.step": str(step)})
 
             # No previews: sampling may make ComfyUI move the UNet's modules, and with them the swapped-in
             # trainable weights, to another device.
             losses = session.run(data, groups, attach, text_trains=train_text_encoder, save=save,
                                  channels_last=False, nhwc_inputs=device.type == "cuda", previews=False)
         diff = weight_diff()
-        meta = {"personalize.method": "dreambooth", "personalize.steps": str(steps),
+        meta = {**base_meta, "modelspec.title": "Personalize DreamBooth weight difference",
+                "personalize.method": "dreambooth", "personalize.steps": str(steps),
                 "personalize.learning_rate": str(learning_rate), "personalize.base_model": host.family,
                 "personalize.prior": prior.mode if prior else "none",
                 "personalize.class_prompt": prior.class_prompt if prior else "",

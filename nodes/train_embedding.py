@@ -203,7 +203,7 @@ def pivotal_outputs(cls, model, clip, vae, dataset, prior, options, cfg_args: di
         learning_rate=cfg_args["learning_rate"], steps=cfg_args["steps"], batch_size=cfg_args["batch_size"],
         resolution=session.size, num_images=len(dataset), seed=cfg_args["seed"], title=title,
         text_encoder_trained=False, prediction=session.host.prediction, targets=lora_args["targets"],
-        **session.schedule_metadata(), extra=extra)
+        **session.schedule_metadata(), captions=dataset.captions, extra=extra)
     lora = TrainedLoRA(net.kohya_state_dict(torch.float32), meta)
     out_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     return io.NodeOutput(out_model, out_clip, lora, embedding, {"loss": losses})

@@ -101,7 +101,7 @@ class PersonalizeTrainLoRA(io.ComfyNode):
                     steps=step or steps, batch_size=batch_size, resolution=session.size,
                     num_images=len(dataset), seed=seed, title="Personalize LoRA",
                     text_encoder_trained=te_net is not None, prediction=host.prediction, targets=targets,
-                    **session.schedule_metadata(),
+                    **session.schedule_metadata(), captions=dataset.captions,
                     extra={"captions": sorted(set(dataset.captions)), "prior": prior.mode if prior else "none"})
                 return TrainedLoRA(tensors, meta)
 

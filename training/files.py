@@ -7,8 +7,9 @@ import re
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -30,6 +31,31 @@ def architecture(base_model: str, prediction: str) -> str:
     """The SAI modelspec architecture: SD2 names its v-prediction (768-v) and eps (512, base) models apart."""
     arch = BASE_MODELS.get(base_model, (base_model, base_model))[1]
     return "stable-diffusion-v2-768-v" if base_model == "sd2" and prediction == "v" else arch
+
+
+def base_model_metadata(base_model: str, prediction: str, kind: str = "lora") -> dict[str, str]:
+    """What A1111/Forge and kohya's tools read to tell the base model of a network file: without it A1111 files
+    any file with metadata under SD1 and hides it while an SDXL or SD2 model is loaded. kohya appends "_v" to
+    SD1/SD2 versions trained with v-parameterization."""
+    version = BASE_MODELS.get(base_model, (base_model, base_model))[0]
+    if base_model in ("sd1", "sd2") and prediction == "v":
+        version += "_v"
+    return {
+        "ss_base_model_version": version,
+        "ss_v2": str(base_model == "sd2"),
+        "ss_v_parameterization": str(prediction == "v"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture(base_model, prediction)}/{kind}",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+    }
+
+
+def tag_frequency(captions: Sequence[str], dataset_name: str = "instance") -> dict[str, str]:
+    """kohya's ``ss_tag_frequency`` (comma-separated tags counted over the images' captions, under the dataset's
+    name) and ``ss_dataset_dirs``: A1111's metadata view lists a network's training tags from them."""
+    counts = Counter(tag.strip() for caption in captions for tag in caption.split(",") if tag.strip())
+    return {"ss_tag_frequency": json.dumps({dataset_name: dict(counts)}),
+            "ss_dataset_dirs": json.dumps({dataset_name: {"n_repeats": 1, "img_count": len(captions)}})}
 
 
 def _check_part(input_name: str, part: str) -> None:
@@ -103,9 +129,10 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
 def lora_metadata(*, base_model: str, rank: int, alpha: float, learning_rate: float, steps: int,
                   batch_size: int, resolution: tuple[int, int], num_images: int, seed: int, title: str,
                   text_encoder_trained: bool, prediction: str, targets: str, lr_scheduler: str = "constant",
-                  num_reg_images: int = 0, extra: Mapping[str, object] = ()) -> dict[str, str]:
-    """The ``ss_*`` keys kohya writes and the SAI ``modelspec.*`` keys, as strings (safetensors metadata)."""
-    version, arch = BASE_MODELS.get(base_model, (base_model, base_model))[0], architecture(base_model, prediction)
+                  num_reg_images: int = 0, captions: Sequence[str] = (),
+                  extra: Mapping[str, object] = ()) -> dict[str, str]:
+    """The ``ss_*`` keys kohya writes and the SAI ``modelspec.*`` keys, as strings (safetensors metadata).
+    ``captions``: one per training image, for the tag frequency."""
     now = time.time()
     meta = {
         "ss_network_module": "networks.lora",
@@ -125,18 +152,14 @@ def lora_metadata(*, base_model: str, rank: int, alpha: float, learning_rate: fl
         "ss_num_train_images": str(num_images),
         "ss_num_reg_images": str(num_reg_images),
         "ss_seed": str(seed),
-        "ss_base_model_version": version,
-        "ss_v2": str(base_model == "sd2"),
-        "ss_v_parameterization": str(prediction == "v"),
         "ss_training_finished_at": str(now),
         "ss_session_id": str(uuid.uuid4().int % 2**31),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution[1]}x{resolution[0]}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
         "personalize.trainer": "ComfyUI-Personalize",
+        **base_model_metadata(base_model, prediction),
+        **tag_frequency(captions),
     }
     for k, v in dict(extra).items():
         meta[f"personalize.{k}"] = v if isinstance(v, str) else json.dumps(v)

@@ -3,6 +3,7 @@ weight diff reproduces the model through the stock LoraLoader; the checkpoint ho
 import pytest
 import torch
 from comfy_tiny import weights_hash
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train_lora import dataset, ksample, run_node
 
@@ -52,6 +53,10 @@ def test_dreambooth_with_prior_tunes_a_copy_and_its_files_reproduce_it(comfy, ti
 
     name = run_node(save_lora, lora=diff, name="db_diff", subfolder="", save_dtype="fp32",
                     if_exists="overwrite").result[0]
+    with safe_open(str(comfy.models / "loras" / name), "pt") as f:  # A1111 files it by these (else: under SD1)
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and "ss_tag_frequency" in meta
     stock_model, _ = comfy.nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
     ours = ksample(comfy, out_model, clip)
     torch.testing.assert_close(ours, ksample(comfy, stock_model, clip), rtol=0, atol=1e-5)

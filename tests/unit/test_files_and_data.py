@@ -1,3 +1,4 @@
+import json
 import os
 import stat
 
@@ -76,6 +77,18 @@ def test_metadata_names_the_schedule_the_class_images_and_the_sd2_variant():
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora" and meta["ss_v_parameterization"] == "False"
     v = files.lora_metadata(base_model="sd2", prediction="v", **common)
     assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and v["ss_v_parameterization"] == "True"
+    assert v["ss_base_model_version"] == "sd_v2_v" and meta["ss_base_model_version"] == "sd_v2"  # as kohya names them
+
+
+def test_metadata_counts_the_training_tags_as_kohya_does():
+    """A1111's metadata view lists a LoRA's training tags from ss_tag_frequency: comma-separated, per image."""
+    meta = files.lora_metadata(base_model="sd1", prediction="eps", rank=4, alpha=2.0, learning_rate=1e-4, steps=10,
+                               batch_size=1, resolution=(64, 64), num_images=3, seed=1, title="t",
+                               text_encoder_trained=False, targets="attention",
+                               captions=["a photo of zwx dog, grass", "a photo of zwx dog , beach",
+                                         "a photo of zwx dog"])
+    assert json.loads(meta["ss_tag_frequency"]) == {"instance": {"a photo of zwx dog": 3, "grass": 1, "beach": 1}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"instance": {"n_repeats": 1, "img_count": 3}}
 
 
 def test_read_only_folder_is_a_clear_error(tmp_path):
