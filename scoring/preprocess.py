@@ -106,7 +106,8 @@ def preprocess(images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(one, range(len(arrays))))
     else:
-        one(0)
+        for index in range(len(arrays)):
+            one(index)
     pixels = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
     # ToTensor then Normalize, the same element-wise ops in the same order (so the same float32 bits).
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)

@@ -87,6 +87,17 @@ def test_batch_equals_images_one_by_one():
         assert torch.equal(batched[i:i + 1], preprocess(images[i:i + 1])[0])
 
 
+@pytest.mark.parametrize("cpus", [1, None])
+def test_batch_on_one_cpu_equals_threaded(monkeypatch, cpus):
+    """One worker (a 1-vCPU machine, or os.cpu_count() unknown) converted image 0 only and left the rest of the
+    batch as uninitialised memory."""
+    images = _comfy_images(3, 280, 350, 3, seed=5)
+    with monkeypatch.context() as patch:  # first, so its buffer cannot reuse the threaded call's memory
+        patch.setattr("comfyui_personalize.scoring.preprocess.os.cpu_count", lambda: cpus)
+        one_worker, _ = preprocess(images)
+    torch.testing.assert_close(one_worker, preprocess(images)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("images, match", [
     (torch.rand(1, 32, 32, 2), "2 channels"),
     (torch.rand(0, 32, 32, 3), "empty"),
