@@ -59,13 +59,19 @@ def _vision_key(rest: str) -> str | None:
     return None
 
 
+def without_ddp_prefix(state: dict) -> dict:
+    """ImageReward's own training saves its DistributedDataParallel wrapper's state dict: every key ``module.*``."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def official_to_port(state: dict) -> dict:
     """Official keys -> the port's (``vision.*`` BlipVisionModel, ``text.*`` BlipTextModel, ``mlp.*``),
     dropping position_ids / vision_proj / text_proj. A state already in port keys passes through (its
     position_ids dropped). Keys that belong to neither layout -> InputError listing them."""
     keys = list(state)
-    if keys and all(k.startswith("module.") for k in keys):  # saved from a DistributedDataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = without_ddp_prefix(state)
     port, unknown = {}, []
     for key, value in state.items():
         if DROPPED_OFFICIAL.match(key) or key in DROPPED_PORT:
@@ -124,6 +130,7 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
             state = load_file(str(path), device="cpu")
         else:
             state = _unwrap(_torch_load(path), path.name)
+        state = without_ddp_prefix(state)
     except pickle.UnpicklingError as e:
         raise InputError("checkpoint", f"{path.name} contains code (pickled Python objects), not only tensors, "
                          "and will not be loaded: loading it could run that code. Use a trusted copy converted to "

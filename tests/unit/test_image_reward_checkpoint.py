@@ -94,7 +94,9 @@ def test_round_trip_pt_wrapped_legacy_and_safetensors(tiny_files, inputs, tmp_pa
     torch.save({"state_dict": official, "epoch": 3}, wrapped)
     legacy = tmp_path / "legacy.pt"
     torch.save({"model": official}, legacy, _use_new_zipfile_serialization=False)  # cannot be mmapped
-    for path in (as_pt, wrapped, legacy):
+    ddp = tmp_path / "fine_tuned.pt"  # ImageReward's training script saves its DDP wrapper's keys
+    torch.save({"state_dict": {"module." + k: v for k, v in official.items()}}, ddp)
+    for path in (as_pt, wrapped, legacy, ddp):
         state = read_checkpoint(path)
         assert state.keys() == official.keys()
         assert all(torch.equal(state[k], official[k]) for k in official)
