@@ -6,6 +6,7 @@ other models can evict it and it comes back when needed.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -168,23 +169,32 @@ def prompt_list(prompt: str, mode: str, count: int) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def numbered_from(first: int, last: int):
+    """An error about "image i" of a slice (a chunk, or one batch of an IMAGE list) says where the slice starts, so
+    the user can find the image in the whole input."""
+    try:
+        yield
+    except InputError as e:
+        if first == 0:
+            raise
+        detail = str(e).removeprefix(f"{e.input_name}: ")
+        raise InputError(e.input_name, f"{detail} (numbered within images {first}..{last} of the input: add "
+                                       f"{first} for its position)") from e
+
+
 def _score_in_chunks(scorer: RewardScorer, images: torch.Tensor, prompts: list[str], batch_size: int,
-                     node_id) -> torch.Tensor:
+                     node_id, offset: int) -> torch.Tensor:
+    """``offset``: the position of ``images[0]`` in the node's whole input (earlier batches of an IMAGE list)."""
     count = images.shape[0]
     bar = comfy.utils.ProgressBar(count, node_id=node_id)
     chunks = []
     for start in range(0, count, batch_size):
         mm.throw_exception_if_processing_interrupted()  # Cancel stops between chunks
         stop = min(start + batch_size, count)
-        try:
+        with numbered_from(offset + start, offset + stop - 1):
             chunks.append(scorer.score(images[start:stop], prompts if len(prompts) == 1 else prompts[start:stop],
                                        batch_size=stop - start))
-        except InputError as e:
-            if start == 0:
-                raise
-            detail = str(e).removeprefix(f"{e.input_name}: ")
-            raise InputError(e.input_name, f"{detail} (numbered within images {start}..{stop - 1} of the batch: "
-                                           f"add {start} for the batch position)") from e
         bar.update_absolute(stop, count)
     return torch.cat(chunks)
 
@@ -265,26 +275,30 @@ class PersonalizeImageRewardScore(io.ComfyNode):
         parts = list(images)
         if not parts:
             raise InputError("images", "the list is empty")
-        notes = [n for part in parts for n in image_notes(part)]  # checks every batch first
+        counts = [part.shape[0] if isinstance(part, torch.Tensor) else 0 for part in parts]
+        offsets = [end - n for n, end in zip(counts, itertools.accumulate(counts))]
+        notes = []
+        for part, offset, n in zip(parts, offsets, counts):  # checks every batch first
+            with numbered_from(offset, offset + n - 1):
+                notes += image_notes(part)
         notes = list(dict.fromkeys(notes))
         if len(prompt) not in (1, len(parts)):
             raise InputError("prompt", f"got a list of {len(prompt)} prompts for {len(parts)} image batches; give "
                                        "one prompt, or one per batch")
-        counts = [part.shape[0] for part in parts]
         if len(prompt) == 1:  # one text over the whole list: one prompt, or one line per image of the list
             whole = prompt_list(prompt[0], prompt_mode, sum(counts))
-            ends = list(itertools.accumulate(counts))
-            per_part = [whole if len(whole) == 1 else whole[end - n:end] for n, end in zip(counts, ends)]
+            per_part = [whole if len(whole) == 1 else whole[at:at + n] for n, at in zip(counts, offsets)]
         else:
             per_part = [prompt_list(text, prompt_mode, n) for text, n in zip(prompt, counts)]
-        prompts = [p for part_prompts in per_part for p in part_prompts]
+        per_image = [p for ps, n in zip(per_part, counts) for p in (ps * n if len(ps) == 1 else ps)]
         scorer = image_reward.ready(min(batch_size, max(counts)))
-        notes += scorer.tokenize(sorted(set(prompts)))[2]
-        if not any(p.strip() for p in prompts):
+        notes += scorer.tokenize(per_image if len(set(per_image)) > 1 else per_image[:1])[2]  # "image i": position
+        if not any(p.strip() for p in per_image):
             notes.append("the prompt is empty: ImageReward judges how well an image fits its prompt, so give the "
                          "prompt the images were made from")
-        scores = [s for part, part_prompts in zip(parts, per_part)
-                  for s in _score_in_chunks(scorer, part, part_prompts, batch_size, cls.hidden.unique_id).tolist()]
+        scores = [s for part, part_prompts, offset in zip(parts, per_part, offsets)
+                  for s in _score_in_chunks(scorer, part, part_prompts, batch_size, cls.hidden.unique_id,
+                                            offset).tolist()]
         for note in notes:
             log.info("ImageReward Score: %s", note)
         text = summary_text(image_reward, scores, notes)

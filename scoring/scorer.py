@@ -71,14 +71,16 @@ class RewardScorer:
         self.last_notes: list[str] = []
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(input_ids, attention_mask) [len(prompts), 35] as the official, and notes for truncated prompts."""
+        """(input_ids, attention_mask) [len(prompts), 35] as the official, and notes for truncated prompts
+        (``prompts`` is one for all images, or image i's at i)."""
         encoded = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS,
                                  return_tensors="pt")
         lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
         long = [i for i, n in enumerate(lengths) if n > MAX_PROMPT_TOKENS]
         notes = []
         if long:
-            which = "the prompt" if len(prompts) == 1 else f"prompt {', '.join(map(str, long[:10]))}"
+            images = f"image{'s' if len(long) > 1 else ''} {', '.join(map(str, long[:10]))}"
+            which = "the prompt" if len(prompts) == 1 else f"the prompt of {images}"
             notes.append(f"{which} is longer than {MAX_PROMPT_TOKENS} tokens; only the first "
                          f"{MAX_PROMPT_TOKENS} count, as in the official ImageReward")
         return encoded["input_ids"], encoded["attention_mask"], notes

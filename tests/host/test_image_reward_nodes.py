@@ -199,6 +199,23 @@ def test_one_prompt_per_line(reward, loaded, core_scorer):
     assert not torch.equal(torch.tensor(scores), core_scorer.score(images, [lines[0]]))
 
 
+def test_notes_and_errors_name_the_images_position_in_the_whole_input(reward, loaded):
+    """The long-prompt note counted prompts sorted and de-duplicated; a NaN in the second batch of an IMAGE list
+    was numbered within that batch."""
+    from comfyui_personalize.training.errors import InputError
+
+    long = "a beautiful painting of a castle " * 6  # over 35 tokens
+    summary = score(reward, loaded, batch_of_images(n=3), prompt=f"zzz dog\n{long}\nzzz dog",
+                    mode="one per line").result[1]
+    assert "note: the prompt of image 1 is longer than 35 tokens" in summary
+    summary = score(reward, loaded, [batch_of_images(n=2), batch_of_images(n=1)], prompt=long).result[1]
+    assert "note: the prompt is longer than 35 tokens" in summary  # one prompt for every image of the list
+    bad = batch_of_images(n=2).clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"image 1 contains NaN.*within images 3\.\.4 of the input: add 3"):
+        score(reward, loaded, [batch_of_images(n=3), bad])
+
+
 def test_an_empty_prompt_scores_with_a_note(reward, loaded, core_scorer):
     images = batch_of_images(n=2)
     scores, summary = score(reward, loaded, images, prompt="").result

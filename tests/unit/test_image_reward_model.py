@@ -197,7 +197,7 @@ def test_long_prompts_are_truncated_with_a_note(scorer):
     ids, mask, notes = scorer.tokenize([long, "a dog"])
     assert ids.shape == (2, MAX_PROMPT_TOKENS) and mask[1].sum() == 4 and ids[1, 4:].eq(0).all()
     assert ids[0, 0] == scorer.tokenizer.cls_token_id and ids[0, -1] == scorer.tokenizer.sep_token_id
-    assert len(notes) == 1 and "prompt 0 " in notes[0]
+    assert len(notes) == 1 and "the prompt of image 0 " in notes[0]
 
 
 def test_nan_scores_name_the_image(scorer, monkeypatch):
