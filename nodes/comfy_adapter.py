@@ -30,6 +30,9 @@ _TE_PREFIXES = {"sd1": {"clip_l": "lora_te"}, "sd2": {"clip_h": "lora_te"},
                 "sdxl": {"clip_l": "lora_te1", "clip_g": "lora_te2"}}
 
 
+POOLED_WIDTH = 1280  # SDXL's y: CLIP-G's pooled text vector, then the size/crop embeddings
+
+
 def model_family(model) -> str:
     """"sd1", "sd2" or "sdxl"; anything else is refused with the reason."""
     base = model.model
@@ -180,6 +183,16 @@ class ComfyHost:
                                                 target_width=w, target_height=h)
             encoded[caption] = Conditioning(cond, y)
         return Conditioning.cat([encoded[c] for c in captions])
+
+    def micro_conditioning(self, rows: Sequence[tuple[int, int, int, int]], size: tuple[int, int]) -> torch.Tensor:
+        """SDXL's size/crop embeddings (the tail of y after the pooled text vector) for each image: [(original
+        height, width, crop top, crop left)] into a bucket of ``size`` -> [len(rows), A] float32 on the CPU."""
+        pooled = torch.zeros(1, POOLED_WIDTH)
+        h, w = size
+        tails = [self.model.model.encode_adm(pooled_output=pooled, width=ow, height=oh, crop_w=left, crop_h=top,
+                                             target_width=w, target_height=h)[:, POOLED_WIDTH:]
+                 for oh, ow, top, left in rows]
+        return torch.cat(tails).float().cpu()
 
     def device_prompt_encoder(self, prompts: Sequence[str], size: tuple[int, int]):
         """Every prompt encoded by device work only (CUDA-graph friendly), checked against ``encode_text``; None

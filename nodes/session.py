@@ -75,7 +75,8 @@ class TrainingSession:
     def data(self, text_trains: bool):
         host = self.host
         with torch.no_grad():  # the VAE's and CLIP's weights were made in inference mode; nothing trains here
-            data = build_training_data(self.dataset, self.prior, host.encode_images, host.encode_text)
+            data = build_training_data(self.dataset, self.prior, host.encode_images, host.encode_text,
+                                       micro_conditioning=host.micro_conditioning if host.family == "sdxl" else None)
             if not text_trains:
                 data.cache_conditioning()
         host.load_for_training(text_trains)

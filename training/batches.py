@@ -27,7 +27,9 @@ class LatentBucket:
     """One latent size. ``latents`` [n, C, h, w] with ``captions`` (one per row) at pixel ``size``; ``flipped``:
     the mirrored images' latents (same rows) or None; ``class_latents``: prior-preservation class images at
     this size. ``cond``/``empty_cond``/``class_cond`` are the cached conditionings of the captions, of "" and
-    of the class prompt (filled by ``TrainingData.cache_conditioning`` when the text side does not train)."""
+    of the class prompt (filled by ``TrainingData.cache_conditioning`` when the text side does not train).
+    ``micro``/``flipped_micro``/``class_micro``: SDXL's size/crop embeddings per row ([rows, A], the tail of y),
+    or None where every row takes the bucket's own (original size = crop target, no crop)."""
 
     latents: torch.Tensor
     captions: list[str]
@@ -37,6 +39,9 @@ class LatentBucket:
     cond: Conditioning | None = None
     empty_cond: Conditioning | None = None
     class_cond: Conditioning | None = None
+    micro: torch.Tensor | None = None
+    flipped_micro: torch.Tensor | None = None
+    class_micro: torch.Tensor | None = None
 
     def __post_init__(self):
         if len(self.captions) != self.latents.shape[0]:
@@ -53,7 +58,8 @@ class LatentBucket:
 
         return LatentBucket(move(self.latents), list(self.captions), self.size, move(self.flipped),
                             move(self.class_latents), move_cond(self.cond), move_cond(self.empty_cond),
-                            move_cond(self.class_cond))
+                            move_cond(self.class_cond), move(self.micro), move(self.flipped_micro),
+                            move(self.class_micro))
 
 
 @dataclass

@@ -2,7 +2,6 @@
 closest to its own, with about ``resolution``**2 pixels, instead of being squashed or cropped to a square."""
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -12,12 +11,10 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-log = logging.getLogger(__name__)
-
 # Kohya's defaults at 512 (min_bucket_reso 256, max_bucket_reso 1024): no side beyond twice the resolution, so a
 # panorama does not become a 64-px-high strip the model learns nothing from.
 MAX_SIDE_FACTOR = 2
-UPSCALE_WARNING = 2.0
+UPSCALE_WARNING = 2.0  # build_training_data warns once per image set from this scale on
 
 
 @lru_cache(maxsize=32)
@@ -70,6 +67,18 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.squeeze(0).permute(1, 2, 0).clamp(0.0, 1.0)  # bicubic overshoots at hard edges
 
 
+def placement(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where ``fit_image`` puts a [height, width] image in ``size``: (scaled height, scaled width, crop top, crop
+    left), the crop in the scaled image's pixels (SDXL's crop conditioning is in these)."""
+    target_h, target_w = size
+    if (height, width) == (target_h, target_w):
+        return height, width, 0, 0
+    scale = max(target_h / height, target_w / width)
+    # max() guards rounding down below the target on the side that should match it exactly.
+    new_h, new_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
+    return new_h, new_w, (new_h - target_h) // 2, (new_w - target_w) // 2
+
+
 def fit_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Float RGB [H, W, 3] -> [h, w, 3]: scaled (antialiased) so it covers ``size`` with its aspect ratio kept,
     then centre-cropped. Returns ``image`` itself when it already has that size."""
@@ -77,13 +86,7 @@ def fit_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     height, width = image.shape[:2]
     if (height, width) == (target_h, target_w):
         return image
-    scale = max(target_h / height, target_w / width)
-    if scale > UPSCALE_WARNING:
-        log.warning("upscaling a %dx%d image %.1fx to fill a %dx%d bucket; it will train blurry, use larger "
-                    "images or a lower resolution", width, height, scale, target_w, target_h)
-    # max() guards rounding down below the target on the side that should match it exactly.
-    new_h, new_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
+    new_h, new_w, top, left = placement(height, width, size)
     if (new_h, new_w) != (height, width):
         image = resize_image(image, (new_h, new_w))
-    top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
     return image[top:top + target_h, left:left + target_w, :].contiguous()

@@ -1,16 +1,18 @@
 """Checking and shaping what users feed a trainer: image batches, captions, and the encoded training set."""
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from typing import Callable, Sequence
 
 import torch
 
 from .batches import Encode, LatentBucket, TrainingData
-from .buckets import assign_buckets, fit_image
+from .buckets import UPSCALE_WARNING, assign_buckets, fit_image, placement
 from .datasets import InstanceDataset, PriorPreservation
 from .errors import InputError
 
 MIN_SIDE = 32
+log = logging.getLogger(__name__)
 
 
 def prepare_images(images: torch.Tensor, input_name: str = "images", multiple: int = 8) -> torch.Tensor:
@@ -46,12 +48,26 @@ def expand_captions(text: str, count: int, input_name: str = "caption") -> list[
     return lines
 
 
+# SDXL's size/crop part of y for each image: [(original h, original w, crop top, crop left)], bucket size -> [n, A]
+MicroConditioning = Callable[[Sequence[tuple[int, int, int, int]], tuple[int, int]], torch.Tensor]
+
+
+def _warn_upscaled(images: Sequence[torch.Tensor], size: tuple[int, int], what: str, advice: str) -> None:
+    scales = [max(size[0] / im.shape[0], size[1] / im.shape[1]) for im in images]
+    upscaled = [s for s in scales if s >= UPSCALE_WARNING]
+    if upscaled:
+        log.warning("%d %s upscaled up to %.1fx to fill a %dx%d bucket: they train blurry; %s", len(upscaled), what,
+                    max(upscaled), size[1], size[0], advice)
+
+
 def build_training_data(dataset: InstanceDataset, prior: PriorPreservation | None,
                         encode_images: Callable[[torch.Tensor], torch.Tensor], encode: Encode,
-                        chunk: int = 8) -> TrainingData:
+                        chunk: int = 8, micro_conditioning: MicroConditioning | None = None) -> TrainingData:
     """Bucket the subject images by aspect ratio, fit each to its bucket and encode it once (mirrored too when
     ``dataset.flip``); class images are fitted and encoded at every bucket size, so a class batch always
-    matches the subject batch it is trained with."""
+    matches the subject batch it is trained with. ``micro_conditioning`` (SDXL): each row's size/crop
+    embeddings from its image's size as given (folder images larger than needed were scaled at load) and its
+    crop in the bucket, mirrored for the flipped rows, as kohya and diffusers condition SDXL training."""
     def encode_all(images: list[torch.Tensor], size: tuple[int, int], mirror: bool = False) -> torch.Tensor:
         out = []
         for i in range(0, len(images), chunk):
@@ -59,15 +75,31 @@ def build_training_data(dataset: InstanceDataset, prior: PriorPreservation | Non
             out.append(encode_images(pixels.flip(2) if mirror else pixels))
         return torch.cat(out)
 
+    def micro(images: list[torch.Tensor], size: tuple[int, int], mirror: bool = False) -> torch.Tensor | None:
+        if micro_conditioning is None:
+            return None
+        rows = []
+        for im in images:
+            height, width = im.shape[:2]
+            _, new_w, top, left = placement(height, width, size)
+            rows.append((height, width, top, new_w - left - size[1] if mirror else left))
+        return micro_conditioning(rows, size)
+
     groups = assign_buckets([tuple(im.shape[:2]) for im in dataset.images], dataset.resolution,
                             enabled=dataset.bucketing)
+    class_images = list(prior.images) if prior is not None and prior.mode == "class_images" else None
     buckets = []
     for size, ids in groups.items():
         images = [dataset.images[i] for i in ids]
+        _warn_upscaled(images, size, "subject images", "use larger photos or a lower resolution")
+        if class_images:
+            _warn_upscaled(class_images, size, "class images", "make them at the training resolution (the "
+                                                              "Prior-Preservation Dataset's width/height)")
         buckets.append(LatentBucket(
             encode_all(images, size), [dataset.captions[i] for i in ids], size,
             flipped=encode_all(images, size, mirror=True) if dataset.flip else None,
-            class_latents=(encode_all(list(prior.images), size)
-                           if prior is not None and prior.mode == "class_images" else None)))
+            class_latents=encode_all(class_images, size) if class_images else None,
+            micro=micro(images, size), flipped_micro=micro(images, size, mirror=True) if dataset.flip else None,
+            class_micro=micro(class_images, size) if class_images else None))
     return TrainingData(buckets, encode, dataset.caption_dropout, prior.mode if prior else None,
                         prior.weight if prior else 1.0, prior.class_prompt if prior else "")

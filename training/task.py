@@ -38,6 +38,14 @@ class Conditioning:
             raise ValueError(f"expand needs a single conditioning, got {len(self)}")
         return Conditioning(self.context.expand(n, -1, -1), None if self.y is None else self.y.expand(n, -1))
 
+    def with_y_tail(self, tail: torch.Tensor | None) -> "Conditioning":
+        """y with its last ``tail.shape[-1]`` values replaced per sample (SDXL's size/crop embeddings follow the
+        pooled text vector); unchanged for None."""
+        if tail is None:
+            return self
+        head = self.y[:, :self.y.shape[-1] - tail.shape[-1]]
+        return Conditioning(self.context, torch.cat([head, tail.to(head.device, head.dtype)], dim=-1))
+
     def where(self, mask: torch.Tensor, other: "Conditioning") -> "Conditioning":
         """Per sample: ``other`` where ``mask`` [B] is true, else self (caption dropout)."""
         a, b = Conditioning.cat([self, other]).split(len(self))

@@ -204,24 +204,31 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
         bucket = buckets[bucket_id]
         rows = plan_rows.index_select(0, step_counter)[0, k]
         x0 = bucket.latents.index_select(0, rows)
+        micro = None if bucket.micro is None else bucket.micro.index_select(0, rows)  # SDXL size/crop, per row
         if bucket.flipped is not None:
             mirror = torch.rand(bs, generator=generator, device=device) < 0.5
             x0 = torch.where(mirror.view(-1, 1, 1, 1), bucket.flipped.index_select(0, rows), x0)
+            if micro is not None:
+                micro = torch.where(mirror.view(-1, 1), bucket.flipped_micro.index_select(0, rows), micro)
         cond, class_cond = conditioning(bucket_id, rows, host_rows, bs)
+        cond = cond.with_y_tail(micro)
+        class_micro = micro  # prior_prediction's class half is the subject images again
         if data.prior == "class_images":
             crows = class_rows.index_select(0, step_counter)[0, k]
             x0 = torch.cat([x0, bucket.class_latents.index_select(0, crows)])
+            class_micro = None if bucket.class_micro is None else bucket.class_micro.index_select(0, crows)
         elif data.prior == "prior_prediction":
             x0 = torch.cat([x0, x0])
         if data.prior:
-            cond = Conditioning.cat([cond, class_cond.expand(bs)])
+            cond = Conditioning.cat([cond, class_cond.expand(bs).with_y_tail(class_micro)])
         noise = obj.noise(x0.shape, generator, device)
         t = obj.timesteps(x0.shape[0], generator, device)
         x_t = schedule.add_noise(x0, noise, t)
         target = schedule.target(x0, noise, t)
         if data.prior == "prior_prediction":
             with torch.no_grad(), frozen(), autocast():
-                prior_target = task.predict(x_t[bs:], t[bs:], frozen_class.get(bucket_id, class_cond).expand(bs))
+                prior_target = task.predict(x_t[bs:], t[bs:],
+                                            frozen_class.get(bucket_id, class_cond).expand(bs).with_y_tail(micro))
             target = torch.cat([target[:bs], prior_target.float()])
         with autocast():
             pred = task.predict(x_t, t, cond)

@@ -160,3 +160,35 @@ def test_sdxl_dreambooth_diff_names_are_kohyas_and_resolve_in_comfyui(comfy, tin
     assert {"_".join(k.split("_")[:2]) for k in te.values()} == {"lora_te1", "lora_te2"}
     assert all(clip_keys[k] == g[len("text_encoders."):] + ".weight" for g, k in te.items())
     assert any(".clip_g." in g and k.startswith("lora_te2_") for g, k in te.items())
+
+
+def test_sdxl_training_rows_get_their_images_size_and_crop(comfy, tiny_sdxl, tiny_sdxl_clip, tiny_sd15, monkeypatch):
+    """Every SDXL row used to say "uncropped, already bucket-sized"; a wide photo centre-cropped to the square (and
+    a small one upscaled) now reports its own size and crop, as kohya/diffusers condition SDXL training."""
+    from test_train_lora import run_node
+
+    import comfyui_personalize.nodes.session as session
+    from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+    from comfyui_personalize.nodes.train_embedding import PersonalizeTrainTextualInversion
+    from comfyui_personalize.training.datasets import InstanceDataset
+
+    host = ComfyHost(tiny_sdxl, None, None)
+    adm = host.model.model.encode_adm
+    tails = host.micro_conditioning([(64, 96, 0, 16), (64, 64, 0, 0)], (64, 64))
+    pooled = torch.zeros(1, 1280)
+    torch.testing.assert_close(tails[0], adm(pooled_output=pooled, width=96, height=64, crop_w=16, crop_h=0,
+                                             target_width=64, target_height=64)[0, 1280:])
+    torch.testing.assert_close(tails[1], adm(pooled_output=pooled, width=64, height=64)[0, 1280:])  # as inference
+
+    built = []
+    real = session.build_training_data
+    monkeypatch.setattr(session, "build_training_data", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    images = (torch.rand(64, 96, 3), torch.rand(40, 40, 3))
+    data = InstanceDataset(images, ("a photo of zwx dog",) * 2, resolution=64, bucketing=False, flip=True)
+    run_node(PersonalizeTrainTextualInversion, model=tiny_sdxl, clip=tiny_sdxl_clip, vae=tiny_sd15[2], dataset=data,
+             steps=1, learning_rate=1e-2, batch_size=1, seed=0, dtype="auto", gradient_checkpointing=False,
+             token="zwx", init_word="dog", num_vectors=1)
+    (bucket,) = built[0].buckets
+    torch.testing.assert_close(bucket.micro, host.micro_conditioning([(64, 96, 0, 16), (40, 40, 0, 0)], (64, 64)))
+    torch.testing.assert_close(bucket.flipped_micro, host.micro_conditioning([(64, 96, 0, 16), (40, 40, 0, 0)],
+                                                                             (64, 64)))  # even margins: same crop
