@@ -3,7 +3,9 @@ as the one dataset every trainer takes."""
 from __future__ import annotations
 
 import logging
-import os
+import re
+from pathlib import Path
+from typing import Sequence
 
 import folder_paths
 import torch
@@ -47,10 +49,48 @@ def _batch_to_images(images: torch.Tensor) -> list[torch.Tensor]:
     return [image.clone() for image in batch]
 
 
-def _resolve_folder(folder: str) -> str:
-    folder = os.path.expanduser(folder.strip())
-    # A local tool reading the user's own files: absolute paths are allowed on purpose (read-only).
-    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+def resolve_folder(folder: str) -> Path:
+    """A folder under ComfyUI's input directory, or an absolute path (a local tool reading the user's own files:
+    allowed on purpose, read-only); a relative path may not climb out of the input directory."""
+    if not folder.strip():
+        raise InputError("folder", "is empty; give a folder of images (relative to ComfyUI's input folder, or an "
+                                   "absolute path)")
+    path = Path(folder.strip()).expanduser()
+    if path.is_absolute():
+        return path
+    root = Path(folder_paths.get_input_directory()).resolve()
+    resolved = (root / path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise InputError("folder", f"{folder!r} leaves the input folder {root}; give an absolute path instead")
+    return resolved
+
+
+def folder_fingerprint(folder: str):
+    """What ComfyUI compares to decide whether a folder input changed: the folder's files (name, time, size), so
+    adding, replacing or re-captioning an image re-runs the node and what trains on it."""
+    try:
+        path = resolve_folder(folder)
+        return sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file())
+    except (InputError, OSError):
+        return float("nan")  # never equal to itself: run and report the problem
+
+
+def identifier_note(captions: Sequence[str], identifier: str) -> str | None:
+    """DreamBooth binds the subject to the identifier through the captions: none with it is an error (the model
+    would learn the subject without a word for it); some without it is worth a note."""
+    identifier = identifier.strip()
+    if not identifier:
+        return None
+    word = re.compile(rf"(?<![\w]){re.escape(identifier)}(?![\w])")
+    missing = [i for i, caption in enumerate(captions) if not word.search(caption)]
+    if len(missing) == len(captions):
+        raise InputError("caption", f"no caption contains the identifier {identifier!r} (first: {captions[0]!r}); "
+                                    "write {identifier} in the caption template and in the .txt caption files, or "
+                                    "clear identifier to train without one")
+    if missing:
+        return (f"note: {len(missing)} of {len(captions)} captions do not contain {identifier!r} (image "
+                f"{', '.join(map(str, missing[:10]))}{', ...' if len(missing) > 10 else ''})")
+    return None
 
 
 def _summary(dataset: InstanceDataset) -> str:
@@ -95,6 +135,11 @@ class PersonalizeInstanceDataset(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder="", **_kwargs):
+        """A folder is read again when its files change (the inputs alone would keep the cached dataset)."""
+        return folder_fingerprint(folder) if (folder or "").strip() else ""
+
+    @classmethod
     def execute(cls, caption, identifier, class_noun, resolution, bucketing, flip, caption_dropout,
                 images=None, folder="") -> io.NodeOutput:
         folder = (folder or "").strip()
@@ -107,7 +152,7 @@ class PersonalizeInstanceDataset(io.ComfyNode):
             file_captions: list[str | None] = [None] * len(pictures)
             if folder:
                 # the shorter side at most the resolution: no bucket's shorter side is larger
-                for image, text in load_image_folder(_resolve_folder(folder), "folder", max_short_side=resolution):
+                for image, text in load_image_folder(resolve_folder(folder), "folder", max_short_side=resolution):
                     pictures.append(image)  # made here, outside inference mode: already a normal tensor
                     file_captions.append(text)
         if all(text is not None for text in file_captions):
@@ -118,7 +163,10 @@ class PersonalizeInstanceDataset(io.ComfyNode):
                     for own, template in zip(file_captions, templates)]
         dataset = InstanceDataset(images=tuple(pictures), captions=tuple(captions), resolution=resolution,
                                   bucketing=bucketing, flip=flip, caption_dropout=caption_dropout)
-        summary = _summary(dataset)
+        note = identifier_note(captions, identifier)
+        if note:
+            log.warning("instance dataset: %s", note)
+        summary = _summary(dataset) + (f"\n{note}" if note else "")
         log.info("instance dataset: %s", summary.replace("\n", "; "))
         return io.NodeOutput(dataset, ui=ui.PreviewText(summary))
 

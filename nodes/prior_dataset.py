@@ -26,6 +26,7 @@ from ..training.errors import InputError
 from ..training.identifier import class_prompt as default_class_prompt
 from ..training.image_folder import load_image_folder
 from ..training.prior_cache import ClassImageCache, cache_key, image_to_pil, tensor_fingerprint
+from .dataset import folder_fingerprint, resolve_folder
 from .types import Prior
 
 log = logging.getLogger(__name__)
@@ -223,21 +224,6 @@ def generate_class_images(model, clip, vae, prompt: str, negative_prompt: str, s
 
 # ---- the node
 
-def resolve_folder(folder: str) -> Path:
-    """A folder under the ComfyUI input directory, or an absolute path."""
-    if not folder.strip():
-        raise InputError("folder", "is empty; give a folder of class images (relative to ComfyUI's input "
-                                   "folder, or an absolute path)")
-    path = Path(folder.strip()).expanduser()
-    if path.is_absolute():
-        return path
-    root = Path(folder_paths.get_input_directory()).resolve()
-    resolved = (root / path).resolve()
-    if resolved != root and root not in resolved.parents:
-        raise InputError("folder", f"{folder!r} leaves the input folder {root}; give an absolute path instead")
-    return resolved
-
-
 def preview_batch(images: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Up to PREVIEW_COUNT images as one IMAGE batch, resized to the first image's size."""
     if not images:
@@ -329,13 +315,7 @@ class PersonalizePriorDataset(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, mode="generate", folder="", **_kwargs):
         """Folder mode re-runs when the folder's files change; the other modes depend on their inputs only."""
-        if mode != "folder":
-            return ""
-        try:
-            path = resolve_folder(folder)
-            return sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file())
-        except (InputError, OSError):
-            return float("nan")  # never equal to itself: run and report the problem
+        return folder_fingerprint(folder) if mode == "folder" else ""
 
     @classmethod
     def execute(cls, mode, class_noun, class_prompt, negative_prompt, num_class_images, prior_loss_weight, width,

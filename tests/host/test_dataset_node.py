@@ -90,6 +90,8 @@ def test_absolute_folder_with_all_caption_files_needs_no_template(node, tmp_path
     ({"images": "batch", "identifier": "  "}, "identifier"),
     ({"images": "batch", "class_noun": ""}, "class_noun"),
     ({"folder": "does_not_exist"}, "folder"),
+    ({"folder": "../outside"}, "folder"),  # a relative path stays in the input folder
+    ({"images": "batch", "caption": "a photo of a {class}"}, "caption"),  # no caption has the identifier
     ({"images": "tiny"}, "images"),
 ])
 def test_bad_inputs_name_the_input(node, input_dir, override, input_name):
@@ -102,3 +104,26 @@ def test_bad_inputs_name_the_input(node, input_dir, override, input_name):
     with pytest.raises(InputError) as err:
         run_node(node, **kwargs)
     assert err.value.input_name == input_name
+
+
+def test_a_folder_is_read_again_when_its_files_change(node, input_dir):
+    """ComfyUI compared the inputs only: images added to the folder, or a caption file fixed, kept the old dataset
+    (and the old LoRA) with no hint."""
+    write_folder(input_dir / "subject", {"a": "{identifier} dog"})
+    before = node.fingerprint_inputs(folder="subject")
+    assert node.fingerprint_inputs(folder="subject") == before  # unchanged: cached
+    (input_dir / "subject" / "a.txt").write_text("{identifier} dog on grass", encoding="utf-8")
+    recaptioned = node.fingerprint_inputs(folder="subject")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(input_dir / "subject" / "b.png")
+    added = node.fingerprint_inputs(folder="subject")
+    assert len({repr(before), repr(recaptioned), repr(added)}) == 3
+    missing = node.fingerprint_inputs(folder="nowhere")
+    assert missing != missing  # never equal: the node runs and names the problem
+    assert node.fingerprint_inputs(folder="") == ""
+
+
+def test_captions_without_the_identifier_are_noted(node, input_dir):
+    write_folder(input_dir / "mixed", {"a": "{identifier} dog", "b": "a dog on a sofa"})
+    out = run_node(node, **dict(ARGS, folder="mixed"))
+    assert "note: 1 of 2 captions do not contain 'sks' (image 1)" in out.ui.as_dict()["text"][0]
+    assert "note" not in run_node(node, images=batch(2), **ARGS).ui.as_dict()["text"][0]
