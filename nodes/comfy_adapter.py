@@ -49,6 +49,12 @@ def model_family(model) -> str:
     raise InputError("model", f"{name} models are not supported; training needs an SD1.x, SD2.x or SDXL checkpoint")
 
 
+def native_resolution(model) -> int:
+    """The square size the family was trained at (SD2's v-prediction model is the 768 one)."""
+    family = model_family(model)
+    return {"sd1": 512, "sd2": 768 if model_prediction(model) == "v" else 512, "sdxl": 1024}[family]
+
+
 def model_prediction(model) -> str:
     """"eps" or "v". The prediction is read from how the sampling turns the model's output into the image, so a
     ModelSamplingDiscrete node set to x0, img_to_img or lcm (subclasses of EPS) is refused, not trained as eps."""

@@ -26,6 +26,7 @@ from ..training.errors import InputError
 from ..training.identifier import class_prompt as default_class_prompt
 from ..training.image_folder import load_image_folder
 from ..training.prior_cache import ClassImageCache, cache_key, image_to_pil, tensor_fingerprint
+from .comfy_adapter import native_resolution
 from .dataset import folder_fingerprint, resolve_folder
 from .types import Prior
 
@@ -235,6 +236,11 @@ def preview_batch(images: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torc
     return torch.stack(out).clamp(0, 1)
 
 
+SIZE_TOOLTIP = ("generate mode. 0: the model's native size (SD1.x and SD2 base 512, SD2 768-v 768, SDXL 1024). "
+                "Class images are scaled to the training resolution, so make them at least that large: 512-px "
+                "class images in SDXL's 1024 buckets train the class blurry.")
+
+
 def _check_settings(num_class_images, prior_loss_weight, width, height, steps, cfg, sampler_name, scheduler,
                     batch_size) -> None:
     if num_class_images < 1:
@@ -243,8 +249,9 @@ def _check_settings(num_class_images, prior_loss_weight, width, height, steps, c
     if not prior_loss_weight > 0:
         raise InputError("prior_loss_weight", f"must be positive, got {prior_loss_weight}")
     for name, value in (("width", width), ("height", height)):
-        if value < 64 or value % 8:
-            raise InputError(name, f"must be a multiple of 8 and at least 64, got {value}")
+        if value != 0 and (value < 64 or value % 8):
+            raise InputError(name, f"must be 0 (the model's native size) or a multiple of 8 of at least 64, "
+                                   f"got {value}")
     if steps < 1:
         raise InputError("steps", f"must be at least 1, got {steps}")
     if not cfg >= 0:  # also refuses NaN
@@ -286,8 +293,8 @@ class PersonalizePriorDataset(io.ComfyNode):
                                      "ones; fewer uses the first N."),
                 io.Float.Input("prior_loss_weight", default=1.0, min=0.01, max=10.0, step=0.05,
                                tooltip="DreamBooth's lambda: weight of the class loss (kohya/diffusers default 1)."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Int.Input("width", default=0, min=0, max=4096, step=8, tooltip=SIZE_TOOLTIP),
+                io.Int.Input("height", default=0, min=0, max=4096, step=8, tooltip=SIZE_TOOLTIP),
                 io.Int.Input("steps", default=30, min=1, max=1000),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m"),
@@ -343,6 +350,8 @@ class PersonalizePriorDataset(io.ComfyNode):
                 if value is None:
                     raise InputError(name, f"generate mode needs the {name} input connected (the checkpoint you "
                                            "will train); or choose mode folder or prior_prediction")
+            native = native_resolution(model)
+            width, height = width or native, height or native
             settings = {"width": width, "height": height, "steps": steps, "cfg": float(cfg),
                         "sampler_name": sampler_name, "scheduler": scheduler, "seed": seed}
             images, message = generate_class_images(model, clip, vae, prompt, negative_prompt, settings,

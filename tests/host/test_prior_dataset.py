@@ -248,3 +248,20 @@ def test_generate_without_model_names_the_missing_input(comfy, tiny_sd15, node, 
         with pytest.raises(InputError) as err:
             run_node(node, **ARGS, **inputs)
         assert err.value.input_name == missing
+
+
+def test_size_zero_is_the_models_native_size(comfy, tiny_sd15, node, dirs, monkeypatch):
+    """A fixed 512 default made SDXL's class images at 512, upscaled 2x into its 1024 buckets."""
+    from comfy import supported_models
+    from comfy_tiny import TINY_SDXL, tiny_unet_patcher
+
+    import comfyui_personalize.nodes.prior_dataset as prior_dataset
+    from comfyui_personalize.nodes.comfy_adapter import native_resolution
+    assert native_resolution(tiny_sd15[0]) == 512
+    assert native_resolution(tiny_unet_patcher(supported_models.SDXL, TINY_SDXL, seed=4)) == 1024
+    monkeypatch.setattr(prior_dataset, "native_resolution", lambda model: 72)  # CPU-sized stand-in for 512
+    prior = generate(node, tiny_sd15, width=0, height=0)[0]
+    assert [tuple(image.shape) for image in prior.images] == [(72, 72, 3)] * 3
+    SamplerCalls(monkeypatch, fail=True)
+    cached = generate(node, tiny_sd15, width=72, height=72)[0]  # the same images: 0 was resolved before the key
+    assert all(torch.equal(a, b) for a, b in zip(prior.images, cached.images))
