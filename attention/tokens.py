@@ -103,8 +103,9 @@ class PromptTokens:
 def parse_word_weights(text: str, input_name: str = "words") -> list[tuple[str, float]]:
     """``word or phrase:weight`` entries separated by commas or new lines; weights may be negative.
 
-    The last colon separates the weight, so a phrase may contain colons (``embedding:name:2``)."""
-    parsed = []
+    The last colon separates the weight, so a phrase may contain colons (``embedding:name:2``). A word given twice
+    is refused: one of its weights would be dropped."""
+    parsed, seen = [], {}
     for entry in re.split(r"[,\n]", text or ""):
         entry = entry.strip()
         if not entry:
@@ -122,6 +123,10 @@ def parse_word_weights(text: str, input_name: str = "words") -> list[tuple[str, 
                 from None
         if not math.isfinite(weight):  # float() accepts 'nan' and 'inf', which would poison the attention maps
             raise InputError(input_name, f"the weight in '{entry}' must be a finite number; {_WEIGHT_EXAMPLE}")
+        key = " ".join(word.lower().split())  # CLIP lowercases: "Red" and "red" are one word
+        if key in seen:  # the later weight would silently win
+            raise InputError(input_name, f"'{word}' is given twice ({seen[key]:g} and {weight:g}); give each word once")
+        seen[key] = weight
         parsed.append((word, weight))
     return parsed
 

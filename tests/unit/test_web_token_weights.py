@@ -50,3 +50,12 @@ def test_a_word_not_in_the_prompt_and_a_bad_weight_are_listed(js):
     out = js("weightedWords", "a photo of a red car", "blue:2, red:lots, car:0x10")
     assert out["problems"] == ["'blue' is not in the prompt", "'red:lots' needs word:number",
                                "'car:0x10' needs word:number"]
+
+
+def test_a_word_given_twice_is_refused_by_both(js):
+    """"red:2, red:3" used to keep the last weight with no word; the node now refuses it and the preview says so."""
+    with pytest.raises(InputError, match="'Red' is given twice \\(2 and 3\\)"):
+        parse_word_weights("red:2, Red:3")
+    out = js("weightedWords", "a photo of a red car", "red:2, Red:3, red  car:1, red car:2")
+    assert out["problems"] == ["'red' is given twice", "'red car' is given twice"]
+    assert parse_word_weights("red:2, red car:3") == [("red", 2.0), ("red car", 3.0)]  # a phrase is its own entry

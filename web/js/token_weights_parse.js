@@ -41,11 +41,18 @@ export function weightedWords(text, spec) {
   });
   const weights = new Array(words.length).fill(null);
   const problems = [];
+  const seen = new Set();
   for (const item of parseWeights(spec)) {
     if (!item.ok) {
       problems.push(`'${item.entry}' needs word:number`);
       continue;
     }
+    const key = item.phrase.split(/\s+/).join(" ");
+    if (seen.has(key)) {
+      problems.push(`'${item.phrase}' is given twice`); // the node refuses it (attention/tokens.py)
+      continue;
+    }
+    seen.add(key);
     const phrase = lookupWords(item.phrase);
     let found = false;
     for (let i = 0; phrase.length && i + phrase.length <= parts.length; i++) {
