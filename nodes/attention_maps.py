@@ -55,14 +55,16 @@ class PersonalizeAttentionMaps(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
-                io.String.Input("text", multiline=True, default="a photo of a cat riding a bicycle"),
+                io.String.Input("text", multiline=True, default="a photo of a cat riding a bicycle",
+                                tooltip="The prompt the latent was made with (the maps are where its words attend)."),
                 io.String.Input("words", default="cat, bicycle", tooltip="Comma-separated words or phrases."),
                 io.Latent.Input("latent", tooltip="The image's latent (e.g. the sampler's output)."),
                 io.Combo.Input("resolution", options=list(RESOLUTIONS), default="latent/4",
                                tooltip="Which layers: their feature map size relative to the latent; all = mean."),
                 io.Float.Input("at_percent", default=0.5, min=0.0, max=0.99, step=0.01,
                                tooltip="Noise level to look at (0 = pure noise, near 1 = almost clean)."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1,
+                             tooltip="The noise added to the latent to reach at_percent."),
             ],
             outputs=[io.Image.Output(display_name="maps")],
         )

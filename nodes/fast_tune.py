@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..training.errors import InputError
 from ..training.lora import UNET_TARGET_PRESETS
-from .session import common_inputs
+from .session import ALPHA_TOOLTIP, RANK_TOOLTIP, TARGETS_TOOLTIP, common_inputs
 from .train_embedding import pivotal_output_sockets, pivotal_outputs
 
 
@@ -31,10 +31,12 @@ class PersonalizeFastTune(io.ComfyNode):
                 io.String.Input("init_word", default="person", tooltip="The subject's class word (e.g. 'dog'): the "
                                 "new word starts at its embedding, the nearest real tokens. A word of several "
                                 "tokens needs num_vectors = its token count to start from all of them."),
-                io.Int.Input("num_vectors", default=1, min=1, max=16),
-                io.Int.Input("rank", default=4, min=1, max=64),
-                io.Float.Input("alpha", default=4.0, min=0.01, max=1024.0, step=0.5),
-                io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention"),
+                io.Int.Input("num_vectors", default=1, min=1, max=16,
+                             tooltip="Vectors the new word is made of (1 = one token, as a real word)."),
+                io.Int.Input("rank", default=4, min=1, max=64, tooltip=RANK_TOOLTIP),
+                io.Float.Input("alpha", default=4.0, min=0.01, max=1024.0, step=0.5, tooltip=ALPHA_TOOLTIP),
+                io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention",
+                               tooltip=TARGETS_TOOLTIP),
                 io.Float.Input("nn_weight", default=0.01, min=0.0, max=10.0, step=0.001, round=False,
                                tooltip="Nearest-neighbour contrastive regulariser on the word, with a pull to that "
                                        "word's vector that keeps its length real (0: off)."),

@@ -320,9 +320,11 @@ class PersonalizeConvertImageReward(io.ComfyNode):
                         "with pickled code is refused), checks it against the architecture and writes it as "
                         "<name>.safetensors in the same folder. Pick the new file in Load ImageReward afterwards.",
             inputs=[
-                io.Combo.Input("checkpoint", options=checkpoint_files()),
+                io.Combo.Input("checkpoint", options=checkpoint_files(),
+                               tooltip="The official ImageReward.pt in models/image_reward, to convert."),
                 io.String.Input("name", default="ImageReward", tooltip="File name for the .safetensors file."),
-                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="error"),
+                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="error",
+                               tooltip="When the .safetensors exists: error (keep it), overwrite or increment."),
             ],
             outputs=[io.String.Output(display_name="file")],
             is_output_node=True,

@@ -15,7 +15,8 @@ class PersonalizeLossPlot(io.ComfyNode):
             display_name="Personalize Loss Plot",
             category="personalize/training",
             description="Draws the loss output of a Personalize trainer (per step, with a moving average).",
-            inputs=[io.LossMap.Input("loss"), io.String.Input("title", default="training loss")],
+            inputs=[io.LossMap.Input("loss"), io.String.Input("title", default="training loss",
+                                                                     tooltip="The plot's title.")],
             outputs=[io.Image.Output(display_name="plot")],
         )
 

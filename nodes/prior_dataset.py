@@ -236,6 +236,7 @@ def preview_batch(images: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torc
     return torch.stack(out).clamp(0, 1)
 
 
+SAMPLING_TOOLTIP = "generate mode: as KSampler's; the class images should look like what the model makes."
 SIZE_TOOLTIP = ("generate mode. 0: the model's native size (SD1.x and SD2 base 512, SD2 768-v 768, SDXL 1024). "
                 "Class images are scaled to the training resolution, so make them at least that large: 512-px "
                 "class images in SDXL's 1024 buckets train the class blurry.")
@@ -286,7 +287,8 @@ class PersonalizePriorDataset(io.ComfyNode):
                 io.String.Input("class_prompt", default="",
                                 tooltip="Empty: 'a photo of a/an {class_noun}'. Also the trainers' caption for the "
                                         "class images."),
-                io.String.Input("negative_prompt", default="", multiline=True),
+                io.String.Input("negative_prompt", default="", multiline=True,
+                                tooltip="generate mode: the negative prompt of the class images."),
                 io.Int.Input("num_class_images", default=100, min=1, max=10000,
                              tooltip="generate mode. The DreamBooth paper uses about 200 per subject image; "
                                      "diffusers' default is 100. More than cached generates only the missing "
@@ -295,10 +297,12 @@ class PersonalizePriorDataset(io.ComfyNode):
                                tooltip="DreamBooth's lambda: weight of the class loss (kohya/diffusers default 1)."),
                 io.Int.Input("width", default=0, min=0, max=4096, step=8, tooltip=SIZE_TOOLTIP),
                 io.Int.Input("height", default=0, min=0, max=4096, step=8, tooltip=SIZE_TOOLTIP),
-                io.Int.Input("steps", default=30, min=1, max=1000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m"),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras"),
+                io.Int.Input("steps", default=30, min=1, max=1000, tooltip=SAMPLING_TOOLTIP),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=SAMPLING_TOOLTIP),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m",
+                               tooltip=SAMPLING_TOOLTIP),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
+                               tooltip=SAMPLING_TOOLTIP),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Image i uses seed + i (as KSampler with that seed). Fixed, so reruns "
                                      "hit the cache."),

@@ -102,7 +102,8 @@ class PersonalizeRankByReward(io.ComfyNode):
                 io.Float.Input("scores", force_input=True, tooltip="One score per image, in batch order "
                                                                    "(the scores output of ImageReward Score)."),
                 io.Int.Input("top_k", default=2, min=0, max=4096, tooltip="How many to keep; 0 keeps all."),
-                io.Boolean.Input("use_threshold", default=False),
+                io.Boolean.Input("use_threshold", default=False,
+                                 tooltip="Also drop images scoring below threshold (before top_k)."),
                 io.Float.Input("threshold", default=0.0, min=-100.0, max=100.0, step=0.01,
                                tooltip="With use_threshold: keep images scoring at least this. ImageReward is "
                                        "roughly normal: 0 is average, +1 is better than ~84% of SD 1.4 images."),

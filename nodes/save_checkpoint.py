@@ -14,6 +14,7 @@ from comfy_api.latest import io, ui
 from ..training.errors import InputError
 from ..training.files import IF_EXISTS, architecture, resolve_output_path, write_atomic
 from .comfy_adapter import model_family, model_prediction
+from .session import IF_EXISTS_TOOLTIP, NAME_TOOLTIP
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ class PersonalizeSaveCheckpoint(io.ComfyNode):
                         "models/checkpoints, loadable by Load Checkpoint, A1111 and Forge.",
             inputs=[
                 io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
-                io.String.Input("name", default="personalize_dreambooth"),
-                io.String.Input("subfolder", default=""),
-                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="increment"),
+                io.String.Input("name", default="personalize_dreambooth", tooltip=NAME_TOOLTIP),
+                io.String.Input("subfolder", default="", tooltip="Optional folder inside models/checkpoints."),
+                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="increment", tooltip=IF_EXISTS_TOOLTIP),
             ],
             outputs=[io.String.Output(display_name="ckpt_name")],
             is_output_node=True,

@@ -11,6 +11,7 @@ from comfy_api.latest import io, ui
 from ..training.embedding import TrainedEmbedding, check_token_name
 from ..training.errors import InputError
 from ..training.files import IF_EXISTS, resolve_output_path, save_safetensors_atomic
+from .session import IF_EXISTS_TOOLTIP
 from .types import Embedding
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,9 @@ class PersonalizeSaveEmbedding(io.ComfyNode):
             inputs=[
                 Embedding.Input("embedding"),
                 io.String.Input("name", default="", tooltip="Empty = the token's name."),
-                io.String.Input("subfolder", default=""),
-                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="increment"),
+                io.String.Input("subfolder", default="", tooltip="Optional folder inside models/embeddings; prompts "
+                                "then use embedding:<subfolder>/<name>."),
+                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="increment", tooltip=IF_EXISTS_TOOLTIP),
             ],
             outputs=[io.String.Output(display_name="prompt_name", tooltip="Use as embedding:<prompt_name>.")],
             is_output_node=True,

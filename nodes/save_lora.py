@@ -10,6 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..training.errors import InputError
 from ..training.files import IF_EXISTS, resolve_output_path, save_safetensors_atomic
+from .session import IF_EXISTS_TOOLTIP, NAME_TOOLTIP
 
 log = logging.getLogger(__name__)
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -27,11 +28,11 @@ class PersonalizeSaveLoRA(io.ComfyNode):
                         "A1111/Forge, Save Checkpoint is exact).",
             inputs=[
                 io.LoraModel.Input("lora"),
-                io.String.Input("name", default="personalize_lora"),
+                io.String.Input("name", default="personalize_lora", tooltip=NAME_TOOLTIP),
                 io.String.Input("subfolder", default="", tooltip="Optional folder inside models/loras."),
-                io.Combo.Input("save_dtype", options=list(_SAVE_DTYPES), default="fp16"),
-                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="increment",
-                               tooltip="increment: name_00001...; never overwrites unless asked."),
+                io.Combo.Input("save_dtype", options=list(_SAVE_DTYPES), default="fp16",
+                               tooltip="fp16: half the size of fp32, what LoRAs are usually shared in."),
+                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="increment", tooltip=IF_EXISTS_TOOLTIP),
             ],
             outputs=[io.String.Output(display_name="lora_name")],
             is_output_node=True,

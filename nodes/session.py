@@ -28,6 +28,16 @@ log = logging.getLogger(__name__)
 PREVIEW_STEPS, PREVIEW_CFG = 20, 6.0
 
 
+# Tooltips of inputs several trainers show (one text for one meaning).
+RANK_TOOLTIP = ("LoRA rank: the size of each low-rank update. 4-16 suits a subject or a style; higher holds more "
+                "detail and makes a larger file.")
+ALPHA_TOOLTIP = "Scale = alpha / rank. alpha = rank gives scale 1."
+TARGETS_TOOLTIP = ("Which UNet layers get a LoRA: attention (q, k, v, out of every attention layer), "
+                   "attention+feedforward (also the MLPs: more capacity) or cross-attention only (the text's layers).")
+NAME_TOOLTIP = "File name without extension; it cannot contain folders (use subfolder)."
+IF_EXISTS_TOOLTIP = "increment: name_00001...; overwrite: replace the file; error: refuse."
+
+
 def common_inputs(learning_rate: float, steps: int = 500) -> list:
     """The inputs every trainer shows, in the same order."""
     return [
@@ -39,10 +49,15 @@ def common_inputs(learning_rate: float, steps: int = 500) -> list:
                                                     "class-specific prior preservation)."),
         Options.Input("options", optional=True, tooltip="From Personalize Training Options (schedule, min-SNR, "
                                                         "EMA, previews, saves every N steps)."),
-        io.Int.Input("steps", default=steps, min=1, max=100000),
-        io.Float.Input("learning_rate", default=learning_rate, min=1e-8, max=1.0, step=1e-7, round=False),
-        io.Int.Input("batch_size", default=1, min=1, max=64),
-        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True),
+        io.Int.Input("steps", default=steps, min=1, max=100000,
+                     tooltip="Optimiser steps (each sees batch_size x gradient_accumulation images)."),
+        io.Float.Input("learning_rate", default=learning_rate, min=1e-8, max=1.0, step=1e-7, round=False,
+                       tooltip="AdamW's learning rate (the default suits this trainer; the schedule is on "
+                               "Personalize Training Options)."),
+        io.Int.Input("batch_size", default=1, min=1, max=64,
+                     tooltip="Subject images per step (with prior preservation, as many class images again)."),
+        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True,
+                     tooltip="Fixes the noise, timesteps, image order and LoRA start: a seed reproduces a run."),
         io.Combo.Input("dtype", options=list(DTYPES), default="auto",
                        tooltip="auto: the weights' own dtype on GPU (fp16 with loss scaling), fp32 on CPU."),
         io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less memory, about 25% slower."),
@@ -154,16 +169,23 @@ class PersonalizeTrainingOptions(io.ComfyNode):
             category="personalize/training",
             description="Schedule, loss weighting and run control shared by every Personalize trainer.",
             inputs=[
-                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant"),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100000),
-                io.Int.Input("gradient_accumulation", default=1, min=1, max=64),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant",
+                               tooltip="The learning rate after warm-up: constant, or decaying to 0 at the last "
+                                       "step (cosine, linear)."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000,
+                             tooltip="Steps over which the learning rate rises linearly to its value."),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=64,
+                             tooltip="Micro-batches per optimiser step: a larger effective batch at the memory "
+                                     "of batch_size."),
                 io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, tooltip="0 = no clipping."),
                 io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=20.0, step=0.5,
                                tooltip="0 = off; 5 is the paper's recommendation."),
                 io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="About 0.05-0.1 helps very dark/bright images."),
-                io.Int.Input("timestep_min", default=0, min=0, max=999),
-                io.Int.Input("timestep_max", default=999, min=0, max=999),
+                io.Int.Input("timestep_min", default=0, min=0, max=999,
+                             tooltip="Train on noise levels from this timestep (0 = least noise)..."),
+                io.Int.Input("timestep_max", default=999, min=0, max=999,
+                             tooltip="...to this one (999 = pure noise). Lower it to train fine detail only."),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001,
                                tooltip="0 = off; e.g. 0.999 returns the moving average of the weights (the decay "
                                        "warms up as min(decay, (1 + step) / (10 + step)), as in diffusers); the "

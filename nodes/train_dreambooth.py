@@ -30,7 +30,9 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
             inputs=common_inputs(learning_rate=5e-6, steps=800) + [
                 io.Boolean.Input("train_text_encoder", default=False,
                                  tooltip="Also fine-tune the text encoder (more memory; its own learning rate)."),
-                io.Float.Input("text_encoder_lr", default=2e-6, min=1e-9, max=1.0, step=1e-7, round=False),
+                io.Float.Input("text_encoder_lr", default=2e-6, min=1e-9, max=1.0, step=1e-7, round=False,
+                               tooltip="The text encoder's learning rate, when it trains (usually below the "
+                                       "UNet's)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.LoraModel.Output(display_name="weight_diff",

@@ -23,7 +23,14 @@ from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from ..training.regularizers import FastTuneRegularizer, NearestTokenContrastive
 from ..training.trainer import ParamGroup
 from .embeddings import clip_with_embeddings, init_ids, reads_embedding, text_encoders, token_table
-from .session import TrainingSession, common_inputs, save_intermediate
+from .session import (
+    ALPHA_TOOLTIP,
+    RANK_TOOLTIP,
+    TARGETS_TOOLTIP,
+    TrainingSession,
+    common_inputs,
+    save_intermediate,
+)
 from .types import Embedding
 
 log = logging.getLogger(__name__)
@@ -132,7 +139,9 @@ class PersonalizeTrainTextualInversion(io.ComfyNode):
             description="Learns new token vectors for the subject (every text encoder of the CLIP); the model "
                         "and every existing token stay as they are. Prompts use embedding:<token>.",
             inputs=common_inputs(learning_rate=5e-3, steps=1000) + _embedding_inputs() + [
-                io.Combo.Input("resume_from", options=embedding_files(), default=NONE),
+                io.Combo.Input("resume_from", options=embedding_files(), default=NONE,
+                               tooltip="Continue training an embedding saved in models/embeddings (its vectors "
+                                       "replace the init word's)."),
             ],
             outputs=[io.Clip.Output(display_name="clip"), Embedding.Output(display_name="embedding"),
                      io.LossMap.Output(display_name="loss")],
@@ -161,10 +170,12 @@ class PersonalizeTrainPivotal(io.ComfyNode):
             description="Pivotal tuning: learns the subject's token vectors and a UNet LoRA together. Returns the "
                         "model with the LoRA, the CLIP resolving embedding:<token>, and both files' contents.",
             inputs=common_inputs(learning_rate=1e-4) + _embedding_inputs() + [
-                io.Float.Input("embedding_lr", default=5e-4, min=1e-8, max=1.0, step=1e-6, round=False),
-                io.Int.Input("rank", default=8, min=1, max=256),
-                io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.5),
-                io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention"),
+                io.Float.Input("embedding_lr", default=5e-4, min=1e-8, max=1.0, step=1e-6, round=False,
+                               tooltip="The token vectors' learning rate (learning_rate is the LoRA's)."),
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip=RANK_TOOLTIP),
+                io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.5, tooltip=ALPHA_TOOLTIP),
+                io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention",
+                               tooltip=TARGETS_TOOLTIP),
             ],
             outputs=pivotal_output_sockets(),
             hidden=[io.Hidden.unique_id],

@@ -12,7 +12,14 @@ from safetensors.torch import load_file
 from ..training.errors import InputError
 from ..training.files import lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
-from .session import TrainingSession, common_inputs, save_intermediate
+from .session import (
+    ALPHA_TOOLTIP,
+    RANK_TOOLTIP,
+    TARGETS_TOOLTIP,
+    TrainingSession,
+    common_inputs,
+    save_intermediate,
+)
 
 log = logging.getLogger(__name__)
 NONE = "none"
@@ -52,11 +59,13 @@ class PersonalizeTrainLoRA(io.ComfyNode):
             description="Trains a LoRA on the connected checkpoint in this ComfyUI process and returns the model "
                         "and CLIP with it applied, the LoRA weights (kohya keys) and the loss per step.",
             inputs=common_inputs(learning_rate=1e-4) + [
-                io.Int.Input("rank", default=8, min=1, max=256),
-                io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.5,
-                               tooltip="Scale = alpha / rank. alpha = rank gives scale 1."),
-                io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention"),
-                io.Boolean.Input("train_text_encoder", default=False),
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip=RANK_TOOLTIP),
+                io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.5, tooltip=ALPHA_TOOLTIP),
+                io.Combo.Input("targets", options=list(UNET_TARGET_PRESETS), default="attention",
+                               tooltip=TARGETS_TOOLTIP),
+                io.Boolean.Input("train_text_encoder", default=False,
+                                 tooltip="Also a LoRA on the text encoder's attention and MLPs (same learning rate; "
+                                         "the file then needs LoraLoader's strength_clip too)."),
                 io.Combo.Input("resume_from", options=lora_files(), default=NONE,
                                tooltip="Continue training a LoRA saved in models/loras."),
             ],

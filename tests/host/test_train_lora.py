@@ -120,6 +120,17 @@ def test_entrypoint_registers_the_nodes(comfy):
     assert {"PersonalizeTrainLoRA", "PersonalizeSaveLoRA"} <= ids
 
 
+def test_every_widget_of_every_node_explains_itself(comfy):
+    """A user hovering an input sees what it does: steps, learning_rate, rank... had no tooltip."""
+    from comfy_api.latest import io
+
+    import comfyui_personalize.nodes as pack_nodes_module
+    widgets = (io.Int.Input, io.Float.Input, io.String.Input, io.Combo.Input, io.Boolean.Input)
+    bare = [f"{schema.node_id}.{i.id}" for schema in (n.define_schema() for n in pack_nodes_module.NODE_LIST)
+            for i in schema.inputs if isinstance(i, widgets) and not i.tooltip]
+    assert bare == []
+
+
 @pytest.mark.parametrize("override,input_name", [
     ({"dataset": "not a dataset"}, "dataset"),
     ({"rank": 0}, "rank"),
