@@ -35,7 +35,8 @@ def test_zsnr_v_prediction_sdxl_reloads_with_its_schedule(comfy, tiny_sd15):
     assert config.model_type(sd, "model.diffusion_model.") == model_base.ModelType.V_PREDICTION
     assert config.sampling_settings.get("zsnr") is True
     reloaded = model_base.SDXL(config, model_type=model_base.ModelType.V_PREDICTION)
-    torch.testing.assert_close(reloaded.model_sampling.sigmas, model.get_model_object("model_sampling").sigmas)
+    torch.testing.assert_close(reloaded.model_sampling.sigmas.cpu(),
+                               model.get_model_object("model_sampling").sigmas.cpu())
     assert meta["modelspec.predict_key"] == "v" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
 
 
