@@ -70,10 +70,9 @@ import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
 import comfy.model_management as mm  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.sd  # noqa: E402
 import comfy.supported_models  # noqa: E402
-import shapes  # noqa: E402  (bench/, next to this file)
+import comfy_models  # noqa: E402  (bench/, next to this file)
+import shapes  # noqa: E402
 import suite_peers  # noqa: E402
 from report import write_results  # noqa: E402
 
@@ -100,7 +99,7 @@ SD15, SDXL = shapes.sd15(args.tiny), shapes.sdxl(args.tiny)
 CLIP_OVERRIDES: dict = {}  # keys of comfy/sd1_clip_config.json (CLIP-L) changed for --tiny
 SD15_LAT, SDXL_LAT = 64, 128
 if args.tiny:
-    CLIP_OVERRIDES = dict(num_hidden_layers=2, intermediate_size=128, num_attention_heads=4)
+    CLIP_OVERRIDES = dict(comfy_models.TINY_CLIP)
     SD15_LAT, SDXL_LAT = 8, 16
 RANK = 8
 rows: list[dict] = []
@@ -147,40 +146,6 @@ def free_everything() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-@torch.no_grad()
-def randomise_(module: torch.nn.Module, std: float = 0.02) -> None:
-    """headless.tiny.randomise_weights drawn on the weights' own device (the SDXL UNet's 2.6 B values take tens
-    of seconds on a CPU): matrices and kernels ~ N(0, std), 1-D weights 1, biases 0."""
-    torch.manual_seed(0)
-    for name, p in module.named_parameters():
-        if p.dim() >= 2:
-            p.normal_(0.0, std)
-        elif name.endswith("weight"):
-            p.fill_(1.0)
-        else:
-            p.zero_()
-
-
-def comfy_model(config_class, unet_config: dict):
-    """A ModelPatcher as CheckpointLoader makes one on a GPU: built on the device, fp16 weights."""
-    mc = config_class(dict(unet_config))
-    mc.unet_config.update(unet_config)
-    if dev == "cuda":
-        mc.set_inference_dtype(torch.float16, None)
-    model = mc.get_model({}, "model.diffusion_model.", device=mm.get_torch_device())
-    randomise_(model)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-
-
-def comfy_clip():
-    """SD1.5's CLIP as CheckpointLoader makes it (ComfyUI's SD1ClipModel, CLIP-L config, its own tokenizer)."""
-    target = comfy.supported_models.SD15(dict(SD15)).clip_target()
-    clip = comfy.sd.CLIP(target=target, model_options={"clip_l_model_config": dict(CLIP_OVERRIDES)})
-    randomise_(clip.cond_stage_model)
-    return clip
-
-
 def session(model, clip, learning_rate: float, batch: int, checkpointing: bool) -> TrainingSession:
     """The node's TrainingSession; its dataset is a placeholder (each case builds encoded TrainingData itself)."""
     placeholder = InstanceDataset((torch.zeros(64, 64, 3),), ("unused",), resolution=512)
@@ -200,7 +165,7 @@ def run_session(s: TrainingSession, data: TrainingData, params, attach, **kw):
 
 def ours_db_prior(batch: int, checkpointing: bool):
     """PersonalizeTrainDreamBooth.execute from the encoded data on (no VAE/CLIP: conditioning is random)."""
-    s = session(comfy_model(comfy.supported_models.SD15, SD15), None, 5e-6, batch, checkpointing)
+    s = session(comfy_models.comfy_model(comfy.supported_models.SD15, SD15, dev), None, 5e-6, batch, checkpointing)
     host = s.host
     host.load_for_training(False)
     device = host.model.load_device
@@ -218,7 +183,8 @@ def ours_db_prior(batch: int, checkpointing: bool):
 
 def ours_ti(batch: int):
     """The Textual Inversion node's _train from the encoded latents on: one vector, init word "dog"."""
-    s = session(comfy_model(comfy.supported_models.SD15, SD15), comfy_clip(), 5e-3, batch, False)
+    clip = comfy_models.comfy_clip(comfy.supported_models.SD15, SD15, args.tiny)
+    s = session(comfy_models.comfy_model(comfy.supported_models.SD15, SD15, dev), clip, 5e-3, batch, False)
     host, token = s.host, "zwx"
     with torch.no_grad():
         vectors = {key: initial_vectors(token_table(encoder), init_ids(tok, "dog"), 1)
@@ -239,7 +205,7 @@ def ours_ti(batch: int):
 
 def ours_sdxl_lora(batch: int, checkpointing: bool):
     """Personalize Train LoRA (rank 8, attention, dtype auto = fp16 with loss scaling) on encoded data."""
-    s = session(comfy_model(comfy.supported_models.SDXL, SDXL), None, 1e-4, batch, checkpointing)
+    s = session(comfy_models.comfy_model(comfy.supported_models.SDXL, SDXL, dev), None, 1e-4, batch, checkpointing)
     host = s.host
     host.load_for_training(False)
     net = LoRANetwork(host.unet_lora_targets("attention"), RANK, RANK).to(host.model.load_device)
