@@ -8,12 +8,25 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..training.embedding import TrainedEmbedding
 from ..training.errors import InputError
 from ..training.files import IF_EXISTS, resolve_output_path, save_safetensors_atomic
 from .session import IF_EXISTS_TOOLTIP, NAME_TOOLTIP
+from .types import Embedding
 
 log = logging.getLogger(__name__)
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def bundled(embedding) -> dict[str, torch.Tensor]:
+    """kohya's bundled-embedding keys, which A1111/Forge's Lora extension loads as an embedding named after the
+    token: ``bundle_emb.<token>.<clip_l|clip_g|clip_h>`` (the same ``{encoder: [n, D]}`` as an embedding file), in
+    fp32 like embedding files."""
+    if not isinstance(embedding, TrainedEmbedding) or not embedding:
+        raise InputError("bundle_embedding", "connect the embedding output of a Personalize pivotal or Fast Tune "
+                                             "node")
+    return {f"bundle_emb.{embedding.token}.{key}": v.detach().to("cpu", torch.float32).contiguous()
+            for key, v in embedding.items()}
 
 
 class PersonalizeSaveLoRA(io.ComfyNode):
@@ -33,13 +46,18 @@ class PersonalizeSaveLoRA(io.ComfyNode):
                 io.Combo.Input("save_dtype", options=list(_SAVE_DTYPES), default="fp16",
                                tooltip="fp16: half the size of fp32, what LoRAs are usually shared in."),
                 io.Combo.Input("if_exists", options=list(IF_EXISTS), default="increment", tooltip=IF_EXISTS_TOOLTIP),
+                Embedding.Input("bundle_embedding", optional=True,
+                                tooltip="Pivotal / Fast Tune: put the learned word in the file too (bundle_emb.*), so "
+                                        "A1111/Forge load it with the LoRA and prompts use the bare token. ComfyUI "
+                                        "reads embeddings from models/embeddings only (LoraLoader logs the bundled "
+                                        "keys as not loaded): save the embedding too."),
             ],
             outputs=[io.String.Output(display_name="lora_name")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, lora, name, subfolder, save_dtype, if_exists) -> io.NodeOutput:
+    def execute(cls, lora, name, subfolder, save_dtype, if_exists, bundle_embedding=None) -> io.NodeOutput:
         if not isinstance(lora, dict) or not lora:
             raise InputError("lora", "is empty; connect the lora output of a training node")
         folder = folder_paths.get_folder_paths("loras")[0]
@@ -48,6 +66,9 @@ class PersonalizeSaveLoRA(io.ComfyNode):
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora.items()}
         metadata = dict(getattr(lora, "metadata", {}) or {})
         metadata["ss_output_name"] = path.stem
+        if bundle_embedding is not None:
+            tensors.update(bundled(bundle_embedding))
+            metadata["personalize.bundled_embedding"] = bundle_embedding.token
         save_safetensors_atomic(tensors, path, metadata)
         rel = os.path.relpath(path, folder)
         log.info("saved LoRA %s (%d tensors)", path, len(tensors))

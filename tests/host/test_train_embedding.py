@@ -83,8 +83,13 @@ def test_pivotal_lora_and_embedding_load_in_stock_nodes(comfy, tiny_sd15, nodes)
     assert len(loss["loss"]) == 3 and any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("up.weight"))
     run_node(save_embedding, embedding=embedding, name="", subfolder="", if_exists="overwrite")
     lora_name = run_node(save_lora, lora=lora, name="pivotal", subfolder="", save_dtype="fp32",
-                         if_exists="overwrite").result[0]
-    stock_model, _ = comfy.nodes.LoraLoader().load_lora(model, clip, lora_name, 1.0, 0.0)
+                         if_exists="overwrite", bundle_embedding=embedding).result[0]
+    saved = load_file(str(comfy.models / "loras" / lora_name))
+    # A1111's Lora extension: key.split(".")[1:3] = (embedding name, encoder key) -> the embedding file's dict
+    bundle = {k.split(".")[1:3][1]: v for k, v in saved.items() if k.startswith("bundle_emb.")}
+    assert {k.split(".")[1] for k in saved if k.startswith("bundle_emb.")} == {"qwv"}
+    assert bundle.keys() == embedding.keys() and all(torch.equal(bundle[k], embedding[k]) for k in bundle)
+    stock_model, _ = comfy.nodes.LoraLoader().load_lora(model, clip, lora_name, 1.0, 0.0)  # skips bundle_emb
     stock = stock_clip(comfy, clip)
     prompt = "a photo of embedding:qwv dog"
     torch.testing.assert_close(ksample(comfy, out_model, out_clip, prompt=prompt),
