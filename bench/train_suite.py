@@ -10,6 +10,8 @@ Cases (each measurement starts from freed memory and reset peak statistics):
 - ti: Textual Inversion as Personalize Train Textual Inversion runs it: SD1.5 UNet frozen in its own fp16, a
   real-size ComfyUI CLIP-L (random weights) with the vector spliced in through clip_with_embeddings, every caption
   tokenized and encoded by ComfyHost.encode_text every step. Peer: suite_peers.textual_inversion.
+- db_sdxl: the same DreamBooth step on an SDXL-shaped UNet at 1024 px, batch 1 (ours only): what memory a full SDXL
+  fine-tune with prior preservation needs.
 - sdxl_lora: Personalize Train LoRA's path on an SDXL-shaped UNet (fp16, rank 8, attention), 1024 px, batch 1,
   gradient checkpointing off and on. Peer: suite_peers.sdxl_lora (diffusers+peft).
 
@@ -163,16 +165,18 @@ def run_session(s: TrainingSession, data: TrainingData, params, attach, **kw):
     return run
 
 
-def ours_db_prior(batch: int, checkpointing: bool):
+def ours_db_prior(batch: int, checkpointing: bool, sdxl: bool = False):
     """PersonalizeTrainDreamBooth.execute from the encoded data on (no VAE/CLIP: conditioning is random)."""
-    s = session(comfy_models.comfy_model(comfy.supported_models.SD15, SD15, dev), None, 5e-6, batch, checkpointing)
+    config_class, unet_config = (comfy.supported_models.SDXL, SDXL) if sdxl else (comfy.supported_models.SD15, SD15)
+    s = session(comfy_models.comfy_model(config_class, unet_config, dev), None, 5e-6, batch, checkpointing)
     host = s.host
     host.load_for_training(False)
     device = host.model.load_device
-    n, lat = max(8, batch), SD15_LAT
+    n, lat = max(8, batch), SDXL_LAT if sdxl else SD15_LAT
+    width, y = (2048, torch.randn(n, 2816)) if sdxl else (768, None)
     bucket = LatentBucket(torch.randn(n, 4, lat, lat), [""] * n, (lat * 8, lat * 8),
-                          class_latents=torch.randn(n, 4, lat, lat), cond=Conditioning(torch.randn(n, 77, 768)),
-                          class_cond=Conditioning(torch.randn(1, 77, 768)))
+                          class_latents=torch.randn(n, 4, lat, lat), cond=Conditioning(torch.randn(n, 77, width), y),
+                          class_cond=Conditioning(torch.randn(1, 77, width), None if y is None else y[:1]))
     data = TrainingData([bucket], None, prior="class_images", prior_weight=1.0, class_prompt="a photo of a dog")
     unet = FullFineTune(host.diffusion_model, device, channels_last=device.type == "cuda")
     host.compute_dtype = torch.float32  # fp32 master weights; bf16 compute comes from autocast
@@ -269,6 +273,7 @@ CASES = {
         for impl, build in (("ours", lambda b=b, c=ckpt: ours_db_prior(b, c)),
                             ("diffusers", lambda b=b, c=ckpt: suite_peers.dreambooth_prior(dev, args.tiny, SD15_LAT,
                                                                                           b, c)))],
+    "db_sdxl": [("ours", 1, ckpt, lambda c=ckpt: ours_db_prior(1, c, sdxl=True)) for ckpt in (False, True)],
     "ti": [
         (impl, b, False, build)
         for b in (1, 4)
@@ -284,6 +289,7 @@ CASES = {
                                                                                 RANK)))],
 }
 IMPL_INFO = {("db_prior", "ours"): dict(DB_INFO), ("db_prior", "diffusers"): dict(DB_INFO),
+             ("db_sdxl", "ours"): dict(DB_INFO, res=SDXL_LAT * 8),
              ("ti", "ours"): dict(TI_INFO, precision="UNet+CLIP fp16, loss scaling (dtype auto)"),
              ("ti", "diffusers"): dict(TI_INFO, precision="UNet bf16, text encoder fp32, bf16 autocast"),
              ("sdxl_lora", "ours"): dict(XL_INFO, precision="fp16 weights, loss scaling (dtype auto)"),
@@ -303,7 +309,7 @@ if unknown:
 for case in filter(None, args.cases.split(",")):
     for impl, batch, checkpointing, build in CASES[case]:
         if impl in impls and args.ckpt in ("both", "on" if checkpointing else "off"):
-            measure(case, impl, batch, checkpointing, build, per_instance=2 if case == "db_prior" else 1,
+            measure(case, impl, batch, checkpointing, build, per_instance=2 if case.startswith("db_") else 1,
                     **IMPL_INFO[(case, impl)])
 
 lines = [f"img/s counts every image in the forward pass (db_prior: instance + class images, 2 x batch); "
