@@ -17,15 +17,13 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import statistics
-import sys
 import time
-import types
 import warnings
 from pathlib import Path
 
 import torch
+from comfy_env import start_comfyui
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--comfyui", required=True)
@@ -38,17 +36,7 @@ ap.add_argument("--images", type=int, default=1, help="images per run (P2P: pair
 ap.add_argument("--only", default="", help="comma-separated words: run only the modes whose name has one (and plain)")
 args = ap.parse_args()
 
-ROOT = Path(__file__).resolve().parent.parent
-pkg = types.ModuleType("comfyui_personalize")
-pkg.__path__ = [str(ROOT)]
-sys.modules["comfyui_personalize"] = pkg
-sys.path.insert(0, os.path.abspath(args.comfyui))
-sys.path.insert(0, str(ROOT / "bench"))
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-sys.argv = [sys.argv[0]] + ([] if dev == "cuda" else ["--cpu"])
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+dev = start_comfyui(args.comfyui)
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
-import types
-from pathlib import Path
 
 import torch
+from comfy_env import start_comfyui
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--comfyui", required=True, help="ComfyUI source folder")
@@ -35,16 +33,7 @@ args = ap.parse_args()
 logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
 log = logging.getLogger("fast_tune_bench")
 log.setLevel(logging.INFO)
-ROOT = Path(__file__).resolve().parent.parent
-pkg = types.ModuleType("comfyui_personalize")
-pkg.__path__ = [str(ROOT)]
-sys.modules["comfyui_personalize"] = pkg
-sys.path.insert(0, os.path.abspath(args.comfyui))
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-sys.argv = [sys.argv[0]] + ([] if dev == "cuda" else ["--cpu"])
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+dev = start_comfyui(args.comfyui)
 import comfy.model_management as mm  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import shapes  # noqa: E402  (bench/, next to this file)

@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
+from comfy_env import start_comfyui
 
 ap = argparse.ArgumentParser()
 ap.add_argument("comfyui")
@@ -27,16 +25,7 @@ ap.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU smoke 
 ap.add_argument("--out", default=None, help="also write the table here")
 args = ap.parse_args()
 
-ROOT = Path(__file__).resolve().parent.parent
-pkg = types.ModuleType("comfyui_personalize")
-pkg.__path__ = [str(ROOT)]
-sys.modules["comfyui_personalize"] = pkg
-sys.path.insert(0, os.path.abspath(args.comfyui))
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-sys.argv = [sys.argv[0]] + ([] if dev == "cuda" else ["--cpu"])
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+dev = start_comfyui(args.comfyui)
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.supported_models  # noqa: E402

@@ -33,10 +33,10 @@ import os
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
+from comfy_env import start_comfyui
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--comfyui", required=True, help="ComfyUI source folder")
@@ -60,17 +60,8 @@ logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdo
 log = logging.getLogger("train_suite")
 log.setLevel(logging.INFO)
 
-ROOT = Path(__file__).resolve().parent.parent
-pkg = types.ModuleType("comfyui_personalize")
-pkg.__path__ = [str(ROOT)]
-sys.modules["comfyui_personalize"] = pkg
 COMFYUI = os.path.abspath(args.comfyui)
-sys.path.insert(0, COMFYUI)
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-sys.argv = [sys.argv[0]] + ([] if dev == "cuda" else ["--cpu"])
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+dev = start_comfyui(COMFYUI)
 import comfy.model_management as mm  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import comfy_models  # noqa: E402  (bench/, next to this file)
