@@ -27,18 +27,29 @@ from .attention_text import (
     refuse_second_pairing,
     word_tokenizer,
 )
-from .p2p_patches import CrossPlan, install, p2p_cross_replace, renormalized_replace, value_reweight_patch
+from .p2p_patches import (
+    CrossPlan,
+    install,
+    install_self_injection,
+    p2p_cross_replace,
+    renormalized_replace,
+    value_reweight_patch,
+)
 
 log = logging.getLogger(__name__)
 MODES = ("value", "renormalized", "p2p_locked")
+# Windows are ComfyUI's start/end percent (of the noise schedule, as ControlNet's); the paper counts steps.
+SHARE = ("As ComfyUI's start/end percent it is a share of the noise schedule, not of the steps: with the "
+         "normal, simple or ddim_uniform scheduler they agree (0.8 of 50 steps = 40, the paper's count); karras "
+         "and exponential spend more steps at low noise, so 0.8 covers fewer steps (31 and 26 of 50).")
 
 
 def window_inputs(start: float = 0.0, end: float = 1.0, prefix: str = "") -> list:
     return [
         io.Float.Input(f"{prefix}start_percent", default=start, min=0.0, max=1.0, step=0.01,
-                       tooltip="Fraction of sampling (0 = first step) at which the edit starts."),
+                       tooltip=f"Share of the noise schedule (0 = the first step) at which the edit starts. {SHARE}"),
         io.Float.Input(f"{prefix}end_percent", default=end, min=0.0, max=1.0, step=0.01,
-                       tooltip="Fraction of sampling at which the edit stops."),
+                       tooltip=f"Share of the noise schedule at which the edit stops. {SHARE}"),
     ]
 
 
@@ -76,6 +87,10 @@ class PersonalizeAttentionReweight(io.ComfyNode):
                                 tooltip="The negative prompt, for apply_to uncond or both: the words are found in "
                                         "it, and its encoding is the negative output; connect that to the "
                                         "sampler's negative."),
+                io.Float.Input("self_end_percent", default=0.4, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="p2p_locked: the reweighted image also takes the unweighted one's "
+                                       "self-attention (its layout) up to this share of the schedule, as the "
+                                       "paper's reweighting does (0.4); 0 = cross-attention only."),
             ],
             outputs=[io.Model.Output(), io.Conditioning.Output(display_name="positive"),
                      io.Latent.Output(display_name="latent"), io.Conditioning.Output(display_name="negative")],
@@ -83,7 +98,7 @@ class PersonalizeAttentionReweight(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, text, words, mode, apply_to, start_percent, end_percent,
-                latent=None, negative_text="") -> io.NodeOutput:
+                latent=None, negative_text="", self_end_percent=0.4) -> io.NodeOutput:
         if mode not in MODES:
             raise InputError("mode", f"must be one of {', '.join(MODES)}")
         if apply_to not in APPLY_TO:
@@ -132,6 +147,9 @@ class PersonalizeAttentionReweight(io.ComfyNode):
             length = weights[COND].shape[0]
             plan = CrossPlan(torch.eye(length), torch.ones(length), weights[COND], window)
             install(m, blocks, "attn2", p2p_cross_replace(plan, None))
+            if self_end_percent > 0:
+                install_self_injection(m, percent_window(model, 0.0, self_end_percent,
+                                                         ("self_end_percent", "self_end_percent")))
             positive = paired_conditioning(positive, positive)
             latent = paired_latent(latent)
             pair_fresh_noise(m, "Reweight p2p_locked")

@@ -14,7 +14,6 @@ from ..training.errors import InputError
 from .attention_hooks import (
     COND,
     check_prompt_lengths,
-    install_patch_first,
     percent_window,
     sampled_prompts,
     transformer_blocks,
@@ -30,15 +29,10 @@ from .attention_text import (
     word_tokenizer,
     words_with_positions,
 )
-from .p2p_patches import BlendRecorder, CrossPlan, install_cross, p2p_self_patch
+from .p2p_patches import BlendRecorder, CrossPlan, install_cross, install_self_injection, low_resolution
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "swap", "refine")
-SELF_MAX_DOWNSCALE = 4  # the paper injects self-attention maps of <= 16x16 at 512 px: latent / 4 and smaller
-
-
-def _max_downscale(model) -> int:
-    return 2 ** (len(model.model.diffusion_model.channel_mult) - 1)
 
 
 class PersonalizeP2P(io.ComfyNode):
@@ -66,8 +60,9 @@ class PersonalizeP2P(io.ComfyNode):
                                        "removed (global token alignment). auto: swap when word counts match."),
                 *window_inputs(0.0, 0.8, "cross_"),
                 io.String.Input("word_windows", default="",
-                                tooltip="Per target word, the fraction of steps its maps are injected, e.g. "
-                                        "'dog:0.4' (fewer steps = more freedom for that word's shape)."),
+                                tooltip="Per target word, the share of the schedule its maps are injected (as "
+                                        "cross_end_percent), e.g. 'dog:0.4' (less = more freedom for that word's "
+                                        "shape)."),
                 *window_inputs(0.0, 0.4, "self_"),
                 io.String.Input("reweight", default="", tooltip="word:weight of target words, e.g. 'fluffy:2'."),
                 io.String.Input("blend_words", default="",
@@ -77,7 +72,7 @@ class PersonalizeP2P(io.ComfyNode):
                                tooltip="Local blend: where the words' summed attention exceeds this share of its "
                                        "maximum, the image may change (the paper's 0.3; lower = larger region)."),
                 io.Float.Input("blend_start_percent", default=0.2, min=0.0, max=1.0, step=0.01,
-                               tooltip="Local blend: from this fraction of the steps on, the image outside the "
+                               tooltip="Local blend: from this share of the schedule on, the image outside the "
                                        "words' region is taken from the source."),
             ],
             outputs=[io.Model.Output(), io.Conditioning.Output(display_name="positive"),
@@ -141,9 +136,7 @@ class PersonalizeP2P(io.ComfyNode):
         m = model.clone()
         install_cross(m, blocks, plan, recorder)
         if self_end_percent > self_start_percent:
-            # first: the Dual-Path blend's stash (or HyperTile) must see the gathered rows, not the block's own
-            lowest = min(SELF_MAX_DOWNSCALE, _max_downscale(m))
-            install_patch_first(m, "attn1_patch", p2p_self_patch(self_window, lowest))
+            install_self_injection(m, self_window)
         if recorder is not None:
             m.set_model_sampler_post_cfg_function(recorder.post_cfg)
         pair_fresh_noise(m, "P2P")
@@ -170,7 +163,7 @@ class PersonalizeP2P(io.ComfyNode):
         local = LocalBlend(torch.tensor(src_pos, dtype=torch.long), torch.tensor(tgt_pos, dtype=torch.long),
                            threshold)
         start = float(model.get_model_object("model_sampling").percent_to_sigma(start_percent))
-        return BlendRecorder(local, min(4, _max_downscale(model)), start)
+        return BlendRecorder(local, low_resolution(model), start)
 
 
 def refuse_unpaired_positive(model) -> None:

@@ -22,6 +22,7 @@ from .attention_hooks import (
     downscale,
     fused_attention,
     in_window,
+    install_patch_first,
     masked_attention,
     paired_index,
     set_replace,
@@ -287,6 +288,20 @@ def p2p_self_patch(window: Window, max_downscale_ratio: float):
         gathered = n.index_select(0, rows)
         return gathered, gathered if context is n else context.index_select(0, rows), value
     return patch
+
+
+SELF_MAX_DOWNSCALE = 4  # the paper injects self-attention maps of <= 16x16 at 512 px: latent / 4 and smaller
+
+
+def low_resolution(model) -> int:
+    """The downscale of the paper's 16x16 layers at 512 px (latent / 4), or the UNet's lowest if it has fewer."""
+    return min(SELF_MAX_DOWNSCALE, 2 ** (len(model.model.diffusion_model.channel_mult) - 1))
+
+
+def install_self_injection(model, window: Window) -> None:
+    """The paper's self-attention injection on ``model`` (a clone), first in its attn1 patches: the Dual-Path
+    blend's stash (or HyperTile) must see the gathered rows, not the block's own."""
+    install_patch_first(model, "attn1_patch", p2p_self_patch(window, low_resolution(model)))
 
 
 def install(model, blocks: list[Block], kind: str, make) -> None:

@@ -200,3 +200,25 @@ def test_p2p_refuses_another_positive_and_an_empty_blend_word_list(comfy, tiny_s
     with pytest.raises(InputError, match="names no word") as e:
         p2p(nodes, model, clip, POSITIVE, POSITIVE.replace("car", "bus"), blend_words=" , ")
     assert e.value.input_name == "blend_words"
+
+
+def test_p2p_locked_holds_the_unweighted_images_self_attention_as_the_paper(comfy, tiny_sd15, nodes):  # noqa: F811
+    """The paper's reweighting also injects the source's self-attention (self_replace_steps 0.4); p2p_locked used to
+    lock the cross-attention only, a weaker hold on the layout."""
+    model, clip, _ = tiny_sd15
+
+    def pair(words, self_end):
+        out = run_node(nodes["reweight"], model=model, clip=clip, text=POSITIVE, words=words, mode="p2p_locked",
+                       apply_to="cond", start_percent=0.0, end_percent=1.0, latent=empty_latent(),
+                       self_end_percent=self_end).result
+        assert bool(out[0].model_options["transformer_options"].get("patches", {}).get("attn1_patch")) == (
+            self_end > 0)
+        with torch.inference_mode():
+            return comfy.nodes.common_ksampler(out[0], 3, 4, 5.0, "euler", "normal", out[1],
+                                               encode(comfy, clip, NEGATIVE), out[2])[0]["samples"]
+
+    held, cross_only = pair("red:4", 0.4), pair("red:4", 0.0)
+    torch.testing.assert_close(held[0], cross_only[0], atol=1e-5, rtol=1e-5)  # the same unweighted source
+    assert (held[1] - held[0]).abs().mean() < (cross_only[1] - cross_only[0]).abs().mean()  # nearer its layout
+    same = pair("red:1", 0.4)  # weight 1 with the self-attention held is still the source
+    torch.testing.assert_close(same[1], same[0], atol=1e-5, rtol=1e-5)
