@@ -30,16 +30,25 @@ def checkpoint_extras(model) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             sampling, comfy.model_sampling.V_PREDICTION):
         extra["edm_vpred.sigma_max"] = torch.tensor(sampling.sigma_max).float()
         extra["edm_vpred.sigma_min"] = torch.tensor(sampling.sigma_min).float()
-    model_type = model.model.model_type
-    if model_type == comfy.model_base.ModelType.EPS:
+    # The prediction the model samples (and trained) with: a ModelSamplingDiscrete node (v_prediction, zsnr) on a
+    # file without the markers must be saved with them, or the result reloads as eps.
+    try:
+        prediction = model_prediction(model)
+    except InputError:  # EDM, flow, x0...: as ComfyUI's CheckpointSave decides, from the loaded type
+        prediction = {comfy.model_base.ModelType.EPS: "eps",
+                      comfy.model_base.ModelType.V_PREDICTION: "v"}.get(model.model.model_type)
+    if prediction == "eps":
         metadata["modelspec.predict_key"] = "epsilon"
-    elif model_type == comfy.model_base.ModelType.V_PREDICTION:
+        if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION:  # ComfyUI's writer adds v_pred
+            log.warning("this model was loaded as v-prediction and samples as eps; the checkpoint keeps the v_pred "
+                        "marker ComfyUI writes for it, so load it with ModelSamplingDiscrete set to eps")
+    elif prediction == "v":
         metadata["modelspec.predict_key"] = "v"
         extra["v_pred"] = torch.tensor([])
         if getattr(sampling, "zsnr", False):
             extra["ztsnr"] = torch.tensor([])
     try:
-        metadata["modelspec.architecture"] = architecture(model_family(model), model_prediction(model))
+        metadata["modelspec.architecture"] = architecture(model_family(model), prediction)
         metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm"})
     except InputError:
         pass  # a family the trainers do not know: saved as ComfyUI saves it, without an architecture

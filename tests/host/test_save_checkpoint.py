@@ -46,3 +46,15 @@ def test_eps_sd15_has_no_v_markers(comfy, tiny_sd15):
     assert "v_pred" not in sd and "ztsnr" not in sd
     assert meta["modelspec.predict_key"] == "epsilon" and meta["modelspec.architecture"] == "stable-diffusion-v1"
     assert meta["modelspec.title"] == "eps"
+
+
+@pytest.mark.parametrize("zsnr", [True, False])
+def test_the_markers_follow_the_sampling_the_model_trains_with(comfy, tiny_sd15, zsnr):
+    """A ModelSamplingDiscrete node (v_prediction, zsnr) on a file without the markers is how such fine-tunes are
+    trained; the file must say so, or it reloads as eps."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model, clip, vae = tiny_sd15
+    patched = ModelSamplingDiscrete().patch(model, "v_prediction", zsnr)[0]
+    sd, meta = save(comfy, patched, clip, vae, f"sampled_v_{zsnr}")
+    assert meta["modelspec.predict_key"] == "v" and "v_pred" in sd and ("ztsnr" in sd) == zsnr
