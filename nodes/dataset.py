@@ -3,6 +3,7 @@ as the one dataset every trainer takes."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,7 @@ from ..training.buckets import assign_buckets
 from ..training.data import expand_captions, prepare_images
 from ..training.datasets import InstanceDataset
 from ..training.errors import InputError
-from ..training.image_folder import MIN_SIDE, load_image_folder
+from ..training.image_folder import MIN_SIDE, load_image_folder, training_files
 from .types import Dataset
 
 log = logging.getLogger(__name__)
@@ -58,35 +59,36 @@ def resolve_folder(folder: str) -> Path:
     path = Path(folder.strip()).expanduser()
     if path.is_absolute():
         return path
-    root = Path(folder_paths.get_input_directory()).resolve()
-    resolved = (root / path).resolve()
-    if resolved != root and root not in resolved.parents:
+    # lexical, so a folder the user linked into the input folder from another disk is still inside it
+    root = Path(os.path.normpath(os.path.abspath(folder_paths.get_input_directory())))
+    joined = Path(os.path.normpath(root / path))
+    if joined != root and root not in joined.parents:
         raise InputError("folder", f"{folder!r} leaves the input folder {root}; give an absolute path instead")
-    return resolved
+    return joined
 
 
 def folder_fingerprint(folder: str):
     """What ComfyUI compares to decide whether a folder input changed: the folder's files (name, time, size), so
     adding, replacing or re-captioning an image re-runs the node and what trains on it."""
     try:
-        path = resolve_folder(folder)
-        return sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file())
+        return training_files(os.fspath(resolve_folder(folder)))
     except (InputError, OSError):
         return float("nan")  # never equal to itself: run and report the problem
 
 
-def identifier_note(captions: Sequence[str], identifier: str) -> str | None:
+def identifier_note(captions: Sequence[str], identifier: str, input_name: str = "caption") -> str | None:
     """DreamBooth binds the subject to the identifier through the captions: none with it is an error (the model
-    would learn the subject without a word for it); some without it is worth a note."""
+    would learn the subject without a word for it); some without it is worth a note. Found as CLIP finds it: any
+    case, bounded by anything but a letter ("SKS dog", "sks_dog", "sks2" all hold the token)."""
     identifier = identifier.strip()
     if not identifier:
         return None
-    word = re.compile(rf"(?<![\w]){re.escape(identifier)}(?![\w])")
+    word = re.compile(rf"(?<![^\W\d_]){re.escape(identifier)}(?![^\W\d_])", re.IGNORECASE)
     missing = [i for i, caption in enumerate(captions) if not word.search(caption)]
     if len(missing) == len(captions):
-        raise InputError("caption", f"no caption contains the identifier {identifier!r} (first: {captions[0]!r}); "
-                                    "write {identifier} in the caption template and in the .txt caption files, or "
-                                    "clear identifier to train without one")
+        raise InputError(input_name, f"no caption contains the identifier {identifier!r} (first: {captions[0]!r}); "
+                                     "write {identifier} in the caption template and in the .txt caption files, or "
+                                     "clear identifier to train without one")
     if missing:
         return (f"note: {len(missing)} of {len(captions)} captions do not contain {identifier!r} (image "
                 f"{', '.join(map(str, missing[:10]))}{', ...' if len(missing) > 10 else ''})")
@@ -163,7 +165,7 @@ class PersonalizeInstanceDataset(io.ComfyNode):
                     for own, template in zip(file_captions, templates)]
         dataset = InstanceDataset(images=tuple(pictures), captions=tuple(captions), resolution=resolution,
                                   bucketing=bucketing, flip=flip, caption_dropout=caption_dropout)
-        note = identifier_note(captions, identifier)
+        note = identifier_note(captions, identifier, "caption" if templates is not file_captions else "identifier")
         if note:
             log.warning("instance dataset: %s", note)
         summary = _summary(dataset) + (f"\n{note}" if note else "")

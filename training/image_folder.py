@@ -62,6 +62,25 @@ def _read_caption(image_path: str) -> str | None:
     return text or None
 
 
+def image_names(folder: str) -> list[str]:
+    """The images ``load_image_folder`` reads: files directly in ``folder`` with an image extension, not hidden
+    (macOS copies carry ._name metadata files), sorted by name."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_file()
+                  and entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith("."))
+
+
+def training_files(folder: str) -> list[tuple[str, int, int]]:
+    """(name, mtime in ns, size) of every file a load reads (the images and their caption files): what changes
+    what is trained, and nothing else (a .DS_Store or a notes file does not)."""
+    files = []
+    for name in image_names(folder):
+        for path in (os.path.join(folder, name), os.path.splitext(os.path.join(folder, name))[0] + ".txt"):
+            if os.path.isfile(path):
+                stat = os.stat(path)
+                files.append((os.path.basename(path), stat.st_mtime_ns, stat.st_size))
+    return files
+
+
 def load_image_folder(path, input_name: str = "folder", max_short_side: int | None = None
                       ) -> list[tuple[torch.Tensor, str | None]]:
     """Every image directly in ``path`` (not sub-folders, not hidden files such as macOS's ``._*``), sorted by file
@@ -73,9 +92,7 @@ def load_image_folder(path, input_name: str = "folder", max_short_side: int | No
         raise InputError(input_name, f"{folder} does not exist; give a folder of images")
     if not os.path.isdir(folder):
         raise InputError(input_name, f"{folder} is not a folder; give the folder that holds the images")
-    names = sorted(entry.name for entry in os.scandir(folder)
-                   if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-                   and not entry.name.startswith("."))  # macOS copies carry ._name metadata files
+    names = image_names(folder)
     if not names:
         raise InputError(input_name, f"{folder} has no images; put {', '.join(IMAGE_EXTENSIONS)} files "
                                      "directly in it (sub-folders are not read)")

@@ -117,6 +117,9 @@ def test_a_folder_is_read_again_when_its_files_change(node, input_dir):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(input_dir / "subject" / "b.png")
     added = node.fingerprint_inputs(folder="subject")
     assert len({repr(before), repr(recaptioned), repr(added)}) == 3
+    (input_dir / "subject" / ".DS_Store").write_bytes(b"finder")  # files training does not read change nothing
+    (input_dir / "subject" / "notes.md").write_text("todo", encoding="utf-8")
+    assert repr(node.fingerprint_inputs(folder="subject")) == repr(added)
     missing = node.fingerprint_inputs(folder="nowhere")
     assert missing != missing  # never equal: the node runs and names the problem
     assert node.fingerprint_inputs(folder="") == ""
@@ -127,3 +130,25 @@ def test_captions_without_the_identifier_are_noted(node, input_dir):
     out = run_node(node, **dict(ARGS, folder="mixed"))
     assert "note: 1 of 2 captions do not contain 'sks' (image 1)" in out.ui.as_dict()["text"][0]
     assert "note" not in run_node(node, images=batch(2), **ARGS).ui.as_dict()["text"][0]
+
+
+def test_a_folder_linked_into_the_input_folder_is_read(node, input_dir, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("other_disk")
+    write_folder(elsewhere / "dog", {"a": "{identifier} dog"})
+    (input_dir / "mydog").symlink_to(elsewhere / "dog", target_is_directory=True)
+    assert len(run_node(node, **dict(ARGS, folder="mydog")).result[0]) == 1
+
+
+@pytest.mark.parametrize("text", ["SKS dog", "Sks dog, grass", "sks_dog, 1girl", "sks2 dog"])
+def test_the_identifier_is_found_as_clip_finds_it(node, text):
+    """CLIP reads each of these as the sks token; they were refused as captions without the identifier."""
+    out = run_node(node, images=batch(1), **dict(ARGS, caption=text))
+    assert "note" not in out.ui.as_dict()["text"][0]
+
+
+def test_caption_files_without_the_identifier_name_the_identifier(node, input_dir):
+    from comfyui_personalize.training.errors import InputError
+    write_folder(input_dir / "files", {"a": "a dog", "b": "a sksx dog"})  # sksx is another token
+    with pytest.raises(InputError) as err:
+        run_node(node, **dict(ARGS, folder="files"))
+    assert err.value.input_name == "identifier"  # the template is not used: the files or the identifier must change
