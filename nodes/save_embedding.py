@@ -42,8 +42,10 @@ class PersonalizeSaveEmbedding(io.ComfyNode):
         if not isinstance(embedding, TrainedEmbedding) or not embedding:
             raise InputError("embedding", "connect the embedding output of a Personalize trainer")
         name = check_token_name(name, "name") if name.strip() else embedding.token
-        for part in filter(None, re.split(r"[/\\]", subfolder.strip())):  # prompts read embedding:sub/name up
-            check_token_name(part, "subfolder")  # to the first space: each part must be a prompt word too
+        for part in filter(None, re.split(r"[/\\]", subfolder.strip())):
+            if re.search(r"[\s(),:]", part):  # a prompt reads embedding:sub/name up to a space, and ( ) , : are its
+                raise InputError("subfolder", f"{part!r}: prompts could not name embedding:{part}/... (no spaces "
+                                              "or ( ) , : in a folder name); use letters, digits, . _ or -")
         folder = folder_paths.get_folder_paths("embeddings")[0]
         path = resolve_output_path(folder, subfolder, name, ".safetensors", if_exists)
         tensors = {k: v.detach().to("cpu").float().contiguous() for k, v in embedding.items()}
