@@ -1,7 +1,7 @@
 """GPU check: the CUDA-graph training step computes what the eager step computes (same seed, same losses and
 adapter weights), on a small ComfyUI UNet: plain, and with every objective option on (prior preservation,
-caption dropout, flips, cosine schedule with warm-up, accumulation, EMA, min-SNR, offset noise). Exit code 1 on
-mismatch.
+caption dropout, flips, cosine schedule with warm-up, accumulation, EMA, min-SNR, offset noise); Textual Inversion
+with the text side in the graph; a toy SDXL UNet with per-row size/crop embeddings. Exit code 1 on mismatch.
 
 Usage: python bench/check_cuda_graph.py COMFYUI_DIR
 """
@@ -121,4 +121,49 @@ for regularized in (False, True):
     print(label, "graph", [round(v, 5) for v in lg])
     print(label, "max vector difference", worst, "OK" if ok else "MISMATCH")
     failed |= not ok
+
+
+def sdxl_micro_case(graphed: bool):
+    """A toy SDXL UNet with per-row size/crop embeddings (flips and class images on): the y tails are gathered on
+    the device inside the step."""
+    import comfy.supported_models
+    import comfy_models
+    import shapes
+
+    xl = ComfyHost(comfy_models.comfy_model(comfy.supported_models.SDXL, shapes.sdxl(tiny=True), dev.type), None,
+                   None)
+    xl.load_for_training(False)
+    g = torch.Generator().manual_seed(1)
+    n, lat = 4, 8
+    xl_latents = torch.randn(n, 4, lat, lat, generator=g)
+    y = torch.randn(n, 2816, generator=g)
+
+    def tails(rows):
+        return xl.micro_conditioning(rows, (lat * 8, lat * 8))
+
+    bucket = LatentBucket(xl_latents, [""] * n, (lat * 8, lat * 8), flipped=xl_latents.flip(-1),
+                          class_latents=torch.randn(3, 4, lat, lat, generator=g),
+                          cond=Conditioning(torch.randn(n, 77, 2048, generator=g), y),
+                          class_cond=Conditioning(torch.randn(1, 77, 2048, generator=g), y[:1]),
+                          micro=tails([(64, 96, 0, 16), (40, 40, 0, 0), (64, 64, 0, 0), (128, 64, 32, 0)]),
+                          flipped_micro=tails([(64, 96, 0, 17), (40, 40, 0, 0), (64, 64, 0, 0), (128, 64, 32, 0)]),
+                          class_micro=tails([(32, 32, 0, 0)] * 3))
+    data = TrainingData([bucket], None, prior="class_images")
+    net = LoRANetwork(xl.unet_lora_targets("attention"), 4, 4, seed=0).to(dev)
+    with net.attached():
+        losses = train(xl.task(), data, list(net.parameters()),
+                       TrainConfig(steps=12, learning_rate=1e-3, batch_size=2, cuda_graph=graphed, report_every=4))
+    return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+(le, we), (lg, wg) = sdxl_micro_case(False), sdxl_micro_case(True)
+worst = max((we[k] - wg[k]).abs().max().item() for k in we)
+ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(le, lg)) and worst < 1e-3
+if torch.cuda.is_available() and warnings:
+    print("capture failed:", warnings)
+    ok = False
+print("sdxl size/crop rows eager", [round(v, 5) for v in le])
+print("sdxl size/crop rows graph", [round(v, 5) for v in lg])
+print("sdxl size/crop rows max adapter difference", worst, "OK" if ok else "MISMATCH")
+failed |= not ok
 sys.exit(1 if failed else 0)

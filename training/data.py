@@ -66,8 +66,10 @@ def build_training_data(dataset: InstanceDataset, prior: PriorPreservation | Non
     """Bucket the subject images by aspect ratio, fit each to its bucket and encode it once (mirrored too when
     ``dataset.flip``); class images are fitted and encoded at every bucket size, so a class batch always
     matches the subject batch it is trained with. ``micro_conditioning`` (SDXL): each row's size/crop
-    embeddings from its image's size as given (folder images larger than needed were scaled at load) and its
-    crop in the bucket, mirrored for the flipped rows, as kohya and diffusers condition SDXL training."""
+    embeddings, as diffusers' and SGM's SDXL training give them: the image's original size and its crop offset in
+    the scaled image (mirrored for the flipped rows). An image larger than the training needs counts at the size
+    the folder loader keeps (shorter side = ``dataset.resolution``), so a photo reads the same from a folder or
+    from an IMAGE batch."""
     def encode_all(images: list[torch.Tensor], size: tuple[int, int], mirror: bool = False) -> torch.Tensor:
         out = []
         for i in range(0, len(images), chunk):
@@ -82,7 +84,10 @@ def build_training_data(dataset: InstanceDataset, prior: PriorPreservation | Non
         for im in images:
             height, width = im.shape[:2]
             _, new_w, top, left = placement(height, width, size)
-            rows.append((height, width, top, new_w - left - size[1] if mirror else left))
+            scale = min(1.0, dataset.resolution / min(height, width))
+            original = (max(dataset.resolution, round(height * scale)), max(dataset.resolution, round(width * scale))
+                        ) if scale < 1 else (height, width)
+            rows.append((*original, top, new_w - left - size[1] if mirror else left))
         return micro_conditioning(rows, size)
 
     groups = assign_buckets([tuple(im.shape[:2]) for im in dataset.images], dataset.resolution,

@@ -164,7 +164,7 @@ def test_sdxl_dreambooth_diff_names_are_kohyas_and_resolve_in_comfyui(comfy, tin
 
 def test_sdxl_training_rows_get_their_images_size_and_crop(comfy, tiny_sdxl, tiny_sdxl_clip, tiny_sd15, monkeypatch):
     """Every SDXL row used to say "uncropped, already bucket-sized"; a wide photo centre-cropped to the square (and
-    a small one upscaled) now reports its own size and crop, as kohya/diffusers condition SDXL training."""
+    a small one upscaled) now reports its own size and crop, as diffusers/SGM condition SDXL training."""
     from test_train_lora import run_node
 
     import comfyui_personalize.nodes.session as session

@@ -1,5 +1,5 @@
-"""SDXL's size/crop conditioning per training row, as kohya and diffusers give it: each image's own size and its
-crop in the bucket (mirrored for flipped rows), not "uncropped, already bucket-sized" for every image."""
+"""SDXL's size/crop conditioning per training row, as diffusers' and SGM's SDXL training give it: each image's own
+size and its crop in the bucket (mirrored for flipped rows), not "uncropped, already bucket-sized" for every image."""
 import logging
 
 import torch
@@ -32,7 +32,7 @@ def test_rows_carry_each_images_size_and_crop_and_class_upscaling_warns_once(cap
     (bucket,) = data.buckets
     assert bucket.size == (64, 64)
     # (original h, w, crop top, crop left); the 97-px-wide image is cropped 16 px from the left, and its mirror
-    # image 17 px (kohya: left' = scaled width - left - bucket width)
+    # image 17 px (left' = scaled width - left - bucket width: the mirrored pixels' offset)
     assert bucket.micro.tolist() == [[64, 97, 0, 16], [40, 40, 0, 0]]
     assert bucket.flipped_micro.tolist() == [[64, 97, 0, 17], [40, 40, 0, 0]]
     assert bucket.class_micro.tolist() == [[32, 32, 0, 0]] * 3
@@ -86,3 +86,14 @@ def test_the_unet_sees_each_rows_size_crop_tail_flipped_and_class_rows_included(
                 assert torch.equal(row_y[2:], expected)
                 mirrored += int(image.mean() < 0)
     assert 0 < mirrored < 8  # both mirrored and plain rows were drawn
+
+
+def test_a_large_photo_reads_the_same_from_a_folder_or_an_image_batch():
+    """The folder loader keeps a photo at the resolution's size; a batch image of the full size counts the same."""
+    full, kept = torch.rand(256, 384, 3), torch.rand(64, 96, 3)  # as given, and as the folder loader keeps it
+
+    def rows(image):
+        dataset = InstanceDataset((image,), ("a",), resolution=64, bucketing=False)
+        return build_training_data(dataset, None, _latents, lambda c, s: None,
+                                   micro_conditioning=lambda r, size: torch.tensor(r)).buckets[0].micro.tolist()
+    assert rows(full) == rows(kept) == [[64, 96, 0, 16]]
