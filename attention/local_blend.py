@@ -4,6 +4,11 @@ The paper sums the chosen words' cross-attention maps of the 16x16 layers (SD at
 layers and steps, max-pools 3x3, upsamples, normalises by the maximum and thresholds (0.3); the mask is the
 union of the source words' and target words' masks and x_t = x_src + mask (x_tgt - x_src). Only the chosen
 token columns of the maps are computed, by attention over values that select them (``edits.word_map_values``).
+
+One deliberate difference: the target words' maps here are the target's own. The official code stores the maps
+after its edit, so inside the cross-attention window a target word's map is the source's carried over by the
+mapper, and its own map counts only after the window. Here the target words' own attention counts at every step,
+so the region may also take in where a new word itself attends (a swapped-in object whose shape differs).
 """
 from __future__ import annotations
 

@@ -29,6 +29,9 @@ class PromptTokens:
 
     chunks: tuple[tuple[int, ...], ...]
     content_mask: tuple[tuple[bool, ...], ...]
+    # per content token (in order): whether it starts a word, i.e. the token before it ends one; None = every
+    # token may start a match. "horse" must not be found in "seahorse" (sea + horse</w>).
+    starts_word: tuple[bool, ...] | None = None
 
     def __post_init__(self):
         # Malformed tokens are a bug in the caller, not a user error: fail loudly before rows get misplaced.
@@ -42,10 +45,18 @@ class PromptTokens:
                                  f"expected {CHUNK_LENGTH} of each")
 
     @classmethod
-    def from_chunks(cls, chunks: Sequence[Sequence[int]], content_mask: Sequence[Sequence[bool]]) -> PromptTokens:
-        """From per-chunk ids and content flags as the host emits them (ComfyUI: word id != 0 means content)."""
-        return cls(tuple(tuple(int(i) for i in c) for c in chunks),
-                   tuple(tuple(bool(f) for f in m) for m in content_mask))
+    def from_chunks(cls, chunks: Sequence[Sequence[int]], content_mask: Sequence[Sequence[bool]],
+                    ends_word: Callable[[int], bool] | None = None) -> PromptTokens:
+        """From per-chunk ids and content flags as the host emits them (ComfyUI: word id != 0 means content);
+        ``ends_word(id)``: whether a token ends a word (CLIP's BPE: its vocabulary entry ends with ``</w>``), so
+        that a word is only found where a word starts."""
+        tokens = cls(tuple(tuple(int(i) for i in c) for c in chunks),
+                     tuple(tuple(bool(f) for f in m) for m in content_mask))
+        if ends_word is None:
+            return tokens
+        ids = tokens.content_ids()
+        starts = tuple(k == 0 or ends_word(ids[k - 1]) for k in range(len(ids)))
+        return cls(tokens.chunks, tokens.content_mask, starts)
 
     @classmethod
     def from_content(cls, contents: Sequence[Sequence[int]], bos: int, eos: int, pad: int) -> PromptTokens:
@@ -95,7 +106,7 @@ class PromptTokens:
         rows, ids = self.content_positions(), self.content_ids()
         found: set[int] = set()
         for start in range(len(ids) - len(needle) + 1):
-            if ids[start:start + len(needle)] == needle:
+            if ids[start:start + len(needle)] == needle and (self.starts_word is None or self.starts_word[start]):
                 found.update(rows[start:start + len(needle)])
         return sorted(found)
 

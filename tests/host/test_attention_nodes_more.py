@@ -115,6 +115,18 @@ def test_two_embeddings_in_a_prompt_are_told_apart(comfy, tiny_sd15):  # noqa: F
     assert alphas[1] == alphas[3] == 1 and mapper[1, 1] == 1
 
 
+def test_a_word_is_not_found_inside_a_longer_word(comfy, tiny_sd15):  # noqa: F811
+    """ComfyUI's tokenizer makes "seahorse" sea + horse</w>: "horse" used to weight, map and blend its tail too."""
+    from comfyui_personalize.attention.tokens import word_positions
+    from comfyui_personalize.nodes.attention_text import prompt_tokens, word_tokenizer
+
+    clip = tiny_sd15[1]
+    tokens = prompt_tokens(clip, "a seahorse next to a horse, red horse")
+    assert clip.tokenize("seahorse")["l"][0][2][0] == word_tokenizer(clip)("horse")[0]  # the compound's tail
+    found = word_positions(tokens, ["horse", "seahorse", "red horse"], word_tokenizer(clip))
+    assert found == {"horse": [7, 10], "seahorse": [2, 3], "red horse": [9, 10]}  # BOS is row 0
+
+
 def test_p2p_pairs_every_keyframe_of_a_clip_with_scheduled_hooks(comfy, tiny_sd15, nodes):  # noqa: F811
     """CLIPTextEncode on a CLIP with scheduled hooks makes one conditioning per keyframe; P2P kept the first only,
     so from the second keyframe on sampling had no positive prompt."""

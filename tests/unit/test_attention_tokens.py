@@ -74,6 +74,17 @@ def test_find_every_occurrence_and_every_token_of_multi_token_words():
     assert t.find([8, 8]) == []  # the tokens must be consecutive
 
 
+def test_a_word_is_found_only_where_a_word_starts():
+    """"horse" in "a seahorse next to a horse": sea + horse</w> in the compound, so only the standalone horse is the
+    word (the compound's tail got the weight, the map and the blend too)."""
+    a, sea, horse, next_, to = 1, 2, 3, 4, 5  # sea (2) is the only token that does not end a word
+    tokens = PromptTokens.from_chunks([[BOS, a, sea, horse, next_, to, a, horse, EOS] + [PAD] * 68],
+                                      [[False] + [True] * 7 + [False] * 69], ends_word=lambda i: i != sea)
+    assert tokens.find([horse]) == [7] and tokens.find([sea, horse]) == [2, 3]  # the whole compound is a word
+    plain = PromptTokens.from_chunks(tokens.chunks, tokens.content_mask)  # without the marker: every match
+    assert plain.find([horse]) == [3, 7]
+
+
 def test_find_reports_overlapping_occurrences_once_per_row():
     t = prompt("a a a")
     assert t.find([1, 1]) == [1, 2, 3]
