@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import comfy.model_management as mm
 import comfy.sd
 import torch
 from comfy_api.latest import io
@@ -15,6 +16,26 @@ from ..training.trainer import ParamGroup
 from .session import TrainingSession, common_inputs, save_intermediate
 
 log = logging.getLogger(__name__)
+
+
+# Per trained weight: an fp32 master copy, its fp32 gradient and AdamW's two fp32 moments. The measured peak of
+# SDXL at 1024 px with gradient checkpointing is within 4% of this (bench/results/2026-12-03-s10-db-sdxl-h200.md).
+BYTES_PER_TRAINED_WEIGHT = 16
+
+
+def check_memory(host, train_text_encoder: bool) -> None:
+    """Refuse a full fine-tune its device cannot hold, with the numbers, instead of running out of memory later."""
+    trained = sum(p.numel() for p in host.diffusion_model.parameters())
+    if train_text_encoder and host.clip is not None:
+        trained += sum(p.numel() for p in host.clip.cond_stage_model.parameters())
+    need = trained * BYTES_PER_TRAINED_WEIGHT
+    device = host.model.load_device
+    total = mm.get_total_memory(device)
+    if need > total:
+        raise InputError("model", f"DreamBooth trains all {trained / 1e9:.2f} B weights of this model, which takes "
+                                  f"about {need / 2**30:.0f} GiB (fp32 weights, gradients and AdamW states) before "
+                                  f"activations; {device} has {total / 2**30:.0f} GiB. Train a LoRA (Personalize Train "
+                                  "LoRA) instead, on a GPU with more memory, or without the text encoder.")
 
 
 class PersonalizeTrainDreamBooth(io.ComfyNode):
@@ -55,6 +76,7 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
                                        dtype=dtype, gradient_checkpointing=gradient_checkpointing),
                                   cls.hidden.unique_id)
         host = session.host
+        check_memory(host, train_text_encoder)  # before encoding anything: a run that cannot fit fails at once
         with torch.inference_mode(False), torch.enable_grad():
             data = session.data(text_trains=train_text_encoder)
             device = host.model.load_device
