@@ -116,7 +116,11 @@ def _check_lora_file(path: Path) -> None:
 
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
+        bundled = {k: f.get_slice(k).get_shape() for k in keys if k.startswith("bundle_emb.")}
     assert keys, f"{path} is empty"
+    for k, shape in bundled.items():  # a pivotal word bundled in: bundle_emb.<token>.<encoder> = [vectors, width]
+        assert len(k.split(".")) == 3 and k.split(".")[2] in ("clip_l", "clip_g", "clip_h") and len(shape) == 2, k
+    keys = [k for k in keys if k not in bundled]
     assert all(k.startswith(("lora_unet_", "lora_te")) for k in keys), keys[:5]
     assert any(k.startswith("lora_unet_") for k in keys), keys[:5]
     suffixes = (".lora_down.weight", ".lora_up.weight", ".alpha")
