@@ -67,6 +67,15 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.squeeze(0).permute(1, 2, 0).clamp(0.0, 1.0)  # bicubic overshoots at hard edges
 
 
+def shrunk_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(height, width) with the shorter side scaled down to ``short_side`` (aspect kept), or as it is when it is
+    not longer: the size an image larger than training needs is kept at."""
+    if min(height, width) <= short_side:
+        return height, width
+    scale = short_side / min(height, width)
+    return max(short_side, round(height * scale)), max(short_side, round(width * scale))
+
+
 def placement(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """Where ``fit_image`` puts a [height, width] image in ``size``: (scaled height, scaled width, crop top, crop
     left), the crop in the scaled image's pixels (SDXL's crop conditioning is in these)."""

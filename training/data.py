@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 
 from .batches import Encode, LatentBucket, TrainingData
-from .buckets import UPSCALE_WARNING, assign_buckets, fit_image, placement
+from .buckets import UPSCALE_WARNING, assign_buckets, fit_image, placement, shrunk_size
 from .datasets import InstanceDataset, PriorPreservation
 from .errors import InputError
 
@@ -84,9 +84,7 @@ def build_training_data(dataset: InstanceDataset, prior: PriorPreservation | Non
         for im in images:
             height, width = im.shape[:2]
             _, new_w, top, left = placement(height, width, size)
-            scale = min(1.0, dataset.resolution / min(height, width))
-            original = (max(dataset.resolution, round(height * scale)), max(dataset.resolution, round(width * scale))
-                        ) if scale < 1 else (height, width)
+            original = shrunk_size(height, width, dataset.resolution)  # as the folder loader keeps it
             rows.append((*original, top, new_w - left - size[1] if mirror else left))
         return micro_conditioning(rows, size)
 

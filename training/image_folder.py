@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .buckets import resize_image
+from .buckets import resize_image, shrunk_size
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,7 @@ def _read_image(path: str, input_name: str, max_short_side: int | None) -> torch
     image = torch.from_numpy(np.ascontiguousarray(array))
     if max_short_side and min(height, width) > max_short_side:
         # kept whole, a 12 MP phone photo is 140 MB of float32; training crops it to its bucket anyway
-        scale = max_short_side / min(height, width)
-        size = (max(max_short_side, round(height * scale)), max(max_short_side, round(width * scale)))
-        image = resize_image(image, size).contiguous()
+        image = resize_image(image, shrunk_size(height, width, max_short_side)).contiguous()
     return image
 
 
