@@ -52,21 +52,16 @@ def prompt_tokens(clip, text: str) -> PromptTokens:
 
 
 _WORD_END = "</w>"
-_word_end_ids: dict[int, frozenset] = {}
 
 
 def _word_ends(clip):
     """``ends_word(id)`` for the first encoder's BPE (a vocabulary entry ending ``</w>`` ends a word; an embedding's
-    vectors count as words of their own), or None for a tokenizer without that marker."""
+    vectors count as words of their own), or None for a tokenizer without that marker. Read each time (a few ms):
+    a cache keyed by the tokenizer object could outlive it."""
     tokenizer = getattr(clip.tokenizer, "clip_l", None) or next(
         (getattr(clip.tokenizer, a) for a in ("clip_g", "clip_h") if hasattr(clip.tokenizer, a)), None)
     vocab_of = getattr(getattr(tokenizer, "tokenizer", None), "get_vocab", None)
-    if vocab_of is None:
-        return None
-    key = id(tokenizer.tokenizer)
-    if key not in _word_end_ids:
-        _word_end_ids[key] = frozenset(i for t, i in vocab_of().items() if t.endswith(_WORD_END))
-    ends = _word_end_ids[key]
+    ends = frozenset(i for t, i in vocab_of().items() if t.endswith(_WORD_END)) if vocab_of else frozenset()
     if not ends:
         return None
     return lambda token_id: token_id < 0 or token_id in ends
