@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import re
 
 import comfy.utils
 import torch
@@ -52,19 +53,23 @@ def prompt_tokens(clip, text: str) -> PromptTokens:
 
 
 _WORD_END = "</w>"
+_LATIN_PIECE = re.compile(r"[a-z0-9]$")
 
 
 def _word_ends(clip):
-    """``ends_word(id)`` for the first encoder's BPE (a vocabulary entry ending ``</w>`` ends a word; an embedding's
-    vectors count as words of their own), or None for a tokenizer without that marker. Read each time (a few ms):
-    a cache keyed by the tokenizer object could outlive it."""
+    """``ends_word(id)`` for the first encoder's BPE: a token ends a word unless it is a piece of a Latin word that
+    goes on (no ``</w>``, ending in a letter or digit: "sea" of "seahorse"). Scripts written without spaces (CJK,
+    Thai) are one BPE word per phrase, so their characters may each start a match; an embedding's vectors count as
+    words of their own. None for a tokenizer without the marker. Read each time (about 20 ms): a cache keyed by
+    the tokenizer object could outlive it."""
     tokenizer = getattr(clip.tokenizer, "clip_l", None) or next(
         (getattr(clip.tokenizer, a) for a in ("clip_g", "clip_h") if hasattr(clip.tokenizer, a)), None)
     vocab_of = getattr(getattr(tokenizer, "tokenizer", None), "get_vocab", None)
-    ends = frozenset(i for t, i in vocab_of().items() if t.endswith(_WORD_END)) if vocab_of else frozenset()
-    if not ends:
+    vocab = vocab_of() if vocab_of else {}
+    if not any(t.endswith(_WORD_END) for t in vocab):
         return None
-    return lambda token_id: token_id < 0 or token_id in ends
+    goes_on = frozenset(i for t, i in vocab.items() if not t.endswith(_WORD_END) and _LATIN_PIECE.search(t))
+    return lambda token_id: token_id not in goes_on
 
 
 def word_tokenizer(clip):

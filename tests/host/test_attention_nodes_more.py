@@ -125,6 +125,8 @@ def test_a_word_is_not_found_inside_a_longer_word(comfy, tiny_sd15):  # noqa: F8
     assert clip.tokenize("seahorse")["l"][0][2][0] == word_tokenizer(clip)("horse")[0]  # the compound's tail
     found = word_positions(tokens, ["horse", "seahorse", "red horse"], word_tokenizer(clip))
     assert found == {"horse": [7, 10], "seahorse": [2, 3], "red horse": [9, 10]}  # BOS is row 0
+    chinese = prompt_tokens(clip, "一匹白马")  # written without spaces: one BPE word, each character found
+    assert word_positions(chinese, ["马", "白马"], word_tokenizer(clip))["马"]
 
 
 def test_p2p_pairs_every_keyframe_of_a_clip_with_scheduled_hooks(comfy, tiny_sd15, nodes):  # noqa: F811
