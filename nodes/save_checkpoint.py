@@ -55,6 +55,22 @@ def checkpoint_extras(model) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return metadata, extra
 
 
+def loader_note(model, extra_keys: dict) -> str | None:
+    """What Load Checkpoint (ComfyUI 0.3.64) will not set up again by itself: it reads ``v_pred`` and ``ztsnr`` for
+    SDXL only; SD1.x files load as eps and SD2 finds v-prediction from its weights but never zero terminal SNR."""
+    try:
+        family = model_family(model)
+    except InputError:
+        return None
+    unread = {"sd1": ("v_pred", "ztsnr"), "sd2": ("ztsnr",)}.get(family, ())
+    lost = [k for k in unread if k in extra_keys]
+    if not lost:
+        return None
+    setting = "v_prediction" + (", zsnr on" if "ztsnr" in extra_keys else "")
+    return (f"Load Checkpoint does not read {' and '.join(lost)} in {family.upper()} files: after loading this "
+            f"one, add ModelSamplingDiscrete ({setting}), as the model was trained")
+
+
 class PersonalizeSaveCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -85,7 +101,12 @@ class PersonalizeSaveCheckpoint(io.ComfyNode):
                                                                 extra_keys=extra_keys))
         rel = os.path.relpath(path, folder)
         log.info("saved checkpoint %s", path)
-        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/checkpoints/{rel}"))
+        text = f"saved models/checkpoints/{rel}"
+        note = loader_note(model, extra_keys)
+        if note:
+            log.warning(note)
+            text += f"\nnote: {note}"
+        return io.NodeOutput(rel, ui=ui.PreviewText(text))
 
 
 NODES = [PersonalizeSaveCheckpoint]

@@ -10,11 +10,13 @@ from test_train_lora import run_node
 pytestmark = pytest.mark.host
 
 
-def save(comfy, model, clip, vae, name):
+def save(comfy, model, clip, vae, name, shown=None):
     from comfyui_personalize.nodes.save_checkpoint import PersonalizeSaveCheckpoint
-    rel = run_node(PersonalizeSaveCheckpoint, model=model, clip=clip, vae=vae, name=name, subfolder="tests",
-                   if_exists="overwrite").result[0]
-    path = str(comfy.models / "checkpoints" / rel)
+    out = run_node(PersonalizeSaveCheckpoint, model=model, clip=clip, vae=vae, name=name, subfolder="tests",
+                   if_exists="overwrite")
+    if shown is not None:
+        shown.append(out.ui.as_dict()["text"][0])
+    path = str(comfy.models / "checkpoints" / out.result[0])
     with safe_open(path, "pt") as f:
         return load_file(path), f.metadata()
 
@@ -52,9 +54,17 @@ def test_eps_sd15_has_no_v_markers(comfy, tiny_sd15):
 def test_the_markers_follow_the_sampling_the_model_trains_with(comfy, tiny_sd15, zsnr):
     """A ModelSamplingDiscrete node (v_prediction, zsnr) on a file without the markers is how such fine-tunes are
     trained; the file must say so, or it reloads as eps."""
+    from comfy import supported_models
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
     model, clip, vae = tiny_sd15
     patched = ModelSamplingDiscrete().patch(model, "v_prediction", zsnr)[0]
-    sd, meta = save(comfy, patched, clip, vae, f"sampled_v_{zsnr}")
+    shown = []
+    sd, meta = save(comfy, patched, clip, vae, f"sampled_v_{zsnr}", shown)
     assert meta["modelspec.predict_key"] == "v" and "v_pred" in sd and ("ztsnr" in sd) == zsnr
+    # ComfyUI 0.3.64 loads SD1.x files as eps whatever they say, so the node tells the user how to load this one
+    assert supported_models.SD15({}).model_type(sd, "model.diffusion_model.").name == "EPS"
+    assert "add ModelSamplingDiscrete (v_prediction" + (", zsnr on)" if zsnr else ")") in shown[0]
+    plain = []
+    save(comfy, model, clip, vae, "plain_eps", plain)
+    assert "note" not in plain[0]
