@@ -111,7 +111,8 @@ def _assert_saved_images(server, prompt: dict, entry: dict) -> None:
             assert (server.output_dir / img["subfolder"] / img["filename"]).is_file(), img
 
 
-def _check_lora_file(path: Path) -> None:
+def _check_lora_file(path: Path) -> dict:
+    """Checks the kohya keys; returns the bundled word's tensors' shapes (bundle_emb.*), if any."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -128,6 +129,7 @@ def _check_lora_file(path: Path) -> None:
     modules = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in keys}
     for m in modules:  # each module has the full down/up/alpha triple
         assert {m + s for s in suffixes} <= set(keys), m
+    return bundled
 
 
 def _check_embedding_file(path: Path, prompt: dict) -> None:
@@ -164,8 +166,10 @@ def test_example_workflow_runs(comfy_server, run_workflow, path):
         expected = sum(n["class_type"] == save_node for n in run.prompt.values())
         new = run.new_files[folder]
         assert len(new) == expected, f"{save_node}: expected {expected} new file(s) in models/{folder}, got {new}"
-    for f in run.new_files["loras"]:
-        _check_lora_file(f)
+    # the pivotal and Fast Tune examples bundle their word into the LoRA (Save LoRA's bundle_embedding)
+    saves = [n for n in json.loads(path.read_text())["nodes"] if n["type"] == "PersonalizeSaveLoRA"]
+    bundles = sum(bool(i.get("link")) for n in saves for i in n.get("inputs", []) if i["name"] == "bundle_embedding")
+    assert sum(bool(_check_lora_file(f)) for f in run.new_files["loras"]) == bundles
     for f in run.new_files["embeddings"]:
         _check_embedding_file(f, run.prompt)
     for f in run.new_files["checkpoints"]:
