@@ -18,6 +18,7 @@ from ..training.datasets import InstanceDataset, PriorPreservation
 from ..training.errors import InputError
 from ..training.files import resolve_output_path, save_safetensors_atomic
 from ..training.objective import LR_SCHEDULES
+from ..training.optimizers import OPTIMIZERS
 from ..training.options import TrainOptions
 from ..training.trainer import DTYPES, TrainConfig, train
 from .comfy_adapter import ComfyHost
@@ -103,7 +104,8 @@ class TrainingSession:
     def schedule_metadata(self) -> dict:
         """What a saved LoRA's kohya metadata says of the schedule and the class images."""
         images = len(self.prior.images) if self.prior is not None else 0
-        return {"lr_scheduler": self.options.lr_schedule, "num_reg_images": images}
+        return {"lr_scheduler": self.options.lr_schedule, "num_reg_images": images,
+                "optimizer": self.options.optimizer}
 
     def run(self, data, params: Sequence, attach: Sequence[ContextManager], text_trains: bool,
             frozen: Callable[[], ContextManager] | None = None, save: Callable[[int], None] | None = None,
@@ -195,19 +197,24 @@ class PersonalizeTrainingOptions(io.ComfyNode):
                 io.String.Input("sample_prompt", default="", tooltip="Empty = the first training caption."),
                 io.Int.Input("save_every", default=0, min=0, max=100000,
                              tooltip="Also save the result every N steps (0 = only at the end)."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
+                               tooltip="adamw: the usual choice. adafactor: no per-weight moments, so a full "
+                                       "fine-tune needs about half the memory (SDXL DreamBooth ~21 GiB instead of "
+                                       "~40); no momentum, and its steps are not replayed as a CUDA graph."),
             ],
             outputs=[Options.Output(display_name="options")],
         )
 
     @classmethod
     def execute(cls, lr_schedule, warmup_steps, gradient_accumulation, max_grad_norm, min_snr_gamma, noise_offset,
-                timestep_min, timestep_max, ema_decay, sample_every, sample_prompt, save_every) -> io.NodeOutput:
+                timestep_min, timestep_max, ema_decay, sample_every, sample_prompt, save_every,
+                optimizer="adamw") -> io.NodeOutput:
         from ..training.objective import Objective
 
         objective = Objective(min_snr_gamma, noise_offset, timestep_min, timestep_max)
         objective.validate()
         options = TrainOptions(lr_schedule, warmup_steps, gradient_accumulation, max_grad_norm, ema_decay,
-                               objective, sample_every, sample_prompt.strip(), save_every)
+                               objective, sample_every, sample_prompt.strip(), save_every, optimizer)
         return io.NodeOutput(options)
 
 

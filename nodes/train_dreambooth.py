@@ -12,34 +12,37 @@ from ..training.errors import InputError
 from ..training.files import base_model_metadata, tag_frequency
 from ..training.full_finetune import FullFineTune, diff_state_dict
 from ..training.lora import TrainedLoRA
+from ..training.optimizers import STATE_BYTES
 from ..training.trainer import ParamGroup
 from .session import TrainingSession, common_inputs, save_intermediate
 
 log = logging.getLogger(__name__)
 
 
-# Per trained weight: an fp32 master copy, its fp32 gradient and AdamW's two fp32 moments; plus 5% for the
-# activations: the measured peak of SDXL at 1024 px with gradient checkpointing is 3.4% over the 16 bytes
-# (bench/results/2026-12-03-s10-db-sdxl-h200.md).
-BYTES_PER_TRAINED_WEIGHT = 16 * 1.05
+# Per trained weight: an fp32 master copy and its fp32 gradient (8 bytes) and the optimiser's state (AdamW: two
+# fp32 moments); plus 5% for the activations: the measured peak of SDXL at 1024 px with gradient checkpointing
+# and AdamW is 3.4% over the 16 bytes (bench/results/2026-12-03-s10-db-sdxl-h200.md).
+ACTIVATION_MARGIN = 1.05
 
 
-def check_memory(host, train_text_encoder: bool) -> None:
+def check_memory(host, train_text_encoder: bool, optimizer: str) -> None:
     """Refuse a full fine-tune its device cannot hold, with the numbers, instead of running out of memory later."""
     trained = sum(p.numel() for p in host.diffusion_model.parameters())
     if train_text_encoder and host.clip is not None:
         trained += sum(p.numel() for p in host.clip.cond_stage_model.parameters())
-    need = trained * BYTES_PER_TRAINED_WEIGHT
+    need = trained * (8 + STATE_BYTES[optimizer]) * ACTIVATION_MARGIN
     if getattr(mm, "directml_enabled", False):
         return  # ComfyUI cannot read a DirectML device's memory (it reports a fixed 1 GiB)
     device = host.model.load_device
     total = mm.get_total_memory(device)
     if need > total:
         raise InputError("model", f"DreamBooth trains all {trained / 1e9:.2f} B weights of this model, which takes "
-                                  f"about {need / 2**30:.0f} GiB (fp32 weights, gradients and AdamW states, and "
+                                  f"about {need / 2**30:.0f} GiB (fp32 weights, gradients, {optimizer} states and "
                                   f"activations); {device} has {total / 2**30:.0f} GiB. Train a LoRA (Personalize "
                                   "Train LoRA) instead, or use a GPU with more memory"
-                                  + (", or leave the text encoder out." if train_text_encoder else "."))
+                                  + (", or leave the text encoder out" if train_text_encoder else "")
+                                  + ("" if optimizer == "adafactor" else
+                                     ", or set Training Options' optimizer to adafactor (about half)") + ".")
 
 
 class PersonalizeTrainDreamBooth(io.ComfyNode):
@@ -80,7 +83,8 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
                                        dtype=dtype, gradient_checkpointing=gradient_checkpointing),
                                   cls.hidden.unique_id)
         host = session.host
-        check_memory(host, train_text_encoder)  # before encoding anything: a run that cannot fit fails at once
+        # before encoding anything: a run that cannot fit fails at once
+        check_memory(host, train_text_encoder, session.options.optimizer)
         with torch.inference_mode(False), torch.enable_grad():
             data = session.data(text_trains=train_text_encoder)
             device = host.model.load_device

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import InputError
+from .optimizers import METADATA_NAMES
 
 IF_EXISTS = ("increment", "overwrite", "error")
 _BAD_NAME = re.compile(r'[<>:"|?*\x00-\x1f]')
@@ -129,6 +130,7 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
 def lora_metadata(*, base_model: str, rank: int, alpha: float, learning_rate: float, steps: int,
                   batch_size: int, resolution: tuple[int, int], num_images: int, seed: int, title: str,
                   text_encoder_trained: bool, prediction: str, targets: str, lr_scheduler: str = "constant",
+                  optimizer: str = "adamw",
                   num_reg_images: int = 0, captions: Sequence[str] = (),
                   extra: Mapping[str, object] = ()) -> dict[str, str]:
     """The ``ss_*`` keys kohya writes and the SAI ``modelspec.*`` keys, as strings (safetensors metadata).
@@ -146,7 +148,7 @@ def lora_metadata(*, base_model: str, rank: int, alpha: float, learning_rate: fl
         "ss_max_train_steps": str(steps),
         "ss_steps": str(steps),
         "ss_batch_size_per_device": str(batch_size),
-        "ss_optimizer": "torch.optim.AdamW",
+        "ss_optimizer": METADATA_NAMES.get(optimizer, optimizer),
         "ss_lr_scheduler": lr_scheduler,
         "ss_resolution": str(tuple(resolution)),
         "ss_num_train_images": str(num_images),

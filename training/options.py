@@ -19,6 +19,7 @@ class TrainOptions:
     sample_every: int = 0  # 0: no preview samples
     sample_prompt: str = ""  # "" = the first training caption
     save_every: int = 0  # 0: only the final result
+    optimizer: str = "adamw"  # optimizers.OPTIMIZERS
 
     def config(self, steps: int, learning_rate: float, batch_size: int, seed: int, dtype: str,
                gradient_checkpointing: bool) -> TrainConfig:
@@ -28,6 +29,6 @@ class TrainOptions:
                           gradient_checkpointing=gradient_checkpointing)
         cfg = replace(cfg, lr_schedule=self.lr_schedule, warmup_steps=self.warmup_steps,
                       gradient_accumulation=self.gradient_accumulation, max_grad_norm=self.max_grad_norm,
-                      ema_decay=self.ema_decay, objective=self.objective)
+                      ema_decay=self.ema_decay, objective=self.objective, optimizer=self.optimizer)
         cfg.validate()
         return cfg

@@ -17,6 +17,7 @@ from . import cuda_graph
 from .batches import BucketBatchSampler, TrainingData, class_plan
 from .errors import InputError, TrainingDiverged
 from .objective import LR_SCHEDULES, Objective, lr_factor, per_sample_mse, prior_preservation_loss
+from .optimizers import OPTIMIZERS, capturable, make_optimizer
 from .schedule import NoiseSchedule
 from .task import Conditioning, DiffusionTask
 
@@ -44,6 +45,7 @@ class TrainConfig:
     report_every: int = 10  # how often losses are read back from the device (each read is a sync)
     check_every: int = 0  # save steps: read back (stop on a non-finite loss) and hand progress the EMA weights
     cuda_graph: bool = True  # replay the step as a CUDA graph when the run allows it (see cuda_graph.py)
+    optimizer: str = "adamw"  # optimizers.OPTIMIZERS
 
     def validate(self, num_timesteps: int = 1000) -> None:
         if self.steps < 1:
@@ -64,6 +66,8 @@ class TrainConfig:
             raise InputError("ema_decay", f"must be 0 (off) or in (0, 1), got {self.ema_decay}")
         if self.max_grad_norm < 0:
             raise InputError("max_grad_norm", f"must be 0 (off) or positive, got {self.max_grad_norm}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         self.objective.validate(num_timesteps)
 
 
@@ -136,16 +140,14 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
     buckets = [b.to(device) for b in data.buckets]
     on_gpu = device.type == "cuda"
     device_text = data.prompt_encoder is not None and not data.cached  # the text side trains, on the device
-    graphed = cfg.cuda_graph and on_gpu and (data.cached or device_text) and len(buckets) == 1
+    graphed = (cfg.cuda_graph and on_gpu and (data.cached or device_text) and len(buckets) == 1
+               and capturable(cfg.optimizer))
     groups = [g if isinstance(g, ParamGroup) else None for g in params]
     groups = ([ParamGroup([p for p in g.params if p.requires_grad], g.learning_rate) for g in groups]
               if all(groups) else [ParamGroup([p for p in params if p.requires_grad], cfg.learning_rate)])
     flat = [p for g in groups for p in g.params]
     base_lrs = [g.learning_rate for g in groups]
-    # A device-tensor lr lets the graphed step apply the schedule itself (fused AdamW reads it on the device).
-    optimizer = torch.optim.AdamW(
-        [{"params": g.params, "lr": torch.tensor(g.learning_rate, device=device) if graphed else g.learning_rate}
-         for g in groups], fused=on_gpu or None, capturable=graphed)
+    optimizer = make_optimizer(cfg.optimizer, [(g.params, g.learning_rate) for g in groups], device, graphed)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
     ema = [p.detach().clone() for p in flat] if cfg.ema_decay > 0 else None
     ema_dtypes = {e.dtype for e in ema or ()}

@@ -120,6 +120,12 @@ def test_a_full_fine_tune_its_device_cannot_hold_is_refused_up_front(comfy, tiny
     assert e.value.input_name == "model" and not encoded  # refused before any image was encoded
     monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: 16 * 1.05 * unet)
     run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), **dict(ARGS, steps=1))
+    from comfyui_personalize.training.options import TrainOptions
+    monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: 8 * 1.05 * unet)  # Adafactor: no per-weight state
+    with pytest.raises(InputError, match="set Training Options' optimizer to adafactor"):
+        run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), **dict(ARGS, steps=1))
+    run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), options=TrainOptions(optimizer="adafactor"),
+             **dict(ARGS, steps=1))
     monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: 1)  # DirectML: ComfyUI cannot read it (says 1 GiB)
     monkeypatch.setattr(mm, "directml_enabled", True, raising=False)
     run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), **dict(ARGS, steps=1))

@@ -78,6 +78,9 @@ def test_metadata_names_the_schedule_the_class_images_and_the_sd2_variant():
     v = files.lora_metadata(base_model="sd2", prediction="v", **common)
     assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and v["ss_v_parameterization"] == "True"
     assert v["ss_base_model_version"] == "sd_v2_v" and meta["ss_base_model_version"] == "sd_v2"  # as kohya names them
+    assert meta["ss_optimizer"] == "torch.optim.AdamW"
+    assert files.lora_metadata(base_model="sd2", prediction="v", optimizer="adafactor",
+                               **common)["ss_optimizer"] == "transformers.optimization.Adafactor"
 
 
 def test_metadata_counts_the_training_tags_as_kohya_does():

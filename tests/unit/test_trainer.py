@@ -46,6 +46,31 @@ def test_loss_falls_on_a_fixed_batch(host):
     assert fixed_noise_loss(task, latents, cond) == pytest.approx(before)  # detached: host back to its own output
 
 
+def test_adafactor_trains_with_less_state_than_adamw(host, monkeypatch):
+    """Adafactor's memory saving is its state: no first moment, and a factored second moment for matrices (the
+    LoRA here is one flat vector: one value per weight, where AdamW keeps two)."""
+    import transformers.optimization
+
+    made = []
+    real = transformers.optimization.Adafactor
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(transformers.optimization, "Adafactor", spy)
+    latents, cond = _data(host)
+    task = host.task()
+    before = fixed_noise_loss(task, latents, cond)
+    net, losses = _train(host, latents, steps=80, learning_rate=1e-2, optimizer="adafactor")
+    with net.attached():
+        after = fixed_noise_loss(task, latents, cond)
+    assert len(made) == 1 and all(math.isfinite(v) for v in losses) and after < 0.8 * before, (before, after)
+    state = [t for s in made[0].state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    trained = sum(p.numel() for p in net.parameters())
+    assert state and sum(t.numel() for t in state) <= trained  # AdamW keeps 2 x trained
+    assert made[0].param_groups[0]["lr"] == 1e-2 and not made[0].defaults["relative_step"]  # lr = the step size
+
+
 def test_same_seed_same_run(host):
     latents, cond = _data(host)
     _, a = _train(host, latents, steps=5)
@@ -124,7 +149,7 @@ def test_progress_sees_every_step_and_can_cancel(host):
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("learning_rate", 0.0), ("learning_rate", -1e-4),
-                                         ("batch_size", 0), ("dtype", "fp8")])
+                                         ("batch_size", 0), ("dtype", "fp8"), ("optimizer", "sgd")])
 def test_bad_config_names_the_input(field, value):
     cfg = TrainConfig(**{"steps": 10, "learning_rate": 1e-4, field: value})
     with pytest.raises(InputError) as e:
