@@ -46,6 +46,7 @@ ap.add_argument("--ckpt", choices=("both", "on", "off"), default="both", help="g
 ap.add_argument("--memory-cap-gib", type=float, default=None,
                 help="cap the allocator (set_per_process_memory_fraction): does it train on a card this size")
 ap.add_argument("--no-cuda-graph", action="store_true", help="run our steps eagerly (no CUDA graph)")
+ap.add_argument("--optimizer", default="adamw", help="our optimizer (training/optimizers.py): adamw or adafactor")
 ap.add_argument("--comfyui-text-path", action="store_true",
                 help="TI: encode captions through CLIP.encode_from_tokens every step (no device prompt encoder)")
 ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
@@ -150,7 +151,7 @@ def session(model, clip, learning_rate: float, batch: int, checkpointing: bool) 
 def run_session(s: TrainingSession, data: TrainingData, params, attach, **kw):
     """``run(steps)``: TrainingSession.run for that many steps (a fresh optimiser and CUDA graph each call)."""
     def run(steps: int) -> None:
-        s.cfg = dataclasses.replace(s.cfg, steps=steps, cuda_graph=not args.no_cuda_graph)
+        s.cfg = dataclasses.replace(s.cfg, steps=steps, cuda_graph=not args.no_cuda_graph, optimizer=args.optimizer)
         s.run(data, params, attach(), **kw)
 
     return run
