@@ -49,10 +49,15 @@ def _read_image(path: str, input_name: str, max_short_side: int | None) -> torch
     return image
 
 
+def caption_path_of(image_path: str) -> str:
+    """An image's caption file: ``<stem>.txt`` beside it."""
+    return os.path.splitext(image_path)[0] + ".txt"
+
+
 def _read_caption(image_path: str) -> str | None:
     """The text of ``<stem>.txt`` next to the image, whitespace (newlines too) collapsed to single spaces;
     None when there is no such file or it is blank, so the node's caption template applies."""
-    caption_path = os.path.splitext(image_path)[0] + ".txt"
+    caption_path = caption_path_of(image_path)
     if not os.path.isfile(caption_path):
         return None
     with open(caption_path, encoding="utf-8-sig", errors="replace") as f:
@@ -72,7 +77,8 @@ def training_files(folder: str) -> list[tuple[str, int, int]]:
     what is trained, and nothing else (a .DS_Store or a notes file does not)."""
     files = []
     for name in image_names(folder):
-        for path in (os.path.join(folder, name), os.path.splitext(os.path.join(folder, name))[0] + ".txt"):
+        image_path = os.path.join(folder, name)
+        for path in (image_path, caption_path_of(image_path)):
             if os.path.isfile(path):
                 stat = os.stat(path)
                 files.append((os.path.basename(path), stat.st_mtime_ns, stat.st_size))
