@@ -12,17 +12,22 @@ from ..training.errors import InputError
 from ..training.files import base_model_metadata, tag_frequency
 from ..training.full_finetune import FullFineTune, diff_state_dict
 from ..training.lora import TrainedLoRA
-from ..training.optimizers import STATE_BYTES
+from ..training.optimizers import BYTES_PER_WEIGHT
 from ..training.trainer import ParamGroup
 from .session import TrainingSession, common_inputs, save_intermediate
 
 log = logging.getLogger(__name__)
 
 
-# Per trained weight: an fp32 master copy and its fp32 gradient (8 bytes) and the optimiser's state (AdamW: two
-# fp32 moments); plus 5% for the activations: the measured peak of SDXL at 1024 px with gradient checkpointing
-# and AdamW is 3.4% over the 16 bytes (bench/results/2026-12-03-s10-db-sdxl-h200.md).
-ACTIVATION_MARGIN = 1.05
+# Per trained weight: optimizers.BYTES_PER_WEIGHT (fp32 master copy, its gradient, the optimiser's state) plus
+# ~0.75 byte for the activations and the rest: the measured peaks of SDXL (2.57 B weights) at 1024 px with
+# gradient checkpointing are 1.3 GiB (AdamW) and 1.8 GiB (Adafactor) over the bytes per weight
+# (bench/results/2026-12-03-s10-db-sdxl-h200.md).
+OTHER_BYTES_PER_WEIGHT = 0.75
+# What to suggest instead of each optimiser, with the memory it needs relative to it
+LIGHTER = {"adamw": ", or set Training Options' optimizer to adafactor_fused (about a third of the memory)",
+           "adafactor": ", or set Training Options' optimizer to adafactor_fused (about half the memory)",
+           "adafactor_fused": ""}
 
 
 def check_memory(host, train_text_encoder: bool, optimizer: str) -> None:
@@ -30,7 +35,7 @@ def check_memory(host, train_text_encoder: bool, optimizer: str) -> None:
     trained = sum(p.numel() for p in host.diffusion_model.parameters())
     if train_text_encoder and host.clip is not None:
         trained += sum(p.numel() for p in host.clip.cond_stage_model.parameters())
-    need = trained * (8 + STATE_BYTES[optimizer]) * ACTIVATION_MARGIN
+    need = trained * (BYTES_PER_WEIGHT[optimizer] + OTHER_BYTES_PER_WEIGHT)
     if getattr(mm, "directml_enabled", False):
         return  # ComfyUI cannot read a DirectML device's memory (it reports a fixed 1 GiB)
     device = host.model.load_device
@@ -41,8 +46,7 @@ def check_memory(host, train_text_encoder: bool, optimizer: str) -> None:
                                   f"activations); {device} has {total / 2**30:.0f} GiB. Train a LoRA (Personalize "
                                   "Train LoRA) instead, or use a GPU with more memory"
                                   + (", or leave the text encoder out" if train_text_encoder else "")
-                                  + ("" if optimizer == "adafactor" else
-                                     ", or set Training Options' optimizer to adafactor (about half)") + ".")
+                                  + LIGHTER[optimizer] + ".")
 
 
 class PersonalizeTrainDreamBooth(io.ComfyNode):

@@ -4,19 +4,28 @@ memory (SDXL DreamBooth: the weights' fp32 copies and gradients, not their AdamW
 
 Adafactor is transformers' with kohya's settings (``scale_parameter=False, relative_step=False``): the learning
 rate is the step size, as for AdamW. torch's own Adafactor always scales the step by each weight's RMS (a
-different learning rate) and reads that RMS back to the host for every tensor at every step."""
+different learning rate) and reads that RMS back to the host for every tensor at every step.
+
+``adafactor_fused`` steps each weight from a hook as soon as backward has its whole gradient, then frees that
+gradient (kohya's ``--fused_backward_pass``; PyTorch's "optimizer step in backward" recipe): the gradients of a
+full fine-tune never all exist at once, and the per-tensor Python loop overlaps the rest of backward. Each
+weight's gradient is clipped on its own (the global norm is only known after backward), and gradients cannot
+accumulate over micro-batches."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
-OPTIMIZERS = ("adamw", "adafactor")
-# Memory per trained weight beyond its own fp32 copy and gradient (8 bytes): AdamW's two moments; Adafactor's
-# factored state is a few bytes per row and column, about nothing per weight.
-STATE_BYTES = {"adamw": 8, "adafactor": 0}
+OPTIMIZERS = ("adamw", "adafactor", "adafactor_fused")
+# Memory per trained weight: its fp32 copy (4 bytes), its fp32 gradient (4, except fused, where one tensor's
+# gradient lives at a time) and AdamW's two moments (8); Adafactor's factored state is a few bytes per row and
+# column, about nothing per weight.
+BYTES_PER_WEIGHT = {"adamw": 16, "adafactor": 8, "adafactor_fused": 4}
 # kohya's ss_optimizer values
-METADATA_NAMES = {"adamw": "torch.optim.AdamW", "adafactor": "transformers.optimization.Adafactor"}
+METADATA_NAMES = {"adamw": "torch.optim.AdamW", "adafactor": "transformers.optimization.Adafactor",
+                  "adafactor_fused": "transformers.optimization.Adafactor"}
 
 
 def capturable(name: str) -> bool:
@@ -26,15 +35,52 @@ def capturable(name: str) -> bool:
 
 
 def make_optimizer(name: str, groups: Sequence[tuple[list[torch.Tensor], float]], device: torch.device,
-                   graphed: bool) -> torch.optim.Optimizer:
+                   graphed: bool, max_grad_norm: float = 0.0) -> torch.optim.Optimizer | FusedBackward:
     """``groups``: (parameters, learning rate). Graphed, the learning rate is a device tensor so the replayed step
-    applies the schedule itself (fused AdamW reads it on the device)."""
+    applies the schedule itself (fused AdamW reads it on the device). ``max_grad_norm`` is for the fused kind
+    only, which clips inside backward; the caller clips the others."""
+    if name == "adafactor_fused":
+        return FusedBackward(groups, max_grad_norm)
     on_gpu = device.type == "cuda"
     param_groups = [{"params": params, "lr": torch.tensor(lr, device=device) if graphed else lr}
                     for params, lr in groups]
     if name == "adafactor":
-        from transformers.optimization import Adafactor  # ComfyUI ships transformers
-
-        return Adafactor(param_groups, lr=groups[0][1], scale_parameter=False, relative_step=False,
-                         warmup_init=False)
+        return _adafactor(param_groups)
     return torch.optim.AdamW(param_groups, fused=on_gpu or None, capturable=graphed)
+
+
+def _adafactor(param_groups: list[dict]) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor  # ComfyUI ships transformers
+
+    return Adafactor(param_groups, lr=param_groups[0]["lr"], scale_parameter=False, relative_step=False,
+                     warmup_init=False)
+
+
+class FusedBackward:
+    """Adafactor stepped inside backward: one optimiser per weight, run by the weight's post-accumulate-grad hook
+    (after backward has summed every contribution, so nothing later in backward reads the old value). ``step`` and
+    ``zero_grad`` have nothing left to do; ``param_groups`` are the per-weight groups (the lr schedule sets them).
+    The hooks exist only inside ``with`` (removed also on an error or Cancel)."""
+
+    def __init__(self, groups: Sequence[tuple[list[torch.Tensor], float]], max_grad_norm: float):
+        self._optimizers = [_adafactor([{"params": [p], "lr": lr}]) for params, lr in groups for p in params]
+        self.param_groups = [o.param_groups[0] for o in self._optimizers]
+        self._max_grad_norm = max_grad_norm
+        self._hooks: list = []
+
+    def __enter__(self) -> "FusedBackward":
+        self._hooks = [o.param_groups[0]["params"][0].register_post_accumulate_grad_hook(
+            functools.partial(self._step, o, self._max_grad_norm)) for o in self._optimizers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @staticmethod
+    def _step(optimizer: torch.optim.Optimizer, max_grad_norm: float, weight: torch.Tensor) -> None:
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([weight], max_grad_norm)
+        optimizer.step()
+        weight.grad = None

@@ -17,7 +17,7 @@ from . import cuda_graph
 from .batches import BucketBatchSampler, TrainingData, class_plan
 from .errors import InputError, TrainingDiverged
 from .objective import LR_SCHEDULES, Objective, lr_factor, per_sample_mse, prior_preservation_loss
-from .optimizers import OPTIMIZERS, capturable, make_optimizer
+from .optimizers import OPTIMIZERS, FusedBackward, capturable, make_optimizer
 from .schedule import NoiseSchedule
 from .task import Conditioning, DiffusionTask
 
@@ -68,6 +68,10 @@ class TrainConfig:
             raise InputError("max_grad_norm", f"must be 0 (off) or positive, got {self.max_grad_norm}")
         if self.optimizer not in OPTIMIZERS:
             raise InputError("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer == "adafactor_fused" and self.gradient_accumulation > 1:
+            raise InputError("gradient_accumulation", "adafactor_fused updates each weight as soon as backward has "
+                                                      "its gradient, so gradients cannot add up over micro-batches; "
+                                                      "set it to 1 or choose adafactor")
         self.objective.validate(num_timesteps)
 
 
@@ -137,6 +141,9 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
     device, obj = task.device, cfg.objective
     schedule = NoiseSchedule(task.schedule.alphas_cumprod.to(device), task.schedule.prediction)
     precision = resolve_precision(cfg.dtype, device, task.weight_dtype)
+    if precision.grad_scaling and cfg.optimizer == "adafactor_fused":  # an overflow is seen only after backward
+        raise InputError("optimizer", "adafactor_fused cannot skip a step that overflowed in fp16, so it needs bf16 "
+                                      "or fp32 training (dtype); choose adafactor for fp16")
     buckets = [b.to(device) for b in data.buckets]
     on_gpu = device.type == "cuda"
     device_text = data.prompt_encoder is not None and not data.cached  # the text side trains, on the device
@@ -146,8 +153,10 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
     groups = ([ParamGroup([p for p in g.params if p.requires_grad], g.learning_rate) for g in groups]
               if all(groups) else [ParamGroup([p for p in params if p.requires_grad], cfg.learning_rate)])
     flat = [p for g in groups for p in g.params]
-    base_lrs = [g.learning_rate for g in groups]
-    optimizer = make_optimizer(cfg.optimizer, [(g.params, g.learning_rate) for g in groups], device, graphed)
+    optimizer = make_optimizer(cfg.optimizer, [(g.params, g.learning_rate) for g in groups], device, graphed,
+                               cfg.max_grad_norm)
+    fused = isinstance(optimizer, FusedBackward)  # it steps inside backward
+    base_lrs = [g.learning_rate for g in groups for _ in (g.params if fused else [0])]  # one per param group
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
     ema = [p.detach().clone() for p in flat] if cfg.ema_decay > 0 else None
     ema_dtypes = {e.dtype for e in ema or ()}
@@ -260,12 +269,13 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
             bucket_id, host_rows = (0, None) if i is None else plan[i][k]
             loss = micro_step(k, bucket_id, None if data.cached or device_text else host_rows)
             total = loss if total is None else total + loss
-        if cfg.max_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(flat, cfg.max_grad_norm, foreach=on_gpu or None)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        if not fused:
+            if cfg.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(flat, cfg.max_grad_norm, foreach=on_gpu or None)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             # the decay warms up as in diffusers' EMAModel, min(decay, (1 + t) / (10 + t)): a fixed 0.999 would
             # return 61% of the untrained start after 500 steps. On the device, so a CUDA graph replays it.
@@ -285,7 +295,7 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))  # the data copies above ran on the default stream
     with gradient_checkpointing(task.checkpoint_blocks, cfg.gradient_checkpointing), \
-            gradients_only_for(task.frozen_modules, flat):
+            gradients_only_for(task.frozen_modules, flat), optimizer if fused else nullcontext():
         for i in range(cfg.steps):
             if not graphed and scheduled:
                 factor = float(lr_factor(torch.tensor(i), cfg.steps, cfg.lr_schedule, cfg.warmup_steps))

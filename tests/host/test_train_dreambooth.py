@@ -111,21 +111,27 @@ def test_a_full_fine_tune_its_device_cannot_hold_is_refused_up_front(comfy, tiny
     from comfyui_personalize.training.errors import InputError
     model, clip, vae = tiny_sd15
     unet = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    from comfyui_personalize.training.options import TrainOptions
     encoded = []
     with monkeypatch.context() as patch:
-        patch.setattr(mm, "get_total_memory", lambda *a, **k: 16 * 1.05 * unet - 1)  # one byte short
+        patch.setattr(mm, "get_total_memory", lambda *a, **k: 16.75 * unet - 1)  # AdamW, one byte short
         patch.setattr(vae, "encode", lambda *a: encoded.append(1))
         with pytest.raises(InputError, match="model: DreamBooth trains all .* GiB") as e:
             run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), **ARGS)
     assert e.value.input_name == "model" and not encoded  # refused before any image was encoded
-    monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: 16 * 1.05 * unet)
+    monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: 16.75 * unet)
     run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), **dict(ARGS, steps=1))
-    from comfyui_personalize.training.options import TrainOptions
-    monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: 8 * 1.05 * unet)  # Adafactor: no per-weight state
-    with pytest.raises(InputError, match="set Training Options' optimizer to adafactor"):
-        run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), **dict(ARGS, steps=1))
-    run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), options=TrainOptions(optimizer="adafactor"),
-             **dict(ARGS, steps=1))
+    # Adafactor: no per-weight state; fused: no gradients kept either. Each refusal names the lighter choice.
+    for optimizer, fits, refused in (("adamw", 8.75, True), ("adafactor", 8.75, False), ("adafactor", 4.75, True),
+                                     ("adafactor_fused", 4.75, False)):
+        monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: fits * unet)
+        if refused:
+            with pytest.raises(InputError, match="set Training Options' optimizer to adafactor_fused"):
+                run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
+                         options=TrainOptions(optimizer=optimizer), **dict(ARGS, steps=1))
+        else:
+            run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
+                     options=TrainOptions(optimizer=optimizer), **dict(ARGS, steps=1))
     monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: 1)  # DirectML: ComfyUI cannot read it (says 1 GiB)
     monkeypatch.setattr(mm, "directml_enabled", True, raising=False)
     run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), **dict(ARGS, steps=1))
