@@ -82,6 +82,9 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
         raise InputError("prior", "Textual Inversion only learns the new token, so the model's prior cannot drift; "
                                   "disconnect prior (use it with Train Pivotal, LoRA or DreamBooth)")
     dataset = dataclasses.replace(dataset, captions=tuple(with_embedding_syntax(c, token) for c in dataset.captions))
+    if options is not None and options.sample_prompt:  # the previews show the word as the captions train it
+        options = dataclasses.replace(options, sample_prompt=with_embedding_syntax(options.sample_prompt, token,
+                                                                                   required=False))
     session = TrainingSession(model, clip, vae, dataset, prior, options, cfg_args, cls.hidden.unique_id)
     host = session.host
     with torch.inference_mode(False), torch.enable_grad():
@@ -92,6 +95,10 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
             if not reads_embedding(host.clip, caption):
                 raise InputError("dataset", f"ComfyUI's tokenizer does not read the token in caption {caption!r}; "
                                             f"write {token} as a word of its own")
+        preview = session.options.sample_prompt
+        if session.options.sample_every and preview and not reads_embedding(host.clip, preview):
+            log.warning("sample_prompt %r does not contain the token %r: the previews show the model without the "
+                        "learned word", preview, token)
         net = None
         params = [*inversion.parameters()]
         groups = None

@@ -69,11 +69,14 @@ class TextualInversion(nn.Module):
                 param.copy_(tensors[key])
 
 
-def with_embedding_syntax(caption: str, token: str) -> str:
+def with_embedding_syntax(caption: str, token: str, required: bool = True) -> str:
     """Replace the bare token word in a caption by ``embedding:token`` (the prompt syntax ComfyUI resolves to
-    the vectors). A caption without the word trains nothing, so it is refused."""
+    the vectors); one already written ``embedding:token`` stays. A caption without the token trains nothing, so
+    it is refused (``required``; else returned as it is)."""
     pattern = re.compile(r"(?<![\w:])" + re.escape(token) + r"(?![\w])")
     if not pattern.search(caption):
+        if not required or re.search(r"(?<![\w:])embedding:" + re.escape(token) + r"(?![\w])", caption):
+            return caption
         raise InputError("token", f"caption {caption!r} does not contain {token!r}; put the token (or "
                                   "{identifier}) in every caption")
 

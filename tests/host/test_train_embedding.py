@@ -139,3 +139,21 @@ def test_a_caption_whose_token_comfyui_cannot_read_is_refused(comfy, tiny_sd15):
     clip = clip_with_embeddings(tiny_sd15[1], {"zwx": {"clip_l": torch.randn(2, 768)}})
     assert not reads_embedding(clip, "a photo of embedding:zwx.")  # what the old rewriting made of "zwx."
     assert reads_embedding(clip, "a photo of embedding:zwx .")
+
+
+def test_previews_show_the_learned_word_and_captions_may_name_it_as_comfyui_does(comfy, tiny_sd15, nodes,
+                                                                                  monkeypatch):
+    """A preview prompt written like the captions ("zwx") used to sample the untrained plain word; a caption
+    already written "embedding:zwx" was refused as not containing the token."""
+    from comfyui_personalize.nodes.embeddings import reads_embedding
+    from comfyui_personalize.nodes.session import TrainingSession
+    from comfyui_personalize.training.options import TrainOptions
+
+    seen = []
+    monkeypatch.setattr(TrainingSession, "sample", lambda self, prompt, size, seed: seen.append(
+        (prompt, reads_embedding(self.host.clip, prompt))))
+    model, clip, vae = tiny_sd15
+    options = TrainOptions(sample_every=2, sample_prompt="a photo of zwx dog on the beach")
+    run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(caption="a photo of embedding:zwx dog"),
+             options=options, **dict(ARGS, steps=2))
+    assert seen == [("a photo of embedding:zwx dog on the beach", True)]
