@@ -234,25 +234,39 @@ class _Blend:
         return replace
 
 
-def warn_if_hard_is_sampled(model, hard_ctx: torch.Tensor) -> None:
+def warn_if_hard_is_sampled(model, hard_ctx: torch.Tensor, soft_ctx: torch.Tensor | None = None) -> None:
     """OUTER_SAMPLE wrapper: a warning when the positive sampled is the hard prompt itself (wired to the sampler by
-    mistake): both paths then read real words, so the learned token has no part in the image."""
+    mistake): both paths then read real words, so the learned token has no part in the image. With a hard prompt
+    computed from soft_text (``soft_ctx``), also when the positive is another prompt: the two paths would describe
+    different images (soft_text left behind after the positive was edited)."""
     def wrapper(executor, *args, **kwargs):
         for soft in sampled_prompts(executor, COND):
             if is_prompt(soft[:1], hard_ctx):
                 log.warning("Dual-Path Attention Blend: the sampler's positive is the hard prompt; connect the soft "
                             "prompt (with the learned token) as positive, the blend takes the hard one itself")
+            elif soft_ctx is not None and not _same_prompt(soft[:1], soft_ctx):
+                log.warning("Dual-Path Attention Blend: the sampler's positive is not the prompt in soft_text, from "
+                            "which the hard prompt (1 - a of every layer) was computed; write the positive's text "
+                            "in soft_text, or connect hard")
         return executor(*args, **kwargs)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "personalize_dual_hard", wrapper)
 
 
+def _same_prompt(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """The same text encoded again (perhaps on another device): equal up to float noise; another prompt is far."""
+    return got.shape == expected.shape and torch.allclose(got.to(expected.device, expected.dtype), expected,
+                                                          rtol=1e-3, atol=1e-3)
+
+
 def automatic_hard_prompt(clip, soft_text: str):
+    """(hard conditioning, soft_text's own context): each learned vector replaced by its nearest real token."""
     if clip is None or not (soft_text or "").strip():
         raise InputError("hard", "connect the hard prompt's CONDITIONING, or connect clip and write soft_text "
                                  "(the soft prompt with embedding:NAME) to compute it")
     tokens, words = hard_tokens(clip, soft_text)
     log.info("dual-path hard prompt: learned vectors replaced by their nearest words (%s)", "; ".join(words))
-    return clip.encode_from_tokens_scheduled(tokens)
+    soft = clip.encode_from_tokens_scheduled(clip.tokenize(soft_text))
+    return clip.encode_from_tokens_scheduled(tokens), soft[0][0][:1].detach()
 
 
 class PersonalizeDualPathBlend(io.ComfyNode):
@@ -300,8 +314,9 @@ class PersonalizeDualPathBlend(io.ComfyNode):
             lora = comfy.utils.load_torch_file(path, safe_load=True)
         if paths not in PATHS:
             raise InputError("paths", f"must be one of {', '.join(PATHS)}")
+        soft_ctx = None
         if not hard or hard[0][0] is None:
-            hard = automatic_hard_prompt(clip, soft_text)
+            hard, soft_ctx = automatic_hard_prompt(clip, soft_text)
         window = percent_window(model, start_percent, end_percent, ("start_percent", "end_percent"))
         blocks = {b.key: b for b in transformer_blocks(model)}
         m = model.clone()
@@ -310,7 +325,7 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         check_prompt_lengths(m, {COND: hard_ctx.shape[1]}, "hard", "the hard prompt",
                              "use the same prompt with the learned token replaced by one word, or leave hard "
                              "unconnected to compute it from clip + soft_text")
-        warn_if_hard_is_sampled(m, hard_ctx)
+        warn_if_hard_is_sampled(m, hard_ctx, soft_ctx)
         install_pooled_blend(m, hard, a_blend, window)  # SDXL: the prompt also enters through y
         prompts = PromptCache(cache_budget(model))  # both paths' k/v, kept per run (shared by the layers)
         prompts.install(m)
