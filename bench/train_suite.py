@@ -46,7 +46,8 @@ ap.add_argument("--ckpt", choices=("both", "on", "off"), default="both", help="g
 ap.add_argument("--memory-cap-gib", type=float, default=None,
                 help="cap the allocator (set_per_process_memory_fraction): does it train on a card this size")
 ap.add_argument("--no-cuda-graph", action="store_true", help="run our steps eagerly (no CUDA graph)")
-ap.add_argument("--optimizer", default="adamw", help="our optimizer (training/optimizers.py): adamw, adafactor or adafactor_fused")
+ap.add_argument("--optimizer", default="adamw",
+                help="our optimizer (training/optimizers.py): adamw, adafactor or adafactor_fused")
 ap.add_argument("--comfyui-text-path", action="store_true",
                 help="TI: encode captions through CLIP.encode_from_tokens every step (no device prompt encoder)")
 ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")

@@ -1,6 +1,8 @@
 """Personalize Loss Plot: a trainer's loss history as an IMAGE (raw per-step loss and its moving average)."""
 from __future__ import annotations
 
+import math
+
 from comfy_api.latest import io
 
 from ..training.errors import InputError
@@ -25,6 +27,8 @@ class PersonalizeLossPlot(io.ComfyNode):
         values = loss.get("loss") if isinstance(loss, dict) else None
         if not values:
             raise InputError("loss", "has no values; connect the loss output of a Personalize trainer")
+        if not any(math.isfinite(float(v)) for v in values):
+            raise InputError("loss", "every value is NaN or infinite: the training diverged; lower the learning rate")
         return io.NodeOutput(image_to_tensor(loss_plot([float(v) for v in values], title=title)))
 
 

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 
 from ..training.data import build_training_data
 from ..training.datasets import InstanceDataset, PriorPreservation
-from ..training.errors import InputError
+from ..training.errors import InputError, TrainingDiverged
 from ..training.files import resolve_output_path, save_safetensors_atomic
 from ..training.objective import LR_SCHEDULES
 from ..training.optimizers import OPTIMIZERS
@@ -65,11 +65,13 @@ def common_inputs(learning_rate: float, steps: int = 500) -> list:
     ]
 
 
-def save_intermediate(kind: str, stem: str, tensors: dict, metadata: dict) -> None:
-    """A result so far, as ``models/<kind>/personalize_checkpoints/<stem>.safetensors`` (never overwriting)."""
+def save_intermediate(kind: str, stem: str, tensors: dict, metadata: dict) -> str:
+    """A result so far, as ``models/<kind>/personalize_checkpoints/<stem>.safetensors`` (never overwriting);
+    returns the path."""
     folder = folder_paths.get_folder_paths(kind)[0]
     path = resolve_output_path(folder, "personalize_checkpoints", stem, ".safetensors", "increment")
     save_safetensors_atomic(tensors, path, metadata)
+    return str(path)
 
 
 class TrainingSession:
@@ -108,7 +110,7 @@ class TrainingSession:
                 "optimizer": self.options.optimizer}
 
     def run(self, data, params: Sequence, attach: Sequence[ContextManager], text_trains: bool,
-            frozen: Callable[[], ContextManager] | None = None, save: Callable[[int], None] | None = None,
+            frozen: Callable[[], ContextManager] | None = None, save: Callable[[int], str] | None = None,
             channels_last: bool = True, nhwc_inputs: bool = False, previews: bool = True,
             regularizer: Callable[[], torch.Tensor] | None = None) -> list[float]:
         """Train with ``attach`` entered (adapter hooks, swapped weights); ``save(step)`` every save_every.
@@ -128,13 +130,15 @@ class TrainingSession:
         if save is not None and opts.save_every:  # a save never writes weights whose loss went NaN unseen
             cfg = dataclasses.replace(cfg, check_every=opts.save_every)
 
+        saved: list[str] = []  # what the last save every N steps wrote
+
         def on_step(step: int, losses: list[float]) -> None:
             preview = None
             if sample_every and (step % sample_every == 0 or step == cfg.steps):
                 preview = self.sample(prompt, data.buckets[0].size, seed=cfg.seed)
             progress(step, losses, preview)
             if save is not None and opts.save_every and step % opts.save_every == 0 and step < cfg.steps:
-                save(step)
+                saved[:] = [save(step) or ""]
 
         with ExitStack() as stack:
             for ctx in attach:
@@ -145,7 +149,12 @@ class TrainingSession:
                 stack.enter_context(host.channels_last())
             elif nhwc_inputs:
                 stack.enter_context(host.nhwc_inputs())
-            return train(host.task(), data, params, cfg, on_step, frozen=frozen, regularizer=regularizer)
+            try:
+                return train(host.task(), data, params, cfg, on_step, frozen=frozen, regularizer=regularizer)
+            except TrainingDiverged as e:  # name what the saves every N steps kept
+                if not saved or not saved[0]:
+                    raise
+                raise TrainingDiverged(e.step, e.value, saved[0]) from None
 
     @torch.no_grad()
     def sample(self, prompt: str, size: tuple[int, int], seed: int):

@@ -114,8 +114,8 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
             # A1111/Forge file a network by these keys (without them: under SD1, hidden for SDXL/SD2 models).
             base_meta = {**base_model_metadata(host.family, host.prediction), **tag_frequency(dataset.captions)}
 
-            def save(step: int) -> None:  # the weight difference so far, as a diff file LoraLoader applies
-                save_intermediate("loras", f"dreambooth_step{step:05d}", weight_diff(),
+            def save(step: int) -> str:  # the weight difference so far, as a diff file LoraLoader applies
+                return save_intermediate("loras", f"dreambooth_step{step:05d}", weight_diff(),
                                   {**base_meta, "personalize.method": "dreambooth", "personalize.step": str(step)})
 
             # No previews: sampling may make ComfyUI move the UNet's modules, and with them the swapped-in

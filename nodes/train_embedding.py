@@ -18,7 +18,7 @@ from ..training.embedding import (
     with_embedding_syntax,
 )
 from ..training.errors import InputError
-from ..training.files import architecture, lora_metadata
+from ..training.files import architecture, base_model_metadata, lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from ..training.regularizers import FastTuneRegularizer, NearestTokenContrastive
 from ..training.trainer import ParamGroup
@@ -112,9 +112,15 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
         if net is not None:
             net.to(host.model.load_device)
 
-        def save(step: int) -> None:
-            save_intermediate("embeddings", f"{token}_step{step:05d}", inversion.file_tensors(),
-                              {"personalize.token": token})
+        def save(step: int) -> str:  # pivotal / fast tune: the LoRA too, which only works with its vectors
+            paths = [save_intermediate("embeddings", f"{token}_step{step:05d}", inversion.file_tensors(),
+                                       {"personalize.token": token})]
+            if net is not None:
+                meta = {**base_model_metadata(host.family, host.prediction), "personalize.token": token,
+                        "personalize.step": str(step)}
+                paths.append(save_intermediate("loras", f"{token}_lora_step{step:05d}",
+                                               net.kohya_state_dict(torch.float16), meta))
+            return " and ".join(paths)
 
         regularizer = (None if fast is None or net is None else
                        _fast_tune_regularizer(clip, inversion, net, fast, host.model.load_device))

@@ -114,9 +114,9 @@ class PersonalizeTrainLoRA(io.ComfyNode):
                     extra={"captions": sorted(set(dataset.captions)), "prior": prior.mode if prior else "none"})
                 return TrainedLoRA(tensors, meta)
 
-            def save(step: int) -> None:
+            def save(step: int) -> str:
                 lora = make_lora(step)
-                save_intermediate("loras", f"lora_step{step:05d}", {k: v.half() for k, v in lora.items()},
+                return save_intermediate("loras", f"lora_step{step:05d}", {k: v.half() for k, v in lora.items()},
                                   lora.metadata)
 
             losses = session.run(data, [p for n in nets for p in n.parameters()], [n.attached() for n in nets],

@@ -12,9 +12,11 @@ class InputError(ValueError):
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
-    def __init__(self, step: int, value: float):
-        self.step = step
+    def __init__(self, step: int, value: float, saved: str = ""):
+        """``saved``: the last file a save every N steps wrote before it (its weights passed the check)."""
+        self.step, self.value = step, value
+        kept = f"the last good save is {saved}" if saved else "nothing was saved"
         super().__init__(
-            f"loss became {value} at step {step + 1}; nothing was saved. Lower learning_rate, "
+            f"loss became {value} at step {step + 1}; {kept}. Lower learning_rate, "
             "or train in bf16/fp32 instead of fp16."
         )

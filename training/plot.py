@@ -24,11 +24,13 @@ def plot_area(size: tuple[int, int]) -> tuple[int, int, int, int]:
 
 
 def ema(values: Sequence[float], alpha: float = EMA_ALPHA) -> list[float]:
-    """Bias-corrected exponential moving average: without the correction it starts near 0, not at the loss."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values):
-        avg = alpha * v + (1 - alpha) * avg
-        out.append(avg / (1 - (1 - alpha) ** (i + 1)))
+    """Bias-corrected exponential moving average: without the correction it starts near 0, not at the loss.
+    A NaN/inf value is skipped (the average holds; NaN until the first finite value)."""
+    out, avg, seen = [], 0.0, 0
+    for v in values:
+        if math.isfinite(v):
+            avg, seen = alpha * v + (1 - alpha) * avg, seen + 1
+        out.append(avg / (1 - (1 - alpha) ** seen) if seen else math.nan)
     return out
 
 
@@ -65,14 +67,16 @@ def _y_range(raw: np.ndarray) -> tuple[float, float]:
 
 def loss_plot(losses: Sequence[float], title: str = "training loss",
               size: tuple[int, int] = (640, 360)) -> Image.Image:
-    """Per-step loss (light) with its EMA (bold), robust y range, step and loss ticks, title and legend."""
-    if len(losses) == 0:
-        raise ValueError("losses: empty")
+    """Per-step loss (light) with its EMA (bold), robust y range, step and loss ticks, title and legend. NaN/inf
+    steps (ComfyUI's own trainer does not stop on them) break the line and are marked at the top."""
+    if not any(math.isfinite(v) for v in losses):
+        raise ValueError("losses: no finite value")
     if size[0] < 200 or size[1] < 120:
         raise ValueError(f"size: at least 200x120 leaves room for the axes, got {size[0]}x{size[1]}")
     raw = np.asarray(losses, dtype=np.float64)
     smooth = np.asarray(ema(raw))
-    lo, hi = _y_range(raw)
+    finite = np.isfinite(raw)
+    lo, hi = _y_range(raw[finite])
     x0, y0, x1, y1 = plot_area(size)
     n = len(raw)
 
@@ -96,16 +100,18 @@ def loss_plot(losses: Sequence[float], title: str = "training loss",
         draw.text((x, y1 + 6), str(step), fill=AXIS_COLOUR, font=small, anchor="mt")
     draw.text(((x0 + x1) / 2, size[1] - 4), "step", fill=AXIS_COLOUR, font=small, anchor="mb")
 
-    if n > 1:
-        draw.line([(px(i), py(v)) for i, v in enumerate(raw)], fill=RAW_COLOUR, width=1)
-        draw.line([(px(i), py(v)) for i, v in enumerate(smooth)], fill=EMA_COLOUR, width=3, joint="curve")
-    else:
-        draw.ellipse([px(0) - 4, py(raw[0]) - 4, px(0) + 4, py(raw[0]) + 4], fill=EMA_COLOUR)
+    for run in _finite_runs(raw):
+        if len(run) > 1:
+            draw.line([(px(i), py(raw[i])) for i in run], fill=RAW_COLOUR, width=1)
+            draw.line([(px(i), py(smooth[i])) for i in run], fill=EMA_COLOUR, width=3, joint="curve")
+        else:
+            i = run[0]
+            draw.ellipse([px(i) - 3, py(raw[i]) - 3, px(i) + 3, py(raw[i]) + 3], fill=EMA_COLOUR)
 
     # Values outside the shown range are drawn at the edge; mark them so a clipped spike is not mistaken for data.
-    clipped = [(i, v) for i, v in enumerate(raw) if v > hi or v < lo]
+    clipped = [(i, v) for i, v in enumerate(raw) if not lo <= v <= hi]
     for i, v in clipped:
-        y = y0 if v > hi else y1
+        y = y1 if v < lo else y0  # NaN at the top too
         tip = y - 5 if v > hi else y + 5
         draw.polygon([(px(i) - 4, y), (px(i) + 4, y), (px(i), tip)], fill=CLIP_COLOUR)
 
@@ -115,11 +121,24 @@ def loss_plot(losses: Sequence[float], title: str = "training loss",
     return img
 
 
+def _finite_runs(values: np.ndarray) -> list[list[int]]:
+    """Indices of the stretches of consecutive finite values."""
+    runs: list[list[int]] = []
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            continue
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def _legend(draw: ImageDraw.ImageDraw, font, right: float, y: float, n_clipped: int) -> None:
     """Right-aligned in the header band, above the chart, so it never covers the curve."""
     entries = [(RAW_COLOUR, 1, "loss"), (EMA_COLOUR, 3, f"EMA ({EMA_ALPHA:g})")]
     if n_clipped:
-        entries.append((CLIP_COLOUR, 3, f"{n_clipped} step{'s' if n_clipped > 1 else ''} off scale"))
+        entries.append((CLIP_COLOUR, 3, f"{n_clipped} step{'s' if n_clipped > 1 else ''} off scale or NaN"))
     x = right
     for colour, width, label in reversed(entries):
         x -= draw.textlength(label, font=font)

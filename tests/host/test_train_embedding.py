@@ -157,3 +157,25 @@ def test_previews_show_the_learned_word_and_captions_may_name_it_as_comfyui_does
     run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(caption="a photo of embedding:zwx dog"),
              options=options, **dict(ARGS, steps=2))
     assert seen == [("a photo of embedding:zwx dog on the beach", True)]
+
+
+def test_pivotal_saves_every_n_steps_hold_the_lora_with_its_vectors(comfy, tiny_sd15, nodes):
+    """The saves every N steps wrote the embedding alone, which without its LoRA is not the model at that step."""
+    from safetensors import safe_open
+
+    from comfyui_personalize.training.options import TrainOptions
+    loras, embeddings = (comfy.models / kind / "personalize_checkpoints" for kind in ("loras", "embeddings"))
+    for old in [*loras.glob("qwz_*"), *embeddings.glob("qwz_*")]:
+        old.unlink()
+    model, clip, vae = tiny_sd15
+    run_node(nodes[1], model=model, clip=clip, vae=vae, dataset=dataset(caption="a photo of qwz dog"),
+             options=TrainOptions(save_every=2), embedding_lr=5e-2, rank=4, alpha=4.0, targets="attention",
+             **dict(ARGS, token="qwz", steps=4))
+    assert [p.name for p in embeddings.glob("qwz_*")] == ["qwz_step00002.safetensors"]
+    assert [p.name for p in loras.glob("qwz_*")] == ["qwz_lora_step00002.safetensors"]
+    with safe_open(str(loras / "qwz_lora_step00002.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sd_v1" and f.metadata()["personalize.token"] == "qwz"
+        assert any(k.startswith("lora_unet_") and k.endswith(".lora_up.weight") for k in f.keys())
+    stock, _ = comfy.nodes.LoraLoader().load_lora(model, clip, "personalize_checkpoints/qwz_lora_step00002.safetensors",
+                                                  1.0, 0.0)
+    assert len(stock.patches) > 0  # LoraLoader reads it

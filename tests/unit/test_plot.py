@@ -58,10 +58,26 @@ def test_degenerate_inputs_draw(losses):
 
 
 def test_empty_raises():
-    with pytest.raises(ValueError, match="losses: empty"):
+    with pytest.raises(ValueError, match="losses: no finite value"):
         loss_plot([])
+    with pytest.raises(ValueError, match="losses: no finite value"):
+        loss_plot([math.nan, math.inf])
     with pytest.raises(ValueError, match="size"):
         loss_plot([1.0], size=(64, 48))
+
+
+def test_nan_steps_break_the_line_and_are_marked():
+    """ComfyUI's own Train LoRA hands on a loss map with NaN steps (it does not stop on them): the chart raised."""
+    losses = np.linspace(1.0, 0.5, 60).tolist()
+    losses[30:33] = [math.nan, math.inf, math.nan]
+    img = loss_plot(losses)
+    xs, ys = _colour_rows(img, EMA_COLOUR)
+    x0, _, x1, _ = plot_area(img.size)
+    gap = [(x1 - x0) * i / 59 for i in (29.5, 32.5)]  # between steps 29 and 33, the finite ones either side
+    assert len(xs) and not ((xs > gap[0]) & (xs < gap[1])).any()  # the line breaks there
+    assert ys.max() > 0.8 * (plot_area(img.size)[3] - plot_area(img.size)[1])  # the range ignores the NaNs
+    assert (np.asarray(img) == CLIP_COLOUR).all(axis=-1).any()  # and they are marked
+    assert ema([math.nan, 2.0, math.inf, 2.0])[1:] == pytest.approx([2.0, 2.0, 2.0])
 
 
 def test_ema_is_bias_corrected():
