@@ -217,7 +217,9 @@ class ComfyHost:
     # ---- training
     def load_for_training(self, with_text_encoder: bool) -> None:
         models = [self.model] + ([self.clip.patcher] if with_text_encoder else [])
-        mm.load_models_gpu(models, force_full_load=True)
+        # Training needs memory ComfyUI does not know of (fp32 copies, gradients, optimiser state, activations):
+        # every other model leaves the device first, as ComfyUI's own trainer asks (nodes_train.py).
+        mm.load_models_gpu(models, memory_required=1e20, force_full_load=True)
         swapped = make_autograd_safe(self.diffusion_model)
         if with_text_encoder:
             swapped += make_autograd_safe(self.clip.cond_stage_model)

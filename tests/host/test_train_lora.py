@@ -279,6 +279,18 @@ def test_trains_after_comfyui_moved_the_weights(comfy, tiny_sd15, pack_nodes):
     assert len(loss["loss"]) == 2 and any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("up.weight"))
 
 
+def test_training_asks_comfyui_to_clear_the_device_of_other_models(comfy, tiny_sd15, pack_nodes, monkeypatch):
+    """Training asked for room for the model alone (memory_required 0): other loaded models (a second checkpoint,
+    the ImageReward scorer) stayed on the GPU beside the fp32 copies, gradients and optimiser state."""
+    import comfy.model_management as mm
+
+    calls, load = [], mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, *a, **k: calls.append(k) or load(models, *a, **k))
+    model, clip, vae = tiny_sd15
+    run_node(pack_nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), **dict(TRAIN_ARGS, steps=1))
+    assert any(k.get("memory_required", 0) >= 1e20 and k.get("force_full_load") for k in calls), calls
+
+
 def test_prior_prediction_targets_come_from_the_frozen_text_encoder_too(comfy, tiny_sd15, pack_nodes, monkeypatch):
     """With train_text_encoder the class prompt was encoded by the trained encoder for the 'frozen' target, so the
     text encoder's drift on the class prompt was never penalised."""
