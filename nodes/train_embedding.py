@@ -8,7 +8,6 @@ import comfy.sd
 import folder_paths
 import torch
 from comfy_api.latest import io
-from safetensors.torch import load_file
 
 from ..training.embedding import (
     TextualInversion,
@@ -18,7 +17,7 @@ from ..training.embedding import (
     with_embedding_syntax,
 )
 from ..training.errors import InputError
-from ..training.files import architecture, base_model_metadata, lora_metadata
+from ..training.files import architecture, base_model_metadata, load_safetensors, lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from ..training.regularizers import FastTuneRegularizer, NearestTokenContrastive
 from ..training.trainer import ParamGroup
@@ -58,7 +57,7 @@ def _make_inversion(session: TrainingSession, token: str, init_word: str, num_ve
         path = folder_paths.get_full_path("embeddings", resume_from)
         if path is None or not path.endswith(".safetensors"):
             raise InputError("resume_from", f"{resume_from!r} is not a .safetensors file in models/embeddings")
-        inversion.load_file_tensors(load_file(path))
+        inversion.load_file_tensors(load_safetensors(path, "resume_from", "an embedding"))
     return inversion
 
 

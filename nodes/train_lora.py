@@ -7,10 +7,9 @@ import comfy.sd
 import folder_paths
 import torch
 from comfy_api.latest import io
-from safetensors.torch import load_file
 
 from ..training.errors import InputError
-from ..training.files import lora_metadata
+from ..training.files import load_safetensors, lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from .session import (
     ALPHA_TOOLTIP,
@@ -26,7 +25,7 @@ NONE = "none"
 
 
 def lora_files() -> list[str]:
-    return [NONE] + folder_paths.get_filename_list("loras")
+    return [NONE] + [f for f in folder_paths.get_filename_list("loras") if f.endswith(".safetensors")]
 
 
 def load_resume(nets: list[LoRANetwork], name: str) -> None:
@@ -34,7 +33,10 @@ def load_resume(nets: list[LoRANetwork], name: str) -> None:
     path = folder_paths.get_full_path("loras", name)
     if path is None:
         raise InputError("resume_from", f"{name!r} is not in models/loras")
-    sd = load_file(path)
+    sd = load_safetensors(path, "resume_from", "a LoRA")
+    if not any(k.startswith(("lora_unet_", "lora_te")) for k in sd):
+        raise InputError("resume_from", f"{name} is not a kohya-format LoRA (keys such as {sorted(sd)[:2]}); resume "
+                                        "continues a LoRA this pack (or kohya) trained")
     fix = "pick the same targets, rank and text-encoder setting it was trained with"
     # the file's adapters this run would not train: resuming without them would silently drop part of the LoRA
     left_out = sorted({k.split(".")[0] for k in sd} - {a for net in nets for a in net.adapters})

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .errors import InputError
 from .optimizers import METADATA_NAMES
@@ -119,6 +120,16 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def load_safetensors(path: str, input_name: str, what: str) -> dict[str, torch.Tensor]:
+    """A .safetensors file the user picked, or an error naming the input (a truncated or foreign file raised
+    safetensors' own header error)."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise InputError(input_name, f"cannot read {Path(path).name} as {what} ({e}); pick a .safetensors file "
+                                     "this pack (or kohya) saved") from e
 
 
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,

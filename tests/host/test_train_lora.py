@@ -333,3 +333,28 @@ def test_resume_refuses_a_file_with_adapters_the_run_drops_and_keeps_the_files_a
                        **dict(args, train_text_encoder=True, resume_from=name, alpha=2.0)).result[2]
     assert {float(v) for k, v in resumed.items() if k.endswith(".alpha")} == {4.0}  # TRAIN_ARGS' alpha, the file's
     assert resumed.metadata["ss_network_alpha"] == "4.0"
+
+
+def test_resume_from_a_file_that_is_no_lora_names_the_input(comfy, tiny_sd15, pack_nodes):
+    """A truncated file raised safetensors' header error; a checkpoint or a diffusers LoRA was told to change
+    targets and rank, which no setting could fix; .pt files were offered though only .safetensors are read."""
+    from safetensors.torch import save_file
+
+    from comfyui_personalize.nodes.train_lora import lora_files
+    from comfyui_personalize.training.errors import InputError
+    loras = comfy.models / "loras"
+    (loras / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, str(loras / "ckpt.safetensors"))
+    (loras / "old.pt").write_bytes(b"pickle")
+    try:
+        assert "old.pt" not in lora_files() and "ckpt.safetensors" in lora_files()
+        model, clip, vae = tiny_sd15
+        for name, message in (("broken.safetensors", "cannot read broken.safetensors"),
+                              ("ckpt.safetensors", "not a kohya-format LoRA")):
+            with pytest.raises(InputError, match=message) as e:
+                run_node(pack_nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), resume_from=name,
+                         **dict(TRAIN_ARGS, steps=1))
+            assert e.value.input_name == "resume_from"
+    finally:
+        for name in ("broken.safetensors", "ckpt.safetensors", "old.pt"):
+            (loras / name).unlink()
