@@ -116,7 +116,7 @@ class PersonalizeInstanceDataset(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", optional=True, tooltip="A batch of subject photos."),
                 io.String.Input("folder", default="",
-                                tooltip="A folder of images (png, jpg, webp, bmp), each with an optional "
+                                tooltip="A folder of images (png, jpg, webp, bmp, tif, gif), each with an optional UTF-8 "
                                         "same-named .txt caption. Relative to ComfyUI's input folder, or "
                                         "absolute. Used after the batch when both are given."),
                 io.String.Input("caption", multiline=True, default="a photo of {identifier} {class}",

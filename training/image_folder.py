@@ -13,7 +13,9 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# Photos in formats Pillow cannot read without plugins: named in a warning instead of skipped unseen
+UNREAD_PHOTO_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".psd", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf")
 MIN_SIDE = 64
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -54,14 +56,22 @@ def caption_path_of(image_path: str) -> str:
     return os.path.splitext(image_path)[0] + ".txt"
 
 
-def _read_caption(image_path: str) -> str | None:
+def _read_caption(image_path: str, input_name: str) -> str | None:
     """The text of ``<stem>.txt`` next to the image, whitespace (newlines too) collapsed to single spaces;
-    None when there is no such file or it is blank, so the node's caption template applies."""
+    None when there is no such file or it is blank, so the node's caption template applies. UTF-8 (with or without
+    a byte-order mark) or UTF-16 with its mark (Windows Notepad's "Unicode"); anything else is refused: read as
+    UTF-8 it trained on replacement characters."""
     caption_path = caption_path_of(image_path)
     if not os.path.isfile(caption_path):
         return None
-    with open(caption_path, encoding="utf-8-sig", errors="replace") as f:
-        text = " ".join(f.read().split())
+    with open(caption_path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-16") if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(input_name, f"{os.path.basename(caption_path)} is not UTF-8 text ({err.reason}); save it "
+                                     "as UTF-8") from err
+    text = " ".join(text.split())
     return text or None
 
 
@@ -100,10 +110,15 @@ def load_image_folder(path, input_name: str = "folder", max_short_side: int | No
     if not names:
         raise InputError(input_name, f"{folder} has no images; put {', '.join(IMAGE_EXTENSIONS)} files "
                                      "directly in it (sub-folders are not read)")
+    unread = sorted(entry.name for entry in os.scandir(folder)
+                    if entry.name.lower().endswith(UNREAD_PHOTO_EXTENSIONS) and not entry.name.startswith("."))
+    if unread:
+        log.warning("%s: %d images in a format that cannot be read are left out (%s); convert them to PNG or JPEG",
+                    folder, len(unread), ", ".join(unread[:5]) + (", ..." if len(unread) > 5 else ""))
     items = []
     for name in names:
         image_path = os.path.join(folder, name)
-        items.append((_read_image(image_path, input_name, max_short_side), _read_caption(image_path)))
+        items.append((_read_image(image_path, input_name, max_short_side), _read_caption(image_path, input_name)))
     log.info("loaded %d images from %s (%d with caption files)", len(items), folder,
              sum(caption is not None for _, caption in items))
     return items

@@ -113,6 +113,24 @@ def test_load_folder_sorted_with_captions(tmp_path):
     torch.testing.assert_close(items[1][0], torch.full((64, 80, 3), 200 / 255))
 
 
+def test_captions_in_utf16_are_read_and_other_encodings_refused(tmp_path, caplog):
+    """Notepad's "Unicode" (UTF-16) caption trained on NUL and replacement characters; other image formats
+    (.jfif, .tif, .gif) and unreadable photos (.heic) were skipped without a word."""
+    for name in ("a.jfif", "b.tif", "c.gif"):
+        _save(tmp_path / name, np.full((64, 64, 3), 200), None, **({"format": "JPEG"} if name.endswith("jfif") else {}))
+    (tmp_path / "a.txt").write_bytes("a photo of {identifier} café".encode("utf-16"))
+    (tmp_path / "b.txt").write_bytes("\ufeffa photo of {identifier} dog".encode("utf-8"))
+    (tmp_path / "d.heic").write_bytes(b"not readable here")
+    with caplog.at_level("WARNING"):
+        items = load_image_folder(tmp_path)
+    assert [caption for _, caption in items] == ["a photo of {identifier} café", "a photo of {identifier} dog", None]
+    assert "d.heic" in caplog.text and "convert them to PNG or JPEG" in caplog.text
+    (tmp_path / "c.txt").write_bytes("a photo of caf\xe9".encode("latin-1"))
+    with pytest.raises(InputError, match="c.txt is not UTF-8") as err:
+        load_image_folder(tmp_path, "class_folder")
+    assert err.value.input_name == "class_folder"
+
+
 def test_load_folder_converts_rgba_grey_palette_to_rgb(tmp_path):
     rgba = np.zeros((64, 64, 4))
     rgba[..., 0] = 255
