@@ -37,12 +37,21 @@ def fill_placeholders(caption: str, identifier: str, class_noun: str) -> str:
     return " ".join(caption.split())
 
 
-def _batch_to_images(images: torch.Tensor) -> list[torch.Tensor]:
-    """IMAGE [N, H, W, C] -> N RGB [H, W, 3]; alpha composited on white, as folder images are."""
+def _batch_to_images(images: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """IMAGE [N, H, W, C] -> N RGB [H, W, 3]; alpha composited on white, as folder images are. ``mask`` is Load
+    Image's MASK (1 = transparent): Load Image drops a PNG's alpha from its IMAGE, leaving whatever colour the file
+    stores under it (often black)."""
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[-1] == 4:
         alpha = images[..., 3:]
         images = images[..., :3] * alpha + (1.0 - alpha)
     batch = prepare_images(images, "images", multiple=1)  # checks shape, channels, NaNs; grey -> RGB
+    if mask is not None and bool(mask.any()):  # Load Image gives an all-zero 64x64 mask for a file without alpha
+        mask = mask.reshape(-1, *mask.shape[-2:]).to(batch.dtype)
+        if mask.shape[0] not in (1, batch.shape[0]) or mask.shape[1:] != batch.shape[1:3]:
+            raise InputError("mask", f"is {mask.shape[0]}x{mask.shape[2]}x{mask.shape[1]} (count x width x "
+                                     f"height), the images {batch.shape[0]}x{batch.shape[2]}x{batch.shape[1]}; "
+                                     "connect the MASK that Load Image gives with these images")
+        batch = batch * (1.0 - mask[..., None]) + mask[..., None]
     if min(batch.shape[1:3]) < MIN_SIDE:
         raise InputError("images", f"{batch.shape[2]}x{batch.shape[1]} is too small; use images of at least "
                                    f"{MIN_SIDE} px a side")
@@ -116,9 +125,9 @@ class PersonalizeInstanceDataset(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", optional=True, tooltip="A batch of subject photos."),
                 io.String.Input("folder", default="",
-                                tooltip="A folder of images (png, jpg, webp, bmp, tif, gif), each with an optional UTF-8 "
-                                        "same-named .txt caption. Relative to ComfyUI's input folder, or "
-                                        "absolute. Used after the batch when both are given."),
+                                tooltip="A folder of images (png, jpg, webp, bmp, tif, gif), each with an "
+                                        "optional same-named UTF-8 .txt caption. Relative to ComfyUI's input "
+                                        "folder, or absolute. Used after the batch when both are given."),
                 io.String.Input("caption", multiline=True, default="a photo of {identifier} {class}",
                                 tooltip="One line for all images or one line per image; a folder image's .txt "
                                         "file wins. {identifier} and {class} are filled from the inputs below."),
@@ -132,6 +141,10 @@ class PersonalizeInstanceDataset(io.ComfyNode):
                                  tooltip="Also train on mirrored images; off for asymmetric subjects or text."),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.9, step=0.05,
                                tooltip="Share of samples trained with an empty caption."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Load Image's MASK for the images: transparent parts become white, as in a "
+                                      "folder (Load Image's IMAGE drops a PNG's transparency, leaving what the "
+                                      "file stores under it, often black)."),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
         )
@@ -143,14 +156,14 @@ class PersonalizeInstanceDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, caption, identifier, class_noun, resolution, bucketing, flip, caption_dropout,
-                images=None, folder="") -> io.NodeOutput:
+                images=None, folder="", mask=None) -> io.NodeOutput:
         folder = (folder or "").strip()
         if images is None and not folder:
             raise InputError("images", "nothing to train on; connect images or set folder to a folder of images")
         # ComfyUI runs nodes under inference_mode, and tensors made there can neither be saved for backward nor
         # changed in place later; trainers use these images outside inference mode, so make normal tensors.
         with torch.inference_mode(False):
-            pictures = _batch_to_images(images) if images is not None else []
+            pictures = _batch_to_images(images, mask) if images is not None else []
             file_captions: list[str | None] = [None] * len(pictures)
             if folder:
                 # the shorter side at most the resolution: no bucket's shorter side is larger

@@ -57,6 +57,28 @@ def test_image_batch_gives_trainable_images_with_filled_captions(node):
     assert "2 images" in summary and "64x64: 2" in summary and "a photo of sks dog" in summary
 
 
+def test_load_images_mask_makes_transparent_parts_white_as_in_a_folder(comfy, node, input_dir):
+    """Load Image drops a PNG's alpha from its IMAGE (the colour stored under it, here black, was trained) and
+    gives it as MASK; a folder composites the same file on white."""
+    rgba = np.zeros((64, 96, 4), np.uint8)
+    rgba[..., 0], rgba[:, :48, 3] = 255, 255  # left half opaque red, right half transparent (stored black)
+    Image.fromarray(rgba, "RGBA").save(input_dir / "cutout.png")
+    image, mask = comfy.nodes.LoadImage().load_image("cutout.png")
+    from_batch = run_node(node, images=image, mask=mask, **ARGS).result[0].images[0]
+    (input_dir / "folder").mkdir()
+    (input_dir / "cutout.png").rename(input_dir / "folder" / "cutout.png")
+    from_folder = run_node(node, folder="folder", **ARGS).result[0].images[0]
+    torch.testing.assert_close(from_batch, from_folder)
+    torch.testing.assert_close(from_batch[:, 48:], torch.ones(64, 48, 3))
+    plain, no_alpha = comfy.nodes.LoadImage().load_image("folder/cutout.png")[0], torch.zeros(1, 64, 64)
+    torch.testing.assert_close(run_node(node, images=batch(1), mask=no_alpha, **ARGS).result[0].images[0],
+                               batch(1)[0])  # Load Image's 64x64 zero mask of a file without alpha changes nothing
+    from comfyui_personalize.training.errors import InputError
+    with pytest.raises(InputError) as e:
+        run_node(node, images=plain, mask=torch.ones(1, 32, 32), **ARGS)
+    assert e.value.input_name == "mask"
+
+
 def test_folder_captions_win_and_batch_comes_first(node, input_dir):
     write_folder(input_dir / "subject", {"b": "{identifier} on a sofa", "a": None})
     out = run_node(node, images=batch(1), **dict(ARGS, folder="subject", caption="one {class}\ntwo\nthree",
