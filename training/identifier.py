@@ -134,6 +134,10 @@ def validate_identifier(word: str, tokenizers: Sequence[WordTokenizer]) -> str:
     if re.search(r"\s", word):
         raise InputError("identifier", f"{word!r} has spaces; an identifier is one word "
                                        "(leave it empty to have one picked)")
+    if not word.isalnum() or not any(ch.isalpha() for ch in word):
+        # "<|endoftext|>" is one token, the very one ComfyUI pads every prompt with; "," is in most prompts
+        raise InputError("identifier", f"{word!r} is not a word; an identifier is letters (and digits) only, "
+                                       "or leave it empty to have one picked")
     for t in tokenizers:
         pieces = t.pieces(word)
         if len(pieces) != 1:

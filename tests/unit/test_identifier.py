@@ -74,8 +74,9 @@ def test_pick_errors_when_no_candidate_is_one_token(tmp_path, monkeypatch):
     assert e.value.input_name == "identifier"
 
 
-@pytest.mark.parametrize("word", ["", "   ", "ab cd", "ab\tcd"])
-def test_validate_rejects_empty_and_several_words(word):
+@pytest.mark.parametrize("word", ["", "   ", "ab cd", "ab\tcd", "<|endoftext|>", ",", "1", "<|startoftext|>"])
+def test_validate_rejects_empty_several_words_and_non_words(word):
+    """The end token (every prompt's padding) and punctuation are one token each: they were accepted."""
     one_token = WordTokenizer("clip_l", lambda w: [7], {})
     with pytest.raises(InputError) as e:
         validate_identifier(word, [one_token])
@@ -105,6 +106,11 @@ def test_real_clip_validation(clip_l, caplog):
     pieces = clip_l.pieces("zorblaxian")
     assert len(pieces) > 1 and " | ".join(pieces) in str(e.value)
     assert e.value.input_name == "identifier"
+
+    for word in ("<|endoftext|>", ","):
+        assert len(clip_l.pieces(word)) == 1  # one token, yet no word
+        with pytest.raises(InputError, match="is not a word"):
+            validate_identifier(word, [clip_l])
 
     with caplog.at_level(logging.WARNING):
         assert validate_identifier("sks", [clip_l]) == "sks"  # allowed, but the user is told
