@@ -60,9 +60,16 @@ def tag_frequency(captions: Sequence[str], dataset_name: str = "instance") -> di
             "ss_dataset_dirs": json.dumps({dataset_name: {"n_repeats": 1, "img_count": len(captions)}})}
 
 
+# File systems allow 255 bytes a name; room is left for "_00001", the extension and the temporary file's suffix
+MAX_NAME_BYTES = 180
+
+
 def _check_part(input_name: str, part: str) -> None:
     if part in ("", ".", "..") or _BAD_NAME.search(part) or part != part.strip():
         raise InputError(input_name, f"{part!r} is not a usable file or folder name")
+    if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+        raise InputError(input_name, f"{part[:40]!r}... is {len(part.encode('utf-8'))} bytes long; keep a name to "
+                                     f"{MAX_NAME_BYTES}")
 
 
 def resolve_output_path(folder: str | os.PathLike, subfolder: str, name: str, extension: str,

@@ -24,6 +24,19 @@ def test_names_cannot_escape_the_folder(tmp_path, subfolder, name, bad):
     assert e.value.input_name == bad
 
 
+def test_a_name_too_long_for_the_file_system_is_refused_naming_the_input(tmp_path):
+    """255 bytes a name: a longer one raised OSError ("File name too long") from the existence check."""
+    longest = "é" * (files.MAX_NAME_BYTES // 2)  # two bytes each
+    for _ in range(2):  # the second time with its "_00001" suffix, and the temporary file's
+        path = files.resolve_output_path(tmp_path, longest, longest, ".safetensors")
+        files.save_safetensors_atomic({"a": torch.ones(1)}, path)
+    assert path.name == f"{longest}_00001.safetensors"
+    for subfolder, name, bad in (("", longest + "x", "name"), (longest + "x", "x", "subfolder")):
+        with pytest.raises(InputError, match="bytes long") as e:
+            files.resolve_output_path(tmp_path, subfolder, name, ".safetensors")
+        assert e.value.input_name == bad
+
+
 def test_a_subfolder_the_user_linked_elsewhere_is_used(tmp_path):
     """Linking a models subfolder to another disk is common (ComfyUI lists files through such links); the link was
     refused as leaving the folder. Names themselves still cannot leave it (above)."""
