@@ -60,11 +60,13 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def prior_preservation_loss(per_sample: torch.Tensor, weights: torch.Tensor, n_instance: int,
                             prior_weight: float) -> torch.Tensor:
-    """mean(w * instance loss) + lambda * mean(class loss): the batch holds the subject samples first and the
-    class samples after them (DreamBooth's Eq. 2, as diffusers computes it: the class term is plain MSE)."""
+    """mean(w * instance loss) + lambda * mean(w * class loss): the batch holds the subject samples first and the
+    class samples after them. Both terms carry their samples' weights (min-SNR), as in DreamBooth's Eq. 2, where
+    both share w_t, and in kohya's trainer; diffusers leaves the class term unweighted, which with min-SNR on a
+    v-prediction model makes lambda = 1 act as about 3.4 (the instance weights average ~0.3)."""
     loss = (per_sample[:n_instance] * weights[:n_instance]).mean()
     if per_sample.shape[0] > n_instance:
-        loss = loss + prior_weight * per_sample[n_instance:].mean()
+        loss = loss + prior_weight * (per_sample[n_instance:] * weights[n_instance:]).mean()
     return loss
 
 

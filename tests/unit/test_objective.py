@@ -47,8 +47,10 @@ def _prior_data(host, latents, class_latents, weight=1.0, **options):
 
 
 def test_prior_loss_formula():
-    per_sample, w = torch.tensor([1.0, 3.0, 10.0, 20.0]), torch.tensor([1.0, 0.5, 9.0, 9.0])
-    assert prior_preservation_loss(per_sample, w, 2, 0.5).item() == pytest.approx((1 + 1.5) / 2 + 0.5 * 15)
+    """The class term carries its samples' min-SNR weights too (it was plain MSE: lambda then meant ~3.4 on a
+    v-prediction model with min-SNR)."""
+    per_sample, w = torch.tensor([1.0, 3.0, 10.0, 20.0]), torch.tensor([1.0, 0.5, 0.25, 0.5])
+    assert prior_preservation_loss(per_sample, w, 2, 0.5).item() == pytest.approx((1 + 1.5) / 2 + 0.5 * (2.5 + 10) / 2)
     assert prior_preservation_loss(per_sample[:2], w[:2], 2, 0.5).item() == pytest.approx(1.25)
 
 
