@@ -48,10 +48,15 @@ def _embedding_inputs() -> list:
 
 def _make_inversion(session: TrainingSession, token: str, init_word: str, num_vectors: int,
                     resume_from: str) -> TextualInversion:
-    vectors = {}
+    vectors, longest = {}, 0
     with torch.no_grad():
         for key, (_, tok, encoder) in text_encoders(session.host.clip).items():
-            vectors[key] = initial_vectors(token_table(encoder), init_ids(tok, init_word), num_vectors)
+            ids = init_ids(tok, init_word)
+            vectors[key] = initial_vectors(token_table(encoder), ids, num_vectors)
+            longest = max(longest, len(ids))
+    if longest > num_vectors:  # "golden retriever" with one vector starts from "golden", the colour
+        log.warning("init_word %r is %d tokens; the %d vector(s) start from the first %d only; set num_vectors to "
+                    "%d to start from the whole word", init_word, longest, num_vectors, num_vectors, longest)
     inversion = TextualInversion(token, vectors)
     if resume_from != NONE:
         path = folder_paths.get_full_path("embeddings", resume_from)

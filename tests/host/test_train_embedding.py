@@ -179,3 +179,17 @@ def test_pivotal_saves_every_n_steps_hold_the_lora_with_its_vectors(comfy, tiny_
     stock, _ = comfy.nodes.LoraLoader().load_lora(model, clip, "personalize_checkpoints/qwz_lora_step00002.safetensors",
                                                   1.0, 0.0)
     assert len(stock.patches) > 0  # LoraLoader reads it
+
+
+def test_an_init_word_longer_than_the_vectors_is_named(comfy, tiny_sd15, nodes, caplog):
+    """"golden retriever" with one vector silently started from "golden" (the colour)."""
+    model, clip, vae = tiny_sd15
+    with caplog.at_level("WARNING"):
+        run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
+                 **dict(ARGS, steps=1, init_word="golden retriever", num_vectors=1))
+    assert "'golden retriever' is 2 tokens" in caplog.text and "set num_vectors to 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
+                 **dict(ARGS, steps=1, init_word="golden retriever", num_vectors=2))
+    assert "init_word" not in caplog.text
