@@ -14,7 +14,10 @@ class NearestTokenContrastive:
     """DATE's nearest-neighbour contrastive regulariser for learned token vectors, with a pull that bounds it.
 
     * contrastive: the cross-entropy of a vector's cosine similarities to every real token of the encoder's table
-      (over ``temperature``) with its nearest real token as the target: toward that word, away from the others;
+      (over ``temperature``) with its nearest real token as the target: toward that word, away from the others.
+      Cosines are taken about the table's mean: real token tables share a common direction, and "away from all
+      the others" would otherwise push the word out along it, off the region real words occupy (a third of a word's
+      length on a table as anisotropic as CLIP's can be; at the word about the mean, it stays);
     * pull: the squared distance to that nearest token relative to its length, ``|v - e|^2 / |e|^2``. Cosine
       alone leaves the vector's length free, and Adam lets it grow; a token twice as long as any real one would
       dominate the prompt. The pull is zero at the real word, the contrastive term is not (it also asks the word
@@ -27,7 +30,8 @@ class NearestTokenContrastive:
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.table = table.detach().float()
-        self.unit_table = F.normalize(self.table, dim=-1)  # [V, D], normalised once
+        self.center = self.table.mean(0)
+        self.unit_table = F.normalize(self.table - self.center, dim=-1)  # [V, D], normalised once
         self.temperature = temperature
         self.mask = torch.zeros(table.shape[0], device=table.device)
         banned = sorted(set(exclude))
@@ -36,10 +40,11 @@ class NearestTokenContrastive:
 
     def to(self, device) -> "NearestTokenContrastive":
         self.table, self.unit_table, self.mask = self.table.to(device), self.unit_table.to(device), self.mask.to(device)
+        self.center = self.center.to(device)
         return self
 
     def logits(self, vectors: torch.Tensor) -> torch.Tensor:
-        return F.normalize(vectors.float(), dim=-1) @ self.unit_table.t() / self.temperature + self.mask
+        return F.normalize(vectors.float() - self.center, dim=-1) @ self.unit_table.t() / self.temperature + self.mask
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         logits = self.logits(vectors)
