@@ -171,11 +171,15 @@ def ours_db_prior(batch: int, checkpointing: bool, sdxl: bool = False):
                           class_latents=torch.randn(n, 4, lat, lat), cond=Conditioning(torch.randn(n, 77, width), y),
                           class_cond=Conditioning(torch.randn(1, 77, width), None if y is None else y[:1]))
     data = TrainingData([bucket], None, prior="class_images", prior_weight=1.0, class_prompt="a photo of a dog")
-    unet = FullFineTune(host.diffusion_model, device, channels_last=device.type == "cuda")
     host.compute_dtype = torch.float32  # fp32 master weights; bf16 compute comes from autocast
-    groups = [ParamGroup(list(unet.parameters()), 5e-6)]
-    return run_session(s, data, groups, lambda: [unet.swapped_in()], text_trains=False, channels_last=False,
-                       nhwc_inputs=device.type == "cuda")
+
+    def run(steps: int) -> None:  # fresh master copies each run, as the node makes them (the peak is one run's)
+        unet = FullFineTune(host.diffusion_model, device, channels_last=device.type == "cuda")
+        s.cfg = dataclasses.replace(s.cfg, steps=steps, cuda_graph=not args.no_cuda_graph, optimizer=args.optimizer)
+        s.run(data, [ParamGroup(list(unet.parameters()), 5e-6)], [unet.swapped_in()], text_trains=False,
+              channels_last=False, nhwc_inputs=device.type == "cuda")
+
+    return run
 
 
 def ours_ti(batch: int):

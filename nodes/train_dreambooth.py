@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import comfy.model_management as mm
 import comfy.sd
@@ -12,41 +13,46 @@ from ..training.errors import InputError
 from ..training.files import base_model_metadata, tag_frequency
 from ..training.full_finetune import FullFineTune, diff_state_dict
 from ..training.lora import TrainedLoRA
-from ..training.optimizers import BYTES_PER_WEIGHT
+from ..training.optimizers import BYTES_PER_WEIGHT, state_bytes
 from ..training.trainer import ParamGroup
 from .session import TrainingSession, common_inputs, save_intermediate
 
 log = logging.getLogger(__name__)
 
 
-# Per trained weight: optimizers.BYTES_PER_WEIGHT (fp32 master copy, its gradient, the optimiser's state) plus
-# ~0.75 byte for the activations and the rest: the measured peaks of SDXL (2.57 B weights) at 1024 px with
-# gradient checkpointing are 1.3 GiB (AdamW) and 1.8 GiB (Adafactor) over the bytes per weight
-# (bench/results/2026-12-03-s10-db-sdxl-h200.md).
-OTHER_BYTES_PER_WEIGHT = 0.75
-# What to suggest instead of each optimiser, with the memory it needs relative to it
-LIGHTER = {"adamw": ", or set Training Options' optimizer to adafactor_fused (about a third of the memory)",
-           "adafactor": ", or set Training Options' optimizer to adafactor_fused (about half the memory)",
-           "adafactor_fused": ""}
+# Per trained weight: optimizers.BYTES_PER_WEIGHT (fp32 master copy and gradient) and the optimiser's state
+# (optimizers.state_bytes, from the shapes) plus ~0.6 byte for the activations and the rest: the measured peaks of
+# SDXL (2.57 B weights) at 1024 px with gradient checkpointing are 1.3 GiB (AdamW) and 0.9 GiB (Adafactor) over the
+# weights, gradients and state (bench/results/2026-12-03-s10-db-sdxl-h200.md).
+OTHER_BYTES_PER_WEIGHT = 0.6
+
+
+def memory_needed(shapes: list, optimizer: str) -> float:
+    """Bytes a full fine-tune of weights of these shapes needs on its device with this optimiser."""
+    trained = sum(math.prod(s) for s in shapes)
+    return trained * (BYTES_PER_WEIGHT[optimizer] + OTHER_BYTES_PER_WEIGHT) + state_bytes(optimizer, shapes)
 
 
 def check_memory(host, train_text_encoder: bool, optimizer: str) -> None:
     """Refuse a full fine-tune its device cannot hold, with the numbers, instead of running out of memory later."""
-    trained = sum(p.numel() for p in host.diffusion_model.parameters())
+    shapes = [p.shape for p in host.diffusion_model.parameters()]
     if train_text_encoder and host.clip is not None:
-        trained += sum(p.numel() for p in host.clip.cond_stage_model.parameters())
-    need = trained * (BYTES_PER_WEIGHT[optimizer] + OTHER_BYTES_PER_WEIGHT)
+        shapes += [p.shape for p in host.clip.cond_stage_model.parameters()]
+    need = memory_needed(shapes, optimizer)
     if getattr(mm, "directml_enabled", False):
         return  # ComfyUI cannot read a DirectML device's memory (it reports a fixed 1 GiB)
     device = host.model.load_device
     total = mm.get_total_memory(device)
     if need > total:
-        raise InputError("model", f"DreamBooth trains all {trained / 1e9:.2f} B weights of this model, which takes "
-                                  f"about {need / 2**30:.0f} GiB (fp32 weights, gradients, {optimizer} states and "
-                                  f"activations); {device} has {total / 2**30:.0f} GiB. Train a LoRA (Personalize "
-                                  "Train LoRA) instead, or use a GPU with more memory"
-                                  + (", or leave the text encoder out" if train_text_encoder else "")
-                                  + LIGHTER[optimizer] + ".")
+        fused = memory_needed(shapes, "adafactor_fused")
+        lighter = (f", or set Training Options' optimizer to adafactor_fused (about {fused / 2**30:.0f} GiB)"
+                   if optimizer != "adafactor_fused" else "")
+        raise InputError("model", f"DreamBooth trains all {sum(math.prod(s) for s in shapes) / 1e9:.2f} B weights "
+                                  f"of this model, which takes about {need / 2**30:.0f} GiB (fp32 weights, "
+                                  f"gradients, {optimizer} states and activations); {device} has "
+                                  f"{total / 2**30:.0f} GiB. Train a LoRA (Personalize Train LoRA) instead, or use a "
+                                  "GPU with more memory" + (", or leave the text encoder out" if train_text_encoder
+                                                            else "") + lighter + ".")
 
 
 class PersonalizeTrainDreamBooth(io.ComfyNode):

@@ -23,6 +23,8 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
     """Any PIL mode -> float32 RGB [H, W, 3] in 0..1. Transparent pixels are composited on white: the colour a
     file stores under alpha 0 is arbitrary (often black) and would otherwise be learned as part of the subject."""
+    if image.mode == "F":  # floating point (TIFF): its range is the file's own; convert("RGB") made it black
+        raise ValueError("a floating-point image; save it as an 8- or 16-bit PNG, JPEG or TIFF")
     if image.mode in _SIXTEEN_BIT_MODES:  # 16-bit grey: convert("RGB") would clip it to 8 bits at 255
         grey = np.asarray(image, dtype=np.float32) / 65535.0
         return np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1)

@@ -14,18 +14,27 @@ accumulate over micro-batches."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import torch
 
 OPTIMIZERS = ("adamw", "adafactor", "adafactor_fused")
-# Memory per trained weight: its fp32 copy (4 bytes), its fp32 gradient (4, except fused, where one tensor's
-# gradient lives at a time) and AdamW's two moments (8); Adafactor's factored state is a few bytes per row and
-# column, about nothing per weight.
-BYTES_PER_WEIGHT = {"adamw": 16, "adafactor": 8, "adafactor_fused": 4}
+# Memory per trained weight besides the optimiser's state (state_bytes): its fp32 copy (4 bytes) and its fp32
+# gradient (4, except fused, where one tensor's gradient lives at a time).
+BYTES_PER_WEIGHT = {"adamw": 8, "adafactor": 8, "adafactor_fused": 4}
 # kohya's ss_optimizer values
 METADATA_NAMES = {"adamw": "torch.optim.AdamW", "adafactor": "transformers.optimization.Adafactor",
                   "adafactor_fused": "transformers.optimization.Adafactor"}
+
+
+def state_bytes(name: str, shapes: Sequence[torch.Size]) -> int:
+    """The optimiser's fp32 state for weights of these shapes: AdamW two moments per weight; Adafactor a row and a
+    column vector over the last two dimensions (a 3x3 convolution's are each a third of the weight: a UNet rich in
+    convolutions, such as SD1.5's, keeps ~2 bytes per weight, SDXL's ~0.4), one value per weight of a vector."""
+    if name == "adamw":
+        return 8 * sum(math.prod(s) for s in shapes)
+    return 4 * sum(math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1] if len(s) >= 2 else math.prod(s) for s in shapes)
 
 
 def capturable(name: str) -> bool:

@@ -125,6 +125,10 @@ def test_captions_in_utf16_are_read_and_other_encodings_refused(tmp_path, caplog
         items = load_image_folder(tmp_path)
     assert [caption for _, caption in items] == ["a photo of {identifier} café", "a photo of {identifier} dog", None]
     assert "d.heic" in caplog.text and "convert them to PNG or JPEG" in caplog.text
+    Image.fromarray(np.full((64, 64), 0.5, np.float32), "F").save(tmp_path / "e.tif")  # was trained black
+    with pytest.raises(InputError, match="e.tif: a floating-point image"):
+        load_image_folder(tmp_path)
+    (tmp_path / "e.tif").unlink()
     (tmp_path / "c.txt").write_bytes("a photo of caf\xe9".encode("latin-1"))
     with pytest.raises(InputError, match="c.txt is not UTF-8") as err:
         load_image_folder(tmp_path, "class_folder")
