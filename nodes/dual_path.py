@@ -40,7 +40,7 @@ from .attention_hooks import (
 )
 from .attention_reweight import window_inputs
 from .dual_path_direct import can_go_direct, check_not_bypassed, install_direct
-from .dual_path_lora import left_out_note, lora_parts
+from .dual_path_lora import already_applied, left_out_note, lora_parts
 from .dual_path_pooled import install_pooled_blend
 from .embeddings import hard_tokens
 from .prompt_cache import PromptCache, cache_budget, keeps_prompt
@@ -329,6 +329,10 @@ class PersonalizeDualPathBlend(io.ComfyNode):
         install_pooled_blend(m, hard, a_blend, window)  # SDXL: the prompt also enters through y
         prompts = PromptCache(cache_budget(model))  # both paths' k/v, kept per run (shared by the layers)
         prompts.install(m)
+        if already_applied(model, lora):
+            raise InputError("model", "already carries this LoRA (a LoraLoader, or the trainer's MODEL output, before "
+                                      "this node): the blend applies it itself, so it would count twice; connect the "
+                                      "model from before the LoRA")
         parts = lora_parts(model, lora, list(blocks.values()))
         if not parts.count("attn2") and not parts.count("attn1"):
             raise InputError("lora_name", "the LoRA has no attention (q/k/v/out) factors for this model's blocks; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import comfy.lora
+import torch
 from comfy.weight_adapter import LoRAAdapter
 
 from ..attention.dual_path import AttentionDeltas, LowRankDelta
@@ -81,3 +82,21 @@ def left_out_note(parts: LoraParts, paths: str) -> str | None:
     if not notes:
         return None
     return "the blend leaves out " + "; ".join(notes) + ", so even a_blend 1 is not the LoRA's model"
+
+
+def already_applied(model, lora: dict) -> int:
+    """How many of the LoRA's attention factors the MODEL already carries as weight patches (a LoraLoader, or a
+    trainer's MODEL output, before the blend): both paths would then carry them and a = 1 count them twice."""
+    patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    same = 0
+    for key, patch in patches.items():
+        if not isinstance(patch, LoRAAdapter) or not any(f".{attn}." in key for attn in ATTENTIONS):
+            continue
+        up, down = patch.weights[:2]
+        same += any(isinstance(p[1], LoRAAdapter) and _same(p[1].weights[0], up) and _same(p[1].weights[1], down)
+                    for p in model.patches.get(key, ()))
+    return same
+
+
+def _same(a, b) -> bool:
+    return a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)

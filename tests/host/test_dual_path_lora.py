@@ -124,11 +124,19 @@ def test_a_self_attention_only_lora_needs_both_paths(comfy, tiny_sd15, nodes):  
     assert blend_note(nodes, model, hard, self_only) is None  # self+cross: all of it is blended
 
 
-def test_a_model_with_a_lora_already_loaded_is_noted(comfy, tiny_sd15, nodes):  # noqa: F811
-    """The LoRA loaded by LoraLoader before the blend patched both paths: a = 0 was not the base model, silently."""
+def test_a_model_with_a_lora_already_loaded_is_noted_and_this_same_lora_refused(comfy, tiny_sd15, nodes):  # noqa: F811
+    """The LoRA loaded by LoraLoader before the blend patched both paths: a = 0 was not the base model, silently.
+    The blend's own LoRA loaded there too (Fast Tune's MODEL output wired in) counted twice at a = 1."""
     model, clip, _ = tiny_sd15
     hard = encode(comfy, clip, HARD)
-    lora = attention_lora(model)
+    lora, other = attention_lora(model), attention_lora(model, seed=9)
     assert blend_note(nodes, model, hard, lora) is None
-    note = blend_note(nodes, with_lora(model, lora), hard, lora)
+    note = blend_note(nodes, with_lora(model, other), hard, lora)
     assert note.startswith("note: the MODEL already has weight patches on") and "a = 0 is not the base model" in note
+    from comfy.sd import load_lora_for_models
+    for strength in (1.0, 0.5):
+        with torch.inference_mode():
+            loaded = load_lora_for_models(model, None, lora, strength, 0.0)[0]
+        with pytest.raises(InputError, match="already carries this LoRA") as e:
+            blend_note(nodes, loaded, hard, lora)
+        assert e.value.input_name == "model"
