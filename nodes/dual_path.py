@@ -253,9 +253,10 @@ def warn_if_hard_is_sampled(model, hard_ctx: torch.Tensor, soft_ctx: torch.Tenso
 
 
 def _same_prompt(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    """The same text encoded again (perhaps on another device): equal up to float noise; another prompt is far."""
+    """The same text encoded again (perhaps on another device, or from a half-precision copy of the embedding):
+    equal up to rounding; another prompt differs by whole units."""
     return got.shape == expected.shape and torch.allclose(got.to(expected.device, expected.dtype), expected,
-                                                          rtol=1e-3, atol=1e-3)
+                                                          rtol=1e-2, atol=1e-2)
 
 
 def automatic_hard_prompt(clip, soft_text: str):
