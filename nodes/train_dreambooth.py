@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 
 
 # Per trained weight: optimizers.BYTES_PER_WEIGHT (fp32 master copy and gradient) and the optimiser's state
-# (optimizers.state_bytes, from the shapes) plus ~0.6 byte for the activations and the rest: the measured peaks of
-# SDXL (2.57 B weights) at 1024 px with gradient checkpointing are 1.3 GiB (AdamW) and 0.9 GiB (Adafactor) over the
-# weights, gradients and state (bench/results/2026-12-03-s10-db-sdxl-h200.md).
-OTHER_BYTES_PER_WEIGHT = 0.6
+# (optimizers.state_bytes, from the shapes) plus ~0.85 byte for the activations and the rest: the measured peaks of
+# SDXL (2.57 B weights) at 1024 px with gradient checkpointing are 1.3 GiB (AdamW), 0.8 GiB (Adafactor) and 2.0 GiB
+# (adafactor_fused, whose steps run while backward's activations live) over the weights, gradients and state
+# (bench/results/2026-12-03-s10-db-sdxl-h200.md): estimates 40.3 / 22.1 / 12.5 GiB against 39.6 / 20.9 / 12.4.
+OTHER_BYTES_PER_WEIGHT = 0.85
 
 
 def memory_needed(shapes: list, optimizer: str) -> float:
