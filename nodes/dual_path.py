@@ -374,7 +374,8 @@ class PersonalizeDualPathBlend(io.ComfyNode):
 def _patched_attention_note(model) -> str:
     """The hard path is meant to be the base model: a LoRA already loaded on the MODEL (often this same LoRA,
     through LoraLoader) patches both paths, so a = 0 is not the model without it."""
-    patched = sum(1 for key in model.patches if any(f".{a}.to_" in key for a in ("attn1", "attn2")))
+    patched = sum(1 for key, patches in model.patches.items()
+                  if any(f".{a}.to_" in key for a in ("attn1", "attn2")) and any(p[0] != 0 for p in patches))
     if not patched:
         return ""
     return (f"the MODEL already has weight patches on {patched} attention projections (a LoRA loaded before this "

@@ -93,10 +93,15 @@ def already_applied(model, lora: dict) -> int:
         if not isinstance(patch, LoRAAdapter) or not any(f".{attn}." in key for attn in ATTENTIONS):
             continue
         up, down = patch.weights[:2]
-        same += any(isinstance(p[1], LoRAAdapter) and _same(p[1].weights[0], up) and _same(p[1].weights[1], down)
-                    for p in model.patches.get(key, ()))
+        # strength 0: LoraLoader's way of loading a LoRA on the CLIP alone; the weights carry nothing of it
+        same += any(p[0] != 0 and isinstance(p[1], LoRAAdapter) and _same(p[1].weights[0], up)
+                    and _same(p[1].weights[1], down) for p in model.patches.get(key, ()))
     return same
 
 
 def _same(a, b) -> bool:
-    return a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)
+    """Equal factors, compared in the coarser of the two dtypes (a LoRA saved in fp16 and its fp32 original)."""
+    if a.shape != b.shape:
+        return False
+    coarse = max(a.dtype, b.dtype, key=lambda dtype: torch.finfo(dtype).eps)
+    return torch.equal(a.to(b.device, coarse), b.to(coarse))

@@ -34,8 +34,9 @@ def memory_needed(shapes: list, optimizer: str) -> float:
     return trained * (BYTES_PER_WEIGHT[optimizer] + OTHER_BYTES_PER_WEIGHT) + state_bytes(optimizer, shapes)
 
 
-def check_memory(host, train_text_encoder: bool, optimizer: str) -> None:
-    """Refuse a full fine-tune its device cannot hold, with the numbers, instead of running out of memory later."""
+def check_memory(host, train_text_encoder: bool, optimizer: str, fused_possible: bool = True) -> None:
+    """Refuse a full fine-tune its device cannot hold, with the numbers, instead of running out of memory later.
+    ``fused_possible``: adafactor_fused allows the run's settings (no gradient accumulation, no fp16)."""
     shapes = [p.shape for p in host.diffusion_model.parameters()]
     if train_text_encoder and host.clip is not None:
         shapes += [p.shape for p in host.clip.cond_stage_model.parameters()]
@@ -45,13 +46,17 @@ def check_memory(host, train_text_encoder: bool, optimizer: str) -> None:
     device = host.model.load_device
     total = mm.get_total_memory(device)
     if need > total:
-        fused = memory_needed(shapes, "adafactor_fused")
-        lighter = (f", or set Training Options' optimizer to adafactor_fused (about {fused / 2**30:.0f} GiB)"
-                   if optimizer != "adafactor_fused" else "")
+        lighter = ""
+        for other in ("adafactor_fused", "adafactor"):  # the lightest the run's settings allow
+            if other != optimizer and memory_needed(shapes, other) < need and (other != "adafactor_fused"
+                                                                               or fused_possible):
+                lighter = (f", or set Training Options' optimizer to {other} (about "
+                           f"{memory_needed(shapes, other) / 2**30:.1f} GiB)")
+                break
         raise InputError("model", f"DreamBooth trains all {sum(math.prod(s) for s in shapes) / 1e9:.2f} B weights "
-                                  f"of this model, which takes about {need / 2**30:.0f} GiB (fp32 weights, "
+                                  f"of this model, which takes about {need / 2**30:.1f} GiB (fp32 weights, "
                                   f"gradients, {optimizer} states and activations); {device} has "
-                                  f"{total / 2**30:.0f} GiB. Train a LoRA (Personalize Train LoRA) instead, or use a "
+                                  f"{total / 2**30:.1f} GiB. Train a LoRA (Personalize Train LoRA) instead, or use a "
                                   "GPU with more memory" + (", or leave the text encoder out" if train_text_encoder
                                                             else "") + lighter + ".")
 
@@ -95,19 +100,22 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
                                   cls.hidden.unique_id)
         host = session.host
         # before encoding anything: a run that cannot fit fails at once
-        check_memory(host, train_text_encoder, session.options.optimizer)
+        check_memory(host, train_text_encoder, session.options.optimizer,
+                     session.options.gradient_accumulation == 1 and dtype != "fp16")
         with torch.inference_mode(False), torch.enable_grad():
             data = session.data(text_trains=train_text_encoder)
             device = host.model.load_device
             # Copies of the weights as loaded (with any upstream LoRA merged), in fp32: the master weights.
-            unet = FullFineTune(host.diffusion_model, device, channels_last=device.type == "cuda")
-            te = FullFineTune(host.clip.cond_stage_model, device) if train_text_encoder else None
+            save_dtype = torch.float16 if host.model.model.get_dtype() == torch.float16 else torch.float32
+            unet = FullFineTune(host.diffusion_model, device, channels_last=device.type == "cuda",
+                                delta_dtype=save_dtype)
+            te = (FullFineTune(host.clip.cond_stage_model, device, delta_dtype=save_dtype) if train_text_encoder
+                  else None)
             host.compute_dtype = torch.float32  # fp32 master weights; bf16/fp16 compute comes from autocast
             groups = [ParamGroup(list(unet.parameters()), learning_rate)]
             if te is not None:
                 groups.append(ParamGroup(list(te.parameters()), text_encoder_lr))
             attach = [unet.swapped_in()] + ([te.swapped_in()] if te is not None else [])
-            save_dtype = torch.float16 if host.model.model.get_dtype() == torch.float16 else torch.float32
 
             names = host.kohya_module_names(te is not None)  # kohya names: A1111/Forge read the file too
 

@@ -134,9 +134,13 @@ def test_a_model_with_a_lora_already_loaded_is_noted_and_this_same_lora_refused(
     note = blend_note(nodes, with_lora(model, other), hard, lora)
     assert note.startswith("note: the MODEL already has weight patches on") and "a = 0 is not the base model" in note
     from comfy.sd import load_lora_for_models
-    for strength in (1.0, 0.5):
+    half = {k: v.half() for k, v in lora.items()}  # as Save LoRA writes it (fp16), loaded by LoraLoader
+    for strength, loaded_lora in ((1.0, lora), (0.5, lora), (1.0, half)):
         with torch.inference_mode():
-            loaded = load_lora_for_models(model, None, lora, strength, 0.0)[0]
+            loaded = load_lora_for_models(model, None, loaded_lora, strength, 0.0)[0]
         with pytest.raises(InputError, match="already carries this LoRA") as e:
             blend_note(nodes, loaded, hard, lora)
         assert e.value.input_name == "model"
+    with torch.inference_mode():  # strength 0: LoraLoader loading the LoRA for the CLIP alone
+        clip_only = load_lora_for_models(model, None, lora, 0.0, 0.0)[0]
+    assert blend_note(nodes, clip_only, hard, lora) is None  # neither refused nor noted: it changes no weight

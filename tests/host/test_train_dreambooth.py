@@ -135,6 +135,11 @@ def test_a_full_fine_tune_its_device_cannot_hold_is_refused_up_front(comfy, tiny
         else:
             run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
                      options=TrainOptions(optimizer=optimizer), **dict(ARGS, steps=1))
+    # with gradient accumulation adafactor_fused cannot run: the lighter choice named is adafactor
+    monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: need["adafactor"])
+    with pytest.raises(InputError, match="optimizer to adafactor \\(about"):
+        run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
+                 options=TrainOptions(gradient_accumulation=2), **dict(ARGS, steps=1))
     monkeypatch.setattr(mm, "get_total_memory", lambda *a, **k: 1)  # DirectML: ComfyUI cannot read it (says 1 GiB)
     monkeypatch.setattr(mm, "directml_enabled", True, raising=False)
     run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(), **dict(ARGS, steps=1))
