@@ -8,9 +8,10 @@ different learning rate) and reads that RMS back to the host for every tensor at
 
 ``adafactor_fused`` steps each weight from a hook as soon as backward has its whole gradient, then frees that
 gradient (kohya's ``--fused_backward_pass``; PyTorch's "optimizer step in backward" recipe): the gradients of a
-full fine-tune never all exist at once, and the per-tensor Python loop overlaps the rest of backward. Each
-weight's gradient is clipped on its own (the global norm is only known after backward), and gradients cannot
-accumulate over micro-batches."""
+full fine-tune never all exist at once (SDXL DreamBooth 12.4 GiB against Adafactor's 20.9). The per-weight steps
+run on the autograd thread between backward's kernels, which makes a step 1.2-1.5x Adafactor's. Each weight's
+gradient is clipped on its own (the global norm is only known after backward), and gradients cannot accumulate
+over micro-batches."""
 from __future__ import annotations
 
 import functools

@@ -156,7 +156,8 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
     optimizer = make_optimizer(cfg.optimizer, [(g.params, g.learning_rate) for g in groups], device, graphed,
                                cfg.max_grad_norm)
     fused = isinstance(optimizer, FusedBackward)  # it steps inside backward
-    base_lrs = [g.learning_rate for g in groups for _ in (g.params if fused else [0])]  # one per param group
+    base_lrs = ([g.learning_rate for g in groups for _ in g.params] if fused  # an optimiser group per weight
+                else [g.learning_rate for g in groups])
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
     ema = [p.detach().clone() for p in flat] if cfg.ema_decay > 0 else None
     ema_dtypes = {e.dtype for e in ema or ()}
