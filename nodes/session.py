@@ -130,7 +130,7 @@ class TrainingSession:
         if save is not None and opts.save_every:  # a save never writes weights whose loss went NaN unseen
             cfg = dataclasses.replace(cfg, check_every=opts.save_every)
 
-        saved: list[str] = []  # what the last save every N steps wrote
+        saved: list[str] = []  # what the saves every N steps wrote
 
         def on_step(step: int, losses: list[float]) -> None:
             preview = None
@@ -138,7 +138,7 @@ class TrainingSession:
                 preview = self.sample(prompt, data.buckets[0].size, seed=cfg.seed)
             progress(step, losses, preview)
             if save is not None and opts.save_every and step % opts.save_every == 0 and step < cfg.steps:
-                saved[:] = [save(step) or ""]
+                saved.append(save(step))
 
         with ExitStack() as stack:
             for ctx in attach:
@@ -152,9 +152,9 @@ class TrainingSession:
             try:
                 return train(host.task(), data, params, cfg, on_step, frozen=frozen, regularizer=regularizer)
             except TrainingDiverged as e:  # name what the saves every N steps kept
-                if not saved or not saved[0]:
+                if not saved:
                     raise
-                raise TrainingDiverged(e.step, e.value, saved[0]) from None
+                raise TrainingDiverged(e.step, e.value, saved[-1]) from None
 
     @torch.no_grad()
     def sample(self, prompt: str, size: tuple[int, int], seed: int):
