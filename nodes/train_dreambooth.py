@@ -131,7 +131,8 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
 
             def save(step: int) -> str:  # the weight difference so far, as a diff file LoraLoader applies
                 return save_intermediate("loras", f"dreambooth_step{step:05d}", weight_diff(),
-                                  {**base_meta, "personalize.method": "dreambooth", "personalize.step": str(step)})
+                                         {**base_meta, "personalize.method": "dreambooth",
+                                          "personalize.step": str(step)})
 
             # No previews: sampling may make ComfyUI move the UNet's modules, and with them the swapped-in
             # trainable weights, to another device.

@@ -119,7 +119,7 @@ class PersonalizeTrainLoRA(io.ComfyNode):
             def save(step: int) -> str:
                 lora = make_lora(step)
                 return save_intermediate("loras", f"lora_step{step:05d}", {k: v.half() for k, v in lora.items()},
-                                  lora.metadata)
+                                         lora.metadata)
 
             losses = session.run(data, [p for n in nets for p in n.parameters()], [n.attached() for n in nets],
                                  text_trains=te_net is not None, frozen=lambda: _all_disabled(nets), save=save)
