@@ -343,46 +343,6 @@ def test_dual_path_over_a_replace_that_returns_its_input(comfy, tiny_sd15, nodes
     torch.testing.assert_close(got, sample(comfy, blended, soft, empty_latent(), clip, steps=2), atol=1e-4, rtol=1e-4)
 
 
-def test_dual_path_computes_the_hard_prompt_from_the_nearest_word(comfy, tiny_sd15, nodes, caplog):
-    from comfyui_personalize.nodes.embeddings import (
-        clip_with_embeddings,
-        hard_tokens,
-        init_ids,
-        text_encoders,
-        token_table,
-    )
-    model, clip, _ = tiny_sd15
-    (key, (_, tok, encoder)), = text_encoders(clip).items()
-    dog = init_ids(tok, "dog")
-    vector = token_table(encoder)[dog].detach().clone() * 1.7 + 1e-3  # near "dog", another scale
-    soft_clip = clip_with_embeddings(clip, {"zwx": {key: vector}})
-    tokens, words = hard_tokens(soft_clip, "a photo of embedding:zwx")
-    assert words == ["l: dog"]
-    ids = lambda t: [[item[0] for item in batch] for batch in t["l"]]  # noqa: E731
-    assert ids(tokens) == ids(clip.tokenize("a photo of dog"))
-    lora = attention_lora(model)
-    auto = run_node(nodes["dual"], model=model, lora_name="none", a_blend=0.0, paths="cross", start_percent=0.0,
-                    end_percent=1.0, lora=lora, clip=soft_clip, soft_text="a photo of embedding:zwx").result[0]
-    manual = dual(nodes, model, encode(comfy, clip, "a photo of dog"), lora, 0.0, paths="cross")
-    soft = encode(comfy, soft_clip, "a photo of embedding:zwx")
-    with caplog.at_level("WARNING"):
-        torch.testing.assert_close(sample(comfy, auto, soft, empty_latent(), clip, cfg=1.0),
-                                   sample(comfy, manual, soft, empty_latent(), clip, cfg=1.0))
-    assert "not the prompt in soft_text" not in caplog.text
-    # the positive edited and soft_text left behind: the hard path still reads "a photo of dog"
-    with caplog.at_level("WARNING"):
-        sample(comfy, auto, encode(comfy, soft_clip, "a drawing of embedding:zwx"), empty_latent(), clip, cfg=1.0)
-    assert "not the prompt in soft_text" in caplog.text
-    with pytest.raises(InputError) as e:
-        run_node(nodes["dual"], model=model, lora_name="none", a_blend=0.5, paths="cross", start_percent=0.0,
-                 end_percent=1.0, lora=lora, clip=soft_clip, soft_text="a photo of a dog")
-    assert e.value.input_name == "soft_text"
-    with pytest.raises(InputError) as e:
-        run_node(nodes["dual"], model=model, lora_name="none", a_blend=0.5, paths="cross", start_percent=0.0,
-                 end_percent=1.0, lora=lora)
-    assert e.value.input_name == "hard"
-
-
 def test_dual_path_needs_a_lora(comfy, tiny_sd15, nodes):
     model, clip, _ = tiny_sd15
     with pytest.raises(InputError) as e:

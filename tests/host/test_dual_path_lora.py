@@ -144,3 +144,43 @@ def test_a_model_with_a_lora_already_loaded_is_noted_and_this_same_lora_refused(
     with torch.inference_mode():  # strength 0: LoraLoader loading the LoRA for the CLIP alone
         clip_only = load_lora_for_models(model, None, lora, 0.0, 0.0)[0]
     assert blend_note(nodes, clip_only, hard, lora) is None  # neither refused nor noted: it changes no weight
+
+
+def test_dual_path_computes_the_hard_prompt_from_the_nearest_word(comfy, tiny_sd15, nodes, caplog):  # noqa: F811
+    from comfyui_personalize.nodes.embeddings import (
+        clip_with_embeddings,
+        hard_tokens,
+        init_ids,
+        text_encoders,
+        token_table,
+    )
+    model, clip, _ = tiny_sd15
+    (key, (_, tok, encoder)), = text_encoders(clip).items()
+    dog = init_ids(tok, "dog")
+    vector = token_table(encoder)[dog].detach().clone() * 1.7 + 1e-3  # near "dog", another scale
+    soft_clip = clip_with_embeddings(clip, {"zwx": {key: vector}})
+    tokens, words = hard_tokens(soft_clip, "a photo of embedding:zwx")
+    assert words == ["l: dog"]
+    ids = lambda t: [[item[0] for item in batch] for batch in t["l"]]  # noqa: E731
+    assert ids(tokens) == ids(clip.tokenize("a photo of dog"))
+    lora = attention_lora(model)
+    auto = run_node(nodes["dual"], model=model, lora_name="none", a_blend=0.0, paths="cross", start_percent=0.0,
+                    end_percent=1.0, lora=lora, clip=soft_clip, soft_text="a photo of embedding:zwx").result[0]
+    manual = dual(nodes, model, encode(comfy, clip, "a photo of dog"), lora, 0.0, paths="cross")
+    soft = encode(comfy, soft_clip, "a photo of embedding:zwx")
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(sample(comfy, auto, soft, empty_latent(), clip, cfg=1.0),
+                                   sample(comfy, manual, soft, empty_latent(), clip, cfg=1.0))
+    assert "not the prompt in soft_text" not in caplog.text
+    # the positive edited and soft_text left behind: the hard path still reads "a photo of dog"
+    with caplog.at_level("WARNING"):
+        sample(comfy, auto, encode(comfy, soft_clip, "a drawing of embedding:zwx"), empty_latent(), clip, cfg=1.0)
+    assert "not the prompt in soft_text" in caplog.text
+    with pytest.raises(InputError) as e:
+        run_node(nodes["dual"], model=model, lora_name="none", a_blend=0.5, paths="cross", start_percent=0.0,
+                 end_percent=1.0, lora=lora, clip=soft_clip, soft_text="a photo of a dog")
+    assert e.value.input_name == "soft_text"
+    with pytest.raises(InputError) as e:
+        run_node(nodes["dual"], model=model, lora_name="none", a_blend=0.5, paths="cross", start_percent=0.0,
+                 end_percent=1.0, lora=lora)
+    assert e.value.input_name == "hard"
