@@ -9,6 +9,10 @@ class InputError(ValueError):
         super().__init__(f"{input_name}: {message}")
 
 
+class OutputFolderError(OSError):
+    """Writing a file no node input names (the class-image cache in ComfyUI's output folder) failed."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 

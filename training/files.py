@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import InputError
+from .errors import InputError, OutputFolderError
 from .optimizers import METADATA_NAMES
 
 IF_EXISTS = ("increment", "overwrite", "error")
@@ -105,16 +105,25 @@ def resolve_output_path(folder: str | os.PathLike, subfolder: str, name: str, ex
     return path
 
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
+def write_atomic(path: Path, write: Callable[[str], None], inputs: tuple[str, str] | None = ("subfolder", "name")
+                 ) -> Path:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it into place: no half-written file
-    survives a crash, a full disk or a cancel."""
+    survives a crash, a full disk or a cancel. A failure names ``inputs`` (the folder's and the file's), or, for a
+    file no input names (None), says which folder must be writable."""
     path = Path(path)
+
+    def failed(input_name: str, message: str, error: OSError) -> Exception:
+        if inputs is None:
+            return OutputFolderError(f"{message}; make that folder (ComfyUI's output folder) writable, with free "
+                                     "space")
+        return InputError(input_name, message + ("" if input_name == inputs[0] else " (disk full or read-only?)"))
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
-        raise InputError("subfolder", f"cannot write in {path.parent}: {e.strerror or e}") from e
+        raise failed(inputs[0] if inputs else "", f"cannot write in {path.parent}: {e.strerror or e}", e) from e
     try:
         write(tmp)
         umask = os.umask(0)
@@ -122,7 +131,7 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal file permissions
         os.replace(tmp, path)
     except OSError as e:
-        raise InputError("name", f"could not write {path}: {e.strerror or e} (disk full or read-only?)") from e
+        raise failed(inputs[1] if inputs else "", f"could not write {path}: {e.strerror or e}", e) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

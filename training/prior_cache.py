@@ -97,7 +97,7 @@ class ClassImageCache:
     def save(self, index: int, image: torch.Tensor) -> Path:
         path = self.path(index)
         pil = image_to_pil(image)
-        write_atomic(path, lambda tmp: pil.save(tmp, format="PNG", compress_level=4))
+        write_atomic(path, lambda tmp: pil.save(tmp, format="PNG", compress_level=4), inputs=None)
         return path
 
     def load(self, count: int) -> list[torch.Tensor]:
@@ -116,7 +116,7 @@ class ClassImageCache:
         """``settings.json``: what generated these images, for people browsing the folder."""
         path = self.folder / SETTINGS_FILE
         text = json.dumps({"key": self.key, **settings}, indent=2, sort_keys=True, allow_nan=False)
-        write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+        write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"), inputs=None)
         return path
 
     def read_settings(self) -> dict | None:
