@@ -178,6 +178,14 @@ def encode_prompt(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))  # CLIPTextEncode.encode
 
 
+def _conditioning_tensors(**conditionings) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every context and pooled output of CONDITIONING lists, for a fingerprint."""
+    return [(f"{kind}.{i}.{part}", tensor) for kind, conditioning in conditionings.items()
+            for i, (context, extra) in enumerate(conditioning)
+            for part, tensor in (("context", context), ("pooled", extra.get("pooled_output")))
+            if torch.is_tensor(tensor)]
+
+
 def sample_images(model, vae, positive, negative, first: int, count: int, s: dict, callback=None) -> torch.Tensor:
     """Images first .. first+count-1; image i from KSampler's noise for seed + i (batch of one)."""
     h, w = s["height"] // 8, s["width"] // 8
@@ -196,6 +204,9 @@ def sample_images(model, vae, positive, negative, first: int, count: int, s: dic
 def generate_class_images(model, clip, vae, prompt: str, negative_prompt: str, settings: dict, count: int,
                           batch_size: int, node_id: str | None) -> tuple[list[torch.Tensor], str]:
     fingerprints = model_fingerprints(model, clip, vae)
+    # the prompts as encoded: an embedding:NAME file retrained under the same name changes them, not the text
+    positive, negative = encode_prompt(clip, prompt), encode_prompt(clip, negative_prompt)
+    fingerprints["conditioning"] = tensor_fingerprint(_conditioning_tensors(positive=positive, negative=negative))
     key = cache_key({"format": CACHE_FORMAT, **fingerprints, "prompt": prompt,
                      "negative_prompt": negative_prompt, **settings})
     cache = ClassImageCache(Path(folder_paths.get_output_directory()) / CACHE_FOLDER, key, label=prompt)
@@ -204,7 +215,6 @@ def generate_class_images(model, clip, vae, prompt: str, negative_prompt: str, s
     if to_make:
         cache.write_settings({"prompt": prompt, "negative_prompt": negative_prompt, **settings,
                               "fingerprints": fingerprints})
-        positive, negative = encode_prompt(clip, prompt), encode_prompt(clip, negative_prompt)
         step = batch_size if batchable(settings["sampler_name"]) else 1
         progress = _ImageProgress(count, cached, settings["steps"], node_id)
         done = cached

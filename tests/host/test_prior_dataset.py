@@ -177,6 +177,30 @@ def test_cache_key_follows_prompt_and_patches(comfy, tiny_sd15, node, dirs):
     assert model_fingerprints(model, skip, vae)["clip"] != base["clip"]
 
 
+def test_an_embedding_retrained_under_its_name_makes_new_class_images(comfy, tiny_sd15, node, dirs, monkeypatch):
+    """The key held the prompt's text: after zwx.safetensors was retrained, the class images of the old embedding
+    came back from the cache."""
+    import copy
+
+    from safetensors.torch import save_file
+    model, clip, vae = tiny_sd15
+    (dirs / "embeddings").mkdir()
+    stock = clip.clone()  # as CheckpointLoader gives it: the tokenizer reads embedding files from the folder
+    stock.tokenizer = copy.copy(clip.tokenizer)
+    stock.tokenizer.clip_l = copy.copy(clip.tokenizer.clip_l)
+    stock.tokenizer.clip_l.embedding_directory = [str(dirs / "embeddings")]
+    args = dict(ARGS, num_class_images=1, class_prompt="a photo of embedding:zwx dog")
+    for scale in (1.0, 3.0):
+        save_file({"clip_l": scale * torch.randn(1, 768, generator=torch.Generator().manual_seed(0))},
+                  str(dirs / "embeddings" / "zwx.safetensors"))
+        calls = SamplerCalls(monkeypatch)
+        run_node(node, model=model, clip=stock, vae=vae, **args)
+        assert calls.images == [1], scale  # sampled again for the retrained file
+    assert len(cache_folders(dirs)) == 2
+    SamplerCalls(monkeypatch, fail=True)
+    run_node(node, model=model, clip=stock, vae=vae, **args)  # the same file again: from the cache
+
+
 def test_cache_key_follows_the_settings_a_model_patch_keeps_in_its_function(comfy, tiny_sd15):
     """RescaleCFG and FreeU patch with closures: their settings were not in the key, so another multiplier reused
     the class images made with the first."""
