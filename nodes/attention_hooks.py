@@ -8,6 +8,7 @@ stays in use.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -59,11 +60,19 @@ def transformer_blocks(model) -> list[Block]:
     return found
 
 
+# (sigma_high, sigma_low) that no sigma lies in
+EMPTY_WINDOW = (-math.inf, math.inf)
+
+
 def percent_window(model, start: float, end: float, names: tuple[str, str]) -> tuple[float, float]:
-    """(sigma_high, sigma_low) for a start/end fraction of sampling, through the model's own schedule."""
+    """(sigma_high, sigma_low) for a start/end fraction of sampling, through the model's own schedule. A window
+    of no width is off (EMPTY_WINDOW), as the self-attention windows always were: inclusive at both ends, it held
+    the one step whose sigma sat exactly on it."""
     if not 0.0 <= start <= end <= 1.0:
         raise InputError(names[0], f"the window must satisfy 0 <= {names[0]} <= {names[1]} <= 1 "
                                    f"(got {start} and {end})")
+    if start == end:
+        return EMPTY_WINDOW
     sampling = model.get_model_object("model_sampling")
     return float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
 

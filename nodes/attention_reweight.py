@@ -49,7 +49,8 @@ def window_inputs(start: float = 0.0, end: float = 1.0, prefix: str = "") -> lis
         io.Float.Input(f"{prefix}start_percent", default=start, min=0.0, max=1.0, step=0.01,
                        tooltip=f"Share of the noise schedule (0 = the first step) at which the edit starts. {SHARE}"),
         io.Float.Input(f"{prefix}end_percent", default=end, min=0.0, max=1.0, step=0.01,
-                       tooltip=f"Share of the noise schedule at which the edit stops. {SHARE}"),
+                       tooltip=f"Share of the noise schedule at which the edit stops (equal to the start: "
+                               f"off). {SHARE}"),
     ]
 
 

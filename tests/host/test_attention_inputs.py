@@ -222,3 +222,22 @@ def test_p2p_locked_holds_the_unweighted_images_self_attention_as_the_paper(comf
     assert (held[1] - held[0]).abs().mean() < (cross_only[1] - cross_only[0]).abs().mean()  # nearer its layout
     same = pair("red:1", 0.4)  # weight 1 with the self-attention held is still the source
     torch.testing.assert_close(same[1], same[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_of_no_width_is_off(comfy, tiny_sd15, nodes):  # noqa: F811
+    """Inclusive at both ends, P2P's cross window with start = end held the one step whose sigma sat exactly on
+    it (0.5 of 3 normal steps), where its self window of no width was off."""
+    from test_attention_nodes import p2p
+    from test_attention_nodes import sample as sample_pair
+
+    from comfyui_personalize.nodes.attention_hooks import EMPTY_WINDOW, in_window, percent_window
+    model, clip, _ = tiny_sd15
+    assert percent_window(model, 0.5, 0.5, ("s", "e")) == EMPTY_WINDOW
+    assert not any(in_window({"sigmas": torch.tensor([s])}, EMPTY_WINDOW) for s in (0.0, 1.6, 14.6, 1e9))
+    source, target = "a photo of a red car", "a photo of a red bus"
+    pairs = []
+    for at in (0.0, 0.5):
+        m, positive, latent = p2p(nodes, model, clip, source, target, mode="swap", cross_start_percent=at,
+                                  cross_end_percent=at, self_end_percent=0.0)
+        pairs.append(sample_pair(comfy, m, positive, latent, clip, steps=3))
+    torch.testing.assert_close(pairs[1], pairs[0], atol=1e-5, rtol=1e-5)
