@@ -278,7 +278,9 @@ class PersonalizeImageRewardScore(io.ComfyNode):
         counts = [part.shape[0] if isinstance(part, torch.Tensor) else 0 for part in parts]
         offsets = [end - n for n, end in zip(counts, itertools.accumulate(counts))]
         notes = []
-        for part, offset, n in zip(parts, offsets, counts):  # checks every batch first
+        for item, (part, offset, n) in enumerate(zip(parts, offsets, counts), 1):  # checks every batch first
+            if n == 0 and len(parts) > 1:
+                raise InputError("images", f"item {item} of the IMAGE list is an empty batch; remove it")
             with numbered_from(offset, offset + n - 1):
                 notes += image_notes(part)
         notes = list(dict.fromkeys(notes))
@@ -288,8 +290,14 @@ class PersonalizeImageRewardScore(io.ComfyNode):
         if len(prompt) == 1:  # one text over the whole list: one prompt, or one line per image of the list
             whole = prompt_list(prompt[0], prompt_mode, sum(counts))
             per_part = [whole if len(whole) == 1 else whole[at:at + n] for n, at in zip(counts, offsets)]
-        else:
-            per_part = [prompt_list(text, prompt_mode, n) for text, n in zip(prompt, counts)]
+        else:  # one text per batch of the list
+            per_part = []
+            for item, (text, n) in enumerate(zip(prompt, counts), 1):
+                try:
+                    per_part.append(prompt_list(text, prompt_mode, n))
+                except InputError as e:
+                    raise InputError("prompt", f"the prompt of item {item} of the list: "
+                                               f"{str(e).removeprefix('prompt: ')}") from e
         per_image = [p for ps, n in zip(per_part, counts) for p in (ps * n if len(ps) == 1 else ps)]
         scorer = image_reward.ready(min(batch_size, max(counts)))
         notes += scorer.tokenize(per_image if len(set(per_image)) > 1 else per_image[:1])[2]  # "image i": position

@@ -228,6 +228,12 @@ def test_prompt_lines_must_match_the_batch(reward, loaded):
 
     with pytest.raises(InputError, match=r"prompt: has 3 non-empty lines for 4 images"):
         score(reward, loaded, batch_of_images(), prompt="a\nb\nc", mode="one per line")
+    # in an IMAGE list the message names the list item (it named neither the item nor its place before)
+    with pytest.raises(InputError, match=r"prompt: the prompt of item 2 of the list: has 2 non-empty lines for 1"):
+        score(reward, loaded, [batch_of_images(n=2), batch_of_images(n=1)], prompt=["a\nb", "c\nd"],
+              mode="one per line")
+    with pytest.raises(InputError, match=r"images: item 2 of the IMAGE list is an empty batch"):
+        score(reward, loaded, [batch_of_images(n=2), batch_of_images(n=2)[:0]])  # it said "images 2..1"
 
 
 def test_alpha_and_gray_images_are_converted_with_a_note(reward, loaded, core_scorer):
