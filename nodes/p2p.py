@@ -13,6 +13,7 @@ from ..attention.tokens import parse_word_weights, token_weights, word_positions
 from ..training.errors import InputError
 from .attention_hooks import (
     COND,
+    EMPTY_WINDOW,
     check_prompt_lengths,
     percent_window,
     sampled_prompts,
@@ -125,8 +126,10 @@ class PersonalizeP2P(io.ComfyNode):
                 if not 0.0 <= end <= 1.0:
                     raise InputError("word_windows", f"'{word}:{end:g}': the end of a word's window is a fraction "
                                                      "of sampling, from 0 to 1 (e.g. 'bus:0.4')")
-                # the word's own window from the shared start (also when the shared window has no width)
-                w = (float(sampling.percent_to_sigma(cross_start_percent)), float(sampling.percent_to_sigma(end)))
+                # the word's own window from the shared start (also when the shared window has no width); of no
+                # width, or ending before the start, it is off
+                w = (EMPTY_WINDOW if end <= cross_start_percent else
+                     (float(sampling.percent_to_sigma(cross_start_percent)), float(sampling.percent_to_sigma(end))))
                 for pos in word_positions(tgt, [word], ids_of, "word_windows", prompt_text=target)[word]:
                     token_windows[pos] = w
         plan = CrossPlan(mapper.float(), alphas.float(), equalizer.float(), cross, token_windows)

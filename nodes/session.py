@@ -70,7 +70,7 @@ def save_intermediate(kind: str, stem: str, tensors: dict, metadata: dict) -> st
     returns the path."""
     folder = folder_paths.get_folder_paths(kind)[0]
     path = resolve_output_path(folder, "personalize_checkpoints", stem, ".safetensors", "increment")
-    save_safetensors_atomic(tensors, path, metadata)
+    save_safetensors_atomic(tensors, path, metadata, inputs=None)  # the trainers have no folder or name input
     return str(path)
 
 

@@ -14,7 +14,7 @@ from ..training.files import base_model_metadata, tag_frequency
 from ..training.full_finetune import FullFineTune, diff_state_dict
 from ..training.lora import TrainedLoRA
 from ..training.optimizers import BYTES_PER_WEIGHT, state_bytes
-from ..training.trainer import ParamGroup
+from ..training.trainer import ParamGroup, resolve_precision
 from .session import TrainingSession, common_inputs, save_intermediate
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,9 @@ def check_memory(host, train_text_encoder: bool, optimizer: str, fused_possible:
     total = mm.get_total_memory(device)
     if need > total:
         lighter = ""
-        for other in ("adafactor_fused", "adafactor"):  # the lightest the run's settings allow
-            if other != optimizer and memory_needed(shapes, other) < need and (other != "adafactor_fused"
-                                                                               or fused_possible):
+        for other in ("adafactor_fused", "adafactor"):  # the lightest the run's settings allow, if it fits
+            if other != optimizer and memory_needed(shapes, other) <= total and (other != "adafactor_fused"
+                                                                                 or fused_possible):
                 lighter = (f", or set Training Options' optimizer to {other} (about "
                            f"{memory_needed(shapes, other) / 2**30:.1f} GiB)")
                 break
@@ -100,8 +100,10 @@ class PersonalizeTrainDreamBooth(io.ComfyNode):
                                   cls.hidden.unique_id)
         host = session.host
         # before encoding anything: a run that cannot fit fails at once
+        # fp32 master weights: "auto" is fp16 with loss scaling on a GPU without bf16, which the fused step refuses
+        scaling = resolve_precision(dtype, host.model.load_device, torch.float32).grad_scaling
         check_memory(host, train_text_encoder, session.options.optimizer,
-                     session.options.gradient_accumulation == 1 and dtype != "fp16")
+                     session.options.gradient_accumulation == 1 and not scaling)
         with torch.inference_mode(False), torch.enable_grad():
             data = session.data(text_trains=train_text_encoder)
             device = host.model.load_device

@@ -10,7 +10,7 @@ class InputError(ValueError):
 
 
 class OutputFolderError(OSError):
-    """Writing a file no node input names (the class-image cache in ComfyUI's output folder) failed."""
+    """Writing a file no node input names (the class-image cache, a trainer's saves every N steps) failed."""
 
 
 class TrainingDiverged(RuntimeError):

@@ -114,8 +114,7 @@ def write_atomic(path: Path, write: Callable[[str], None], inputs: tuple[str, st
 
     def failed(input_name: str, message: str, error: OSError) -> Exception:
         if inputs is None:
-            return OutputFolderError(f"{message}; make that folder (ComfyUI's output folder) writable, with free "
-                                     "space")
+            return OutputFolderError(f"{message}; make that folder writable, with free space")
         return InputError(input_name, message + ("" if input_name == inputs[0] else " (disk full or read-only?)"))
 
     try:
@@ -149,9 +148,10 @@ def load_safetensors(path: str, input_name: str, what: str) -> dict[str, torch.T
 
 
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path,
-                            metadata: Mapping[str, str] | None = None) -> Path:
-    return write_atomic(path, lambda tmp: save_file(dict(tensors), tmp,
-                                                    metadata=dict(metadata) if metadata else None))
+                            metadata: Mapping[str, str] | None = None,
+                            inputs: tuple[str, str] | None = ("subfolder", "name")) -> Path:
+    return write_atomic(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None),
+                        inputs)
 
 
 def lora_metadata(*, base_model: str, rank: int, alpha: float, learning_rate: float, steps: int,

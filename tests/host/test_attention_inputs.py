@@ -241,3 +241,9 @@ def test_a_window_of_no_width_is_off(comfy, tiny_sd15, nodes):  # noqa: F811
                                   cross_end_percent=at, self_end_percent=0.0)
         pairs.append(sample_pair(comfy, m, positive, latent, clip, steps=3))
     torch.testing.assert_close(pairs[1], pairs[0], atol=1e-5, rtol=1e-5)
+    words = []  # a word's own window of no width is off too, as one ending before the start
+    for window in ("bus:0.5", "bus:0.4"):
+        m, positive, latent = p2p(nodes, model, clip, source, target, mode="swap", cross_start_percent=0.5,
+                                  cross_end_percent=1.0, self_end_percent=0.0, word_windows=window)
+        words.append(sample_pair(comfy, m, positive, latent, clip, steps=3))
+    torch.testing.assert_close(words[0], words[1], atol=1e-5, rtol=1e-5)

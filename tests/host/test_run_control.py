@@ -133,3 +133,13 @@ def test_the_loss_event_goes_to_the_client_that_queued_the_prompt(comfy, monkeyp
     progress(2, [0.5, 0.25])
     assert sent == [(LOSS_EVENT, {"node": "12:5", "start": 0, "losses": [0.5], "step": 1, "total": 4}, "tab-1"),
                     (LOSS_EVENT, {"node": "12:5", "start": 1, "losses": [0.25], "step": 2, "total": 4}, "tab-1")]
+
+
+def test_a_save_every_n_steps_that_cannot_be_written_names_the_folder(comfy, tmp_path, monkeypatch):
+    """It named a 'subfolder' input, which no trainer has."""
+    from comfyui_personalize.nodes import session
+    from comfyui_personalize.training.errors import OutputFolderError
+    (tmp_path / "personalize_checkpoints").write_text("a file where the folder goes")
+    monkeypatch.setattr(session.folder_paths, "get_folder_paths", lambda kind: [str(tmp_path)])
+    with pytest.raises(OutputFolderError, match="cannot write in .*personalize_checkpoints.*make that folder writable"):
+        session.save_intermediate("loras", "lora_step00002", {"a": torch.ones(1)}, {})
