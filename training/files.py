@@ -112,17 +112,17 @@ def write_atomic(path: Path, write: Callable[[str], None], inputs: tuple[str, st
     file no input names (None), says which folder must be writable."""
     path = Path(path)
 
-    def failed(input_name: str, message: str, error: OSError) -> Exception:
+    def failed(which: int, message: str) -> Exception:  # which: 0 the folder, 1 the file
         if inputs is None:
             return OutputFolderError(f"{message}; make that folder writable, with free space")
-        return InputError(input_name, message + ("" if input_name == inputs[0] else " (disk full or read-only?)"))
+        return InputError(inputs[which], message + (" (disk full or read-only?)" if which else ""))
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
-        raise failed(inputs[0] if inputs else "", f"cannot write in {path.parent}: {e.strerror or e}", e) from e
+        raise failed(0, f"cannot write in {path.parent}: {e.strerror or e}") from e
     try:
         write(tmp)
         umask = os.umask(0)
@@ -130,7 +130,7 @@ def write_atomic(path: Path, write: Callable[[str], None], inputs: tuple[str, st
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal file permissions
         os.replace(tmp, path)
     except OSError as e:
-        raise failed(inputs[1] if inputs else "", f"could not write {path}: {e.strerror or e}", e) from e
+        raise failed(1, f"could not write {path}: {e.strerror or e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
