@@ -15,9 +15,8 @@ The host (a ComfyUI attention replace) receives q, k, v already projected with t
 heads * dim_head], not head-split; it passes the stashed pre-projection ``x`` / soft context for the deltas, runs
 ``to_out`` on the first result and adds the second after it. ``attention`` is the host's fused kernel with the
 heads bound, ``(q, k, v) -> [B, Nq, heads * dim_head]``, so no attention map is materialised. Everything is
-differentiable (gradients reach the deltas and the soft context; the tests check it), so a trainer could tune through
-the blend; Personalize Fast Tune does not yet: it tunes at a = 1 (plain pivotal tuning) and the blend applies at
-sampling.
+differentiable (gradients reach the deltas and the soft context; the tests check it): Personalize Fast Tune with
+a_blend < 1 tunes through these functions (nodes/dual_path_training.py).
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """GPU check: the CUDA-graph training step computes what the eager step computes (same seed, same losses and
 adapter weights), on a small ComfyUI UNet: plain, and with every objective option on (prior preservation,
 caption dropout, flips, cosine schedule with warm-up, accumulation, EMA, min-SNR, offset noise); Textual Inversion
-with the text side in the graph; a toy SDXL UNet with per-row size/crop embeddings. Exit code 1 on mismatch.
+with the text side in the graph, and Fast Tune through the Dual-Path blend (its replaces and hard captions in the
+graph); a toy SDXL UNet with per-row size/crop embeddings. Exit code 1 on mismatch.
 
 Usage: python bench/check_cuda_graph.py COMFYUI_DIR
 """
+import contextlib
 import sys
 
 sys.argv = [sys.argv[0], sys.argv[1], "--peers", "", "--tiny", "--res", "64"]
@@ -65,9 +67,10 @@ for dtype, name, make_data, options in [("auto", "plain", lambda: TrainingData.e
     failed |= not ok
 
 
-def textual_inversion_case(graphed: bool, regularized: bool = False):
+def textual_inversion_case(graphed: bool, regularized: bool = False, blended: bool = False):
     """The TI step with the device prompt encoder (text side in the graph): losses and the learned vectors;
-    ``regularized``: with the fast-tune regularisers (nearest-token contrastive, L2 to the start)."""
+    ``regularized``: with the fast-tune regularisers (nearest-token contrastive, L2 to the start); ``blended``:
+    with an attention LoRA, tuned through the Dual-Path blend at a = 0.6 (Fast Tune's a_blend)."""
     import comfy.sd
     import comfy.supported_models
 
@@ -95,6 +98,13 @@ def textual_inversion_case(graphed: bool, regularized: bool = False):
         data.prompt_encoder = ti_host.device_prompt_encoder(data.prompts(), data.buckets[0].size)
     assert data.prompt_encoder is not None, "the device prompt encoder fell back to ComfyUI's path"
     inversion.to(dev)
+    params, attach, out = list(inversion.parameters()), contextlib.nullcontext(), dict(inversion.vectors)
+    if blended:
+        from comfyui_personalize.nodes.dual_path_training import TrainingBlend, with_hard_captions
+        net = LoRANetwork(ti_host.unet_lora_targets("attention"), 4, 4, seed=0).to(dev)
+        data = with_hard_captions(data, ti_host)
+        params, attach, out = params + list(net.parameters()), TrainingBlend(ti_host, net, 0.6).attached(), \
+            {**out, "lora": net.weight}
     regularizer = None
     if regularized:
         from comfyui_personalize.training.regularizers import FastTuneRegularizer, NearestTokenContrastive
@@ -102,16 +112,18 @@ def textual_inversion_case(graphed: bool, regularized: bool = False):
                        for k, (_, t, e) in text_encoders(clip).items()}
         regularizer = FastTuneRegularizer(dict(inversion.vectors), contrastive, list(inversion.parameters()),
                                           0.5, 10.0)
-    with ti_host.text_encoder_autograd():
-        losses = train(ti_host.task(), data, list(inversion.parameters()),
+    with ti_host.text_encoder_autograd(), attach:
+        losses = train(ti_host.task(), data, params,
                        TrainConfig(steps=12, learning_rate=5e-3, batch_size=2, cuda_graph=graphed, report_every=4),
                        regularizer=regularizer)
-    return losses, {k: v.detach().clone() for k, v in inversion.vectors.items()}
+    return losses, {k: v.detach().clone() for k, v in out.items()}
 
 
-for regularized in (False, True):
-    label = "textual inversion" + (" + fast-tune regularisers" if regularized else "")
-    (le, we), (lg, wg) = textual_inversion_case(False, regularized), textual_inversion_case(True, regularized)
+for regularized, blended in ((False, False), (True, False), (True, True)):
+    label = ("textual inversion" + (" + fast-tune regularisers" if regularized else "")
+             + (" + LoRA through the dual-path blend" if blended else ""))
+    (le, we), (lg, wg) = (textual_inversion_case(False, regularized, blended),
+                          textual_inversion_case(True, regularized, blended))
     worst = max((we[k] - wg[k]).abs().max().item() for k in we)
     ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(le, lg)) and worst < 1e-4
     if torch.cuda.is_available() and warnings:

@@ -9,7 +9,10 @@ the first call in the process (cuDNN/cuBLAS selection included), "warm" a second
 20-step euler KSampler image through the Dual-Path Attention Blend (a = 0.7, self+cross) on the result, next to
 the plain model's.
 
-Usage: python bench/fast_tune.py --comfyui COMFYUI_DIR [--models sd15,sdxl] [--steps 25] [--tiny] [--out FILE.md]
+With --a-blend below 1 the node tunes through the Dual-Path blend (DATE's way), and the image is sampled at that a.
+
+Usage: python bench/fast_tune.py --comfyui COMFYUI_DIR [--models sd15,sdxl] [--steps 25] [--a-blend 1] [--tiny]
+       [--out FILE.md]
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--comfyui", required=True, help="ComfyUI source folder")
 ap.add_argument("--models", default="sd15,sdxl")
 ap.add_argument("--steps", type=int, default=25, help="fast-tune steps (the node's default)")
+ap.add_argument("--a-blend", type=float, default=1.0, help="the node's a_blend (below 1: tuned through the blend)")
 ap.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU smoke run of the same code")
 ap.add_argument("--out", default=None, help="also write the table and the JSON lines here")
 args = ap.parse_args()
@@ -75,7 +79,7 @@ def fast_tune(model, clip, vae, data, seed: int):
     return run_node(PersonalizeFastTune, model=model, clip=clip, vae=vae, dataset=data, steps=args.steps,
                     learning_rate=2e-3, batch_size=1, seed=seed, dtype="auto", gradient_checkpointing=False,
                     token="zwx", init_word="person", num_vectors=1, rank=4, alpha=4.0, targets="attention",
-                    nn_weight=0.01, l2_weight=0.01)
+                    nn_weight=0.01, l2_weight=0.01, a_blend=args.a_blend)
 
 
 def sample_seconds(model, clip, text: str, px: int) -> float:
@@ -98,7 +102,8 @@ def dual_path_seconds(base_model, tuned, px: int) -> tuple[float, float]:
     """(blend image s, plain image s): the blend of the base model and the tuned LoRA and word, the hard prompt
     computed from the tuned CLIP, as the fast_tune_one_image example wires it; and the base model alone."""
     clip, lora, text = tuned[1], tuned[2], "a photo of embedding:zwx person"
-    blended = run_node(PersonalizeDualPathBlend, model=base_model, lora_name="none", a_blend=0.7, paths="self+cross",
+    a = args.a_blend if args.a_blend < 1.0 else 0.7
+    blended = run_node(PersonalizeDualPathBlend, model=base_model, lora_name="none", a_blend=a, paths="self+cross",
                        start_percent=0.0, end_percent=1.0, lora=lora, clip=clip, soft_text=text)[0]
     return sample_seconds(blended, clip, text, px), sample_seconds(base_model, clip, "a photo of a person", px)
 
@@ -117,7 +122,8 @@ for name in filter(None, args.models.split(",")):
         t0 = time.perf_counter()
         tuned = fast_tune(model, clip, vae, data, seed)
         sync()
-        row = dict(model=name, px=px, run=run, steps=args.steps, node_s=round(time.perf_counter() - t0, 2),
+        row = dict(model=name, px=px, run=run, steps=args.steps, a_blend=args.a_blend,
+                   node_s=round(time.perf_counter() - t0, 2),
                    final_loss=round(float(tuned[4]["loss"][-1]), 4),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
                    device=torch.cuda.get_device_name() if dev == "cuda" else "cpu")
@@ -131,8 +137,9 @@ for name in filter(None, args.models.split(",")):
     mm.soft_empty_cache()
 
 lines = [f"Personalize Fast Tune node, {args.steps} steps, one {'/'.join(str(r['px']) for r in rows[::2])} px image, "
-         "rank 4 attention LoRA + 1 vector, dtype auto; node wall time from its inputs; dual path = one 20-step "
-         "euler image through the Dual-Path blend (self+cross, a = 0.7) after the warm run, next to the plain model's "
+         f"rank 4 attention LoRA + 1 vector, dtype auto, a_blend {args.a_blend}; node wall time from its inputs; dual "
+         f"path = one 20-step euler image through the Dual-Path blend (self+cross, a = "
+         f"{args.a_blend if args.a_blend < 1 else 0.7}) after the warm run, next to the plain model's "
          "(each timed on its second run).", "",
          "| model | px | run | node s | peak GiB | 20-step image s: dual path | plain |",
          "|---|---|---|---|---|---|---|"]

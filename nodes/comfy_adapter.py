@@ -22,6 +22,7 @@ from ..training.lora import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS, find_line
 from ..training.schedule import NoiseSchedule
 from ..training.task import Conditioning, DiffusionTask
 from . import prompt_encoder
+from .embeddings import hard_tokens, reads_embedding
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ class ComfyHost:
         self.schedule = NoiseSchedule.from_sigmas(sampling.sigmas.detach().cpu(), self.prediction)
         base = self.model.model
         self.compute_dtype = base.manual_cast_dtype or base.get_dtype()
-        self._transformer_options = {"optimized_attention_override": _fixed_attention}
+        # what every training call passes the UNet; a TrainingBlend (``blend``) adds its patches while attached
+        self.training_options = {"optimized_attention_override": _fixed_attention}
+        self.blend = None
         self._channels_last = False
         self._tokens: dict[str, dict] = {}
         self.cache_tokens = True  # False when prompts carry trained vectors (tokens hold views of them)
@@ -173,15 +176,21 @@ class ComfyHost:
         latents = self.vae.encode(images)
         return self.model.model.process_latent_in(latents).float().cpu()
 
-    def encode_text(self, captions: Sequence[str], size: tuple[int, int]) -> Conditioning:
-        """CLIPTextEncode's path (clip skip, embeddings, weights), plus SDXL's size/crop vector."""
+    def encode_text(self, captions: Sequence[str], size: tuple[int, int], hard: bool = False) -> Conditioning:
+        """CLIPTextEncode's path (clip skip, embeddings, weights), plus SDXL's size/crop vector. ``hard``: each
+        learned vector (``embedding:NAME``) replaced by its nearest real token, the Dual-Path blend's hard prompt."""
         if self.clip is None:
             raise InputError("clip", "connect the CLIP that belongs to this checkpoint")
         encoded = {}
         for caption in dict.fromkeys(captions):  # a batch often repeats one caption: encode each once
-            if caption not in self._tokens or not self.cache_tokens:  # text training encodes every step
-                self._tokens[caption] = self.clip.tokenize(caption)
-            cond, pooled = self.clip.encode_from_tokens(self._tokens[caption], return_pooled=True)
+            if hard:
+                tokens = hard_tokens(self.clip, caption)[0] if reads_embedding(self.clip, caption) else None
+                tokens = self.clip.tokenize(caption) if tokens is None else tokens
+            else:
+                if caption not in self._tokens or not self.cache_tokens:  # text training encodes every step
+                    self._tokens[caption] = self.clip.tokenize(caption)
+                tokens = self._tokens[caption]
+            cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
             y = None
             if self.family == "sdxl":
                 h, w = size
@@ -295,5 +304,8 @@ class ComfyHost:
         dt = self.compute_dtype
         y = None if cond.y is None else cond.y.to(x_t.device, dt)
         x_t = x_t.to(dt, memory_format=torch.channels_last if self._channels_last else torch.preserve_format)
+        options = dict(self.training_options)
+        if self.blend is not None:
+            y, options = self.blend.call_options(cond, y, options, x_t)
         return self.diffusion_model(x_t, t.float(), context=cond.context.to(x_t.device, dt), y=y,
-                                    transformer_options=dict(self._transformer_options))
+                                    transformer_options=options)

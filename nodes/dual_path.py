@@ -87,7 +87,7 @@ def stashed_inputs(extra_options: dict, q, k, v) -> tuple:
     return x, context, value
 
 
-def _leave_out_delta(extra_options: dict, delta) -> None:
+def leave_out_delta(extra_options: dict, delta) -> None:
     if delta is not None:
         extra_options.setdefault(_OUT, []).append(delta)  # a list: chained blends each add theirs
 
@@ -216,7 +216,7 @@ class _Blend:
             else:
                 k_h, v_h = self.hard_rows(self.positive_rows(extra_options, q), k, v) if a < 1.0 else (k, v)
                 out, delta = cross_blend(attend, q, k, v, k_h, v_h, x, context, self.deltas(q), a, value)
-            _leave_out_delta(extra_options, delta)
+            leave_out_delta(extra_options, delta)
             return out
         return replace
 
@@ -229,7 +229,7 @@ class _Blend:
                                                      together=previous is None)
             else:
                 out, delta = self_blend(attend, q, k, v, x, self.deltas(q), a, context, value)
-            _leave_out_delta(extra_options, delta)
+            leave_out_delta(extra_options, delta)
             return out
         return replace
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Callable, ContextManager, Sequence
 
 import comfy.sample
@@ -112,10 +112,12 @@ class TrainingSession:
     def run(self, data, params: Sequence, attach: Sequence[ContextManager], text_trains: bool,
             frozen: Callable[[], ContextManager] | None = None, save: Callable[[int], str] | None = None,
             channels_last: bool = True, nhwc_inputs: bool = False, previews: bool = True,
-            regularizer: Callable[[], torch.Tensor] | None = None) -> list[float]:
+            regularizer: Callable[[], torch.Tensor] | None = None,
+            preview: Callable[[], ContextManager] | None = None) -> list[float]:
         """Train with ``attach`` entered (adapter hooks, swapped weights); ``save(step)`` every save_every.
         ``channels_last`` swaps the host's conv weights for NHWC copies on CUDA; a trainer that brings its own
-        NHWC weights asks for ``nhwc_inputs`` only. ``previews``: whether preview samples are possible."""
+        NHWC weights asks for ``nhwc_inputs`` only. ``previews``: whether preview samples are possible;
+        ``preview()``: entered around each (the blend's adapters hooked plainly)."""
         host, opts, cfg = self.host, self.options, self.cfg
         progress = TrainingProgress(cfg.steps, self.node_id)
         prompt = opts.sample_prompt or data.buckets[0].captions[0]
@@ -133,10 +135,11 @@ class TrainingSession:
         saved: list[str] = []  # what the saves every N steps wrote
 
         def on_step(step: int, losses: list[float]) -> None:
-            preview = None
+            image = None
             if sample_every and (step % sample_every == 0 or step == cfg.steps):
-                preview = self.sample(prompt, data.buckets[0].size, seed=cfg.seed)
-            progress(step, losses, preview)
+                with preview() if preview is not None else nullcontext():
+                    image = self.sample(prompt, data.buckets[0].size, seed=cfg.seed)
+            progress(step, losses, image)
             if save is not None and opts.save_every and step % opts.save_every == 0 and step < cfg.steps:
                 saved.append(save(step))
 

@@ -21,6 +21,7 @@ from ..training.files import architecture, base_model_metadata, load_safetensors
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from ..training.regularizers import FastTuneRegularizer, NearestTokenContrastive
 from ..training.trainer import ParamGroup
+from .dual_path_training import TrainingBlend, with_hard_captions
 from .embeddings import clip_with_embeddings, init_ids, reads_embedding, text_encoders, token_table
 from .session import (
     ALPHA_TOOLTIP,
@@ -111,10 +112,14 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
                               seed=cfg_args["seed"])
             groups = [ParamGroup(params, lora_args["embedding_lr"]),
                       ParamGroup(list(net.parameters()), cfg_args["learning_rate"])]
+        a_blend = 1.0 if fast is None else fast.get("a_blend", 1.0)
+        blend = TrainingBlend(host, net, a_blend) if a_blend < 1.0 else None  # DATE: tune through the blend
         data = session.data(text_trains=True)
         inversion.to(host.model.load_device)
         if net is not None:
             net.to(host.model.load_device)
+        if blend is not None:  # the hard captions: the learned word's nearest real word, now at its start
+            data = with_hard_captions(data, host)
 
         def save(step: int) -> str:  # pivotal / fast tune: the LoRA too, which only works with its vectors
             paths = [save_intermediate("embeddings", f"{token}_step{step:05d}", inversion.file_tensors(),
@@ -130,8 +135,10 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
                        _fast_tune_regularizer(clip, inversion, net, fast, host.model.load_device))
         if regularizer is not None and not regularizer.active:
             regularizer = None  # both weights 0: plain pivotal tuning
-        losses = session.run(data, groups or params, [net.attached()] if net is not None else [], text_trains=True,
-                             frozen=net.disabled if net is not None else None, save=save, regularizer=regularizer)
+        attach = [] if net is None else [net.attached() if blend is None else blend.attached()]
+        losses = session.run(data, groups or params, attach, text_trains=True,
+                             frozen=net.disabled if net is not None else None, save=save, regularizer=regularizer,
+                             preview=None if blend is None else blend.preview)
     tensors = inversion.file_tensors()
     meta = {"personalize.token": token, "personalize.init_word": init_word, "personalize.steps": str(cfg_args["steps"]),
             "personalize.base_model": host.family,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Collection, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +71,14 @@ class LoRAAdapter:
     def up(self) -> torch.Tensor:
         return self._views(self._network.weight)[1]
 
+    def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) in the dtype the adapters compute in for input ``x`` (one cast per step, shared)."""
+        return self._views(self._network.compute_weight(x))
+
     def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """output + scale * up(down(x)); the up-projection, scale and add are one addmm. Fewer kernels per
         step is what bounds small-batch training speed."""
-        down, up = self._views(self._network.compute_weight(x))
+        down, up = self.factors(x)
         h = F.linear(x, down)
         flat = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(), alpha=self.scale)
         return flat.view(output.shape)
@@ -126,13 +130,19 @@ class LoRANetwork(nn.Module):
             self._cast = (key, self.weight.to(dtype))
         return self._cast[1]
 
+    @property
+    def targets(self) -> dict[str, nn.Linear]:
+        """The host layer of each adapter, by adapter name."""
+        return dict(self._targets)
+
     @contextmanager
-    def attached(self) -> Iterator["LoRANetwork"]:
-        """Hook every adapter onto its host layer for the duration of the block."""
+    def attached(self, names: Collection[str] | None = None) -> Iterator["LoRANetwork"]:
+        """Hook every adapter (or those in ``names``) onto its host layer for the duration of the block."""
         handles = []
         try:
             for name, host in self._targets.items():
-                handles.append(host.register_forward_hook(_adding_hook(self.adapters[name])))
+                if names is None or name in names:
+                    handles.append(host.register_forward_hook(_adding_hook(self.adapters[name])))
             yield self
         finally:
             self._cast = None
@@ -142,11 +152,11 @@ class LoRANetwork(nn.Module):
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """The host's own output while the block runs (the frozen model, for prior-prediction targets)."""
-        self.enabled = False
+        before, self.enabled = self.enabled, False
         try:
             yield
         finally:
-            self.enabled = True
+            self.enabled = before
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """``{name}.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``: the layout kohya, A1111 and ComfyUI load."""

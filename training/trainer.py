@@ -4,16 +4,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from . import cuda_graph
+from .backward_memory import gradient_checkpointing, gradients_only_for
 from .batches import BucketBatchSampler, TrainingData, class_plan
 from .errors import InputError, TrainingDiverged
 from .objective import LR_SCHEDULES, Objective, lr_factor, per_sample_mse, prior_preservation_loss
@@ -102,22 +102,6 @@ def resolve_precision(requested: str, device: torch.device, weight_dtype: torch.
                                   "choose auto/bf16/fp16 or start ComfyUI with --force-fp32")
     wanted = _TORCH_DTYPES[requested]
     return Precision(None if wanted == weight_dtype else wanted, wanted == torch.float16)
-
-
-@contextmanager
-def gradient_checkpointing(blocks: Sequence[nn.Module], enabled: bool = True) -> Iterator[None]:
-    """Recompute each block's activations in backward instead of storing them. Shadows ``forward`` on the
-    instance for the duration of the block only; the class and the block's weights are untouched."""
-    wrapped = []
-    try:
-        if enabled:
-            for block in blocks:
-                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-                wrapped.append(block)
-        yield
-    finally:
-        for block in wrapped:
-            del block.forward
 
 
 Progress = Callable[[int, list[float]], None]
@@ -345,26 +329,6 @@ def train(task: DiffusionTask, data: TrainingData, params: Sequence[nn.Parameter
         with torch.no_grad():
             torch._foreach_copy_(flat, ema)
     return losses
-
-
-@contextmanager
-def gradients_only_for(modules: Sequence[nn.Module], trained: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Switch ``requires_grad`` off for every parameter of ``modules`` that is not trained, for the block.
-
-    Hosts build their networks with trainable Parameters (ComfyUI does, outside inference mode). Left on,
-    backward computes and keeps a gradient for every frozen weight: a second copy of the UNet in memory
-    and about a third more backward work."""
-    keep = {id(p) for p in trained}
-    # Inference-mode tensors never reach autograd (and their flag cannot be set back outside inference mode).
-    switched = {id(p): p for m in modules for p in m.parameters()
-                if p.requires_grad and id(p) not in keep and not p.is_inference()}
-    for p in switched.values():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in switched.values():
-            p.requires_grad_(True)
 
 
 @torch.no_grad()

@@ -214,8 +214,8 @@ def test_cancel_stops_training_and_leaves_nothing_behind(comfy, tiny_sd15, pack_
 
 def test_gradient_checkpointing_stores_fewer_activations(comfy, tiny_sd15):
     from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+    from comfyui_personalize.training.backward_memory import gradient_checkpointing
     from comfyui_personalize.training.lora import LoRANetwork
-    from comfyui_personalize.training.trainer import gradient_checkpointing
 
     model, clip, vae = tiny_sd15
     host = ComfyHost(model, clip, vae)

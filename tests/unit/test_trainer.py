@@ -185,7 +185,7 @@ def test_cached_conditioning_trains_like_encoding_every_step(host):
 
 def test_gradients_only_for_leaves_inference_tensors_alone():
     """ComfyUI makes weights inside inference mode; their flags cannot be restored outside it, so skip them."""
-    from comfyui_personalize.training.trainer import gradients_only_for
+    from comfyui_personalize.training.backward_memory import gradients_only_for
     with torch.inference_mode():
         made_there = torch.nn.Linear(2, 2)
     normal = torch.nn.Linear(2, 2)
