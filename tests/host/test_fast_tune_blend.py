@@ -20,24 +20,39 @@ def fast_tune(comfy):
     return PersonalizeFastTune
 
 
-def blend_setup(tiny_sd15, targets, a):
-    """A host, a LoRA with every factor non-zero (a fresh one adds nothing) and its training blend."""
+def tolerance():
+    """Exact to float rounding on the CPU; a GPU's kernels sum in other orders (and the trainer's bf16 autocast)."""
+    import comfy.model_management as mm
+    return dict(atol=1e-5, rtol=1e-4) if mm.get_torch_device().type == "cpu" else dict(atol=2e-3, rtol=2e-3)
+
+
+def training_host(tiny):
+    """A host as a trainer holds it: the models on their device, their weights usable by autograd."""
     from comfyui_personalize.nodes.comfy_adapter import ComfyHost
+
+    host = ComfyHost(*tiny)
+    with torch.inference_mode(False):
+        host.load_for_training(tiny[1] is not None)
+    return host
+
+
+def blend_setup(tiny, targets, a):
+    """A host, a LoRA with every factor non-zero (a fresh one adds nothing) and its training blend."""
     from comfyui_personalize.nodes.dual_path_training import TrainingBlend
     from comfyui_personalize.training.lora import LoRANetwork
 
-    host = ComfyHost(*tiny_sd15)
+    host = training_host(tiny)
     net = LoRANetwork(host.unet_lora_targets(targets), 4, 4.0, seed=0)
     with torch.no_grad():
         net.weight.copy_(torch.randn(net.weight.shape, generator=torch.Generator().manual_seed(5)) * 0.2)
-    return host, net, TrainingBlend(host, net, a)
+    return host, net.to(host.model.load_device), TrainingBlend(host, net, a)
 
 
 def unet_inputs(host):
-    g = torch.Generator().manual_seed(1)
+    g, dev = torch.Generator().manual_seed(1), host.model.load_device
     with torch.no_grad():
         cond = host.encode_text([SOFT], (64, 64)).with_hard(host.encode_text([HARD], (64, 64)))
-    return torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]), cond
+    return torch.randn(1, 4, 8, 8, generator=g).to(dev), torch.tensor([500], device=dev), cond.to(dev)
 
 
 def trainer_and_node_outputs(tiny, targets, paths):
@@ -73,12 +88,12 @@ def trainer_and_node_outputs(tiny, targets, paths):
 @pytest.mark.parametrize("targets, paths", [("attention", "self+cross"), ("cross_attention", "cross")])
 def test_the_trainers_forward_is_the_dual_path_nodes_forward(comfy, tiny_sd15, targets, paths):
     """What is tuned is what the Dual-Path node samples."""
-    torch.testing.assert_close(*trainer_and_node_outputs(tiny_sd15, targets, paths), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(*trainer_and_node_outputs(tiny_sd15, targets, paths), **tolerance())
 
 
 def test_on_sdxl_the_pooled_vector_is_blended_as_the_node_blends_it(comfy, tiny_sdxl, tiny_sdxl_clip):  # noqa: F811
     torch.testing.assert_close(*trainer_and_node_outputs((tiny_sdxl, tiny_sdxl_clip, None), "cross_attention",
-                                                         "cross"), atol=1e-5, rtol=1e-4)
+                                                         "cross"), **tolerance())
 
 
 def test_the_frozen_model_and_previews_are_the_plain_lora_ones_and_the_host_is_untouched(comfy, tiny_sd15):
@@ -93,26 +108,25 @@ def test_the_frozen_model_and_previews_are_the_plain_lora_ones_and_the_host_is_u
             plain_lora = host.predict(x, t, cond.plain())
         with blend.attached():
             with net.disabled():
-                torch.testing.assert_close(host.predict(x, t, cond), base, atol=1e-6, rtol=0)
+                torch.testing.assert_close(host.predict(x, t, cond), base, **tolerance())
             assert net.enabled
             # ComfyUI's sampling calls the UNet without the trainer's fixed attention kernel: equal to rounding
             with blend.preview():
                 torch.testing.assert_close(host.diffusion_model(x, t.float(), context=cond.context), plain_lora,
-                                           atol=1e-5, rtol=0)
-            torch.testing.assert_close(host.diffusion_model(x, t.float(), context=cond.context), base, atol=1e-5,
-                                       rtol=0)  # unhooked again
+                                           **tolerance())
+            torch.testing.assert_close(host.diffusion_model(x, t.float(), context=cond.context), base,
+                                       **tolerance())  # unhooked again
         assert (plain_lora - base).abs().max() > 1e-3
-        torch.testing.assert_close(host.predict(x, t, cond.plain()), base, atol=0, rtol=0)
+        torch.testing.assert_close(host.predict(x, t, cond.plain()), base, **tolerance())
     assert host.blend is None and (weights_hash(host.diffusion_model), repr(host.training_options)) == before
 
 
 def test_the_hard_captions_are_the_captions_with_the_nearest_real_word(comfy, tiny_sd15):
-    from comfyui_personalize.nodes.comfy_adapter import ComfyHost
     from comfyui_personalize.nodes.dual_path_training import with_hard_captions
     from comfyui_personalize.nodes.embeddings import clip_with_embeddings, init_ids, token_table
     from comfyui_personalize.training.batches import TrainingData
 
-    host = ComfyHost(*tiny_sd15)
+    host = training_host(tiny_sd15)
     encoder = host.clip.cond_stage_model.clip_l
     vectors = token_table(encoder)[init_ids(host.clip.tokenizer.clip_l, "cat")].detach().clone()
     host.clip = clip_with_embeddings(host.clip, {"zwx": {"clip_l": vectors + 1e-3}})  # near "cat", not on it
@@ -122,7 +136,7 @@ def test_the_hard_captions_are_the_captions_with_the_nearest_real_word(comfy, ti
     with torch.no_grad():
         got = data.encode(["a photo of embedding:zwx dog", ""], (64, 64))
         expected = host.encode_text([HARD, ""], (64, 64))
-    torch.testing.assert_close(got.hard.context, expected.context, atol=0, rtol=0)
+    torch.testing.assert_close(got.hard.context.cpu(), expected.context.cpu(), atol=0, rtol=0)
     assert (got.context[0] - expected.context[0]).abs().max() > 0  # the soft caption keeps the learned vectors
 
 
@@ -169,4 +183,4 @@ def test_checkpointed_steps_and_previews_through_the_blend(comfy, tiny_sd15, fas
     plain = tune(fast_tune, tiny_sd15, 0.01, 0.01, a_blend=0.6, options=TrainOptions(sample_every=2))[4]["loss"]
     assert hooked == [1, 1]
     checkpointed = tune(fast_tune, tiny_sd15, 0.01, 0.01, a_blend=0.6, gradient_checkpointing=True)[4]["loss"]
-    assert checkpointed == pytest.approx(plain, rel=1e-5)
+    assert checkpointed == pytest.approx(plain, rel=tolerance()["rtol"])
