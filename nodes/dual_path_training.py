@@ -25,6 +25,7 @@ from ..training.task import Conditioning
 from .attention_hooks import fused_attention, transformer_blocks
 from .comfy_adapter import POOLED_WIDTH, ComfyHost
 from .dual_path import add_delta_out, leave_out_delta, stash_patch, stashed_inputs
+from .embeddings import hard_tokens, reads_embedding
 
 log = logging.getLogger(__name__)
 _HARD = "personalize_train_hard"  # transformer_options: the hard captions' context of this call's rows
@@ -138,6 +139,10 @@ def with_hard_captions(data, host: ComfyHost):
                 hard_of[caption] = host.encode_text([caption], size, hard=True).to(device)
         return Conditioning.cat([hard_of[c] for c in captions])
 
+    learned = next((c for b in data.buckets for c in b.captions if reads_embedding(host.clip, c)), None)
+    if learned is not None:  # the word to write in the Dual-Path node's hard prompt, if it is wired by hand
+        log.info("tuning through the dual-path blend: the hard captions replace the learned word by %s",
+                 "; ".join(hard_tokens(host.clip, learned)[1]))
     if data.prompt_encoder is not None:
         data.prompt_encoder = _WithHard(data.prompt_encoder, hard(list(data.prompt_encoder.prompts)))
     data.encode = lambda captions, size_hw: encode(captions, size_hw).with_hard(hard(list(captions)))

@@ -121,7 +121,7 @@ def test_the_frozen_model_and_previews_are_the_plain_lora_ones_and_the_host_is_u
     assert host.blend is None and (weights_hash(host.diffusion_model), repr(host.training_options)) == before
 
 
-def test_the_hard_captions_are_the_captions_with_the_nearest_real_word(comfy, tiny_sd15):
+def test_the_hard_captions_are_the_captions_with_the_nearest_real_word(comfy, tiny_sd15, caplog):
     from comfyui_personalize.nodes.dual_path_training import with_hard_captions
     from comfyui_personalize.nodes.embeddings import clip_with_embeddings, init_ids, token_table
     from comfyui_personalize.training.batches import TrainingData
@@ -132,7 +132,9 @@ def test_the_hard_captions_are_the_captions_with_the_nearest_real_word(comfy, ti
     host.clip = clip_with_embeddings(host.clip, {"zwx": {"clip_l": vectors + 1e-3}})  # near "cat", not on it
     host.cache_tokens = False
     data = TrainingData.single(torch.zeros(1, 4, 8, 8), ["a photo of embedding:zwx dog"], host.encode_text)
-    data = with_hard_captions(data, host)
+    with caplog.at_level("INFO", logger="comfyui_personalize.nodes.dual_path_training"):
+        data = with_hard_captions(data, host)
+    assert "replace the learned word by l: cat" in caplog.text  # the word to use in a hand-wired hard prompt
     with torch.no_grad():
         got = data.encode(["a photo of embedding:zwx dog", ""], (64, 64))
         expected = host.encode_text([HARD, ""], (64, 64))
