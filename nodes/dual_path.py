@@ -40,7 +40,7 @@ from .attention_hooks import (
 )
 from .attention_reweight import window_inputs
 from .dual_path_direct import can_go_direct, check_not_bypassed, install_direct
-from .dual_path_lora import already_applied, left_out_note, lora_parts
+from .dual_path_lora import already_applied, file_metadata, left_out_note, lora_parts, tuned_blend_note
 from .dual_path_pooled import install_pooled_blend
 from .embeddings import hard_tokens
 from .prompt_cache import PromptCache, cache_budget, keeps_prompt
@@ -308,11 +308,13 @@ class PersonalizeDualPathBlend(io.ComfyNode):
                 clip=None, soft_text="") -> io.NodeOutput:
         if lora is None and lora_name == "none":
             raise InputError("lora_name", "pick an attention LoRA file or connect a trained LORA")
+        metadata = dict(getattr(lora, "metadata", None) or {})
         if lora is None:
             path = folder_paths.get_full_path("loras", lora_name)
             if path is None:
                 raise InputError("lora_name", f"'{lora_name}' is not in models/loras")
             lora = comfy.utils.load_torch_file(path, safe_load=True)
+            metadata = file_metadata(path)
         if paths not in PATHS:
             raise InputError("paths", f"must be one of {', '.join(PATHS)}")
         soft_ctx = None
@@ -363,7 +365,8 @@ class PersonalizeDualPathBlend(io.ComfyNode):
             m.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, check_not_bypassed(direct))
         log.info("dual-path blend (a=%.2f): LoRA factors on %d cross- and %d self-attention layers", a_blend,
                  parts.count("attn2"), parts.count("attn1") if paths == "self+cross" else 0)
-        notes = [n for n in (left_out_note(parts, paths), _patched_attention_note(model)) if n]
+        notes = [n for n in (left_out_note(parts, paths), _patched_attention_note(model),
+                             tuned_blend_note(metadata, a_blend)) if n]
         for note in notes:
             log.warning("Dual-Path Attention Blend: %s", note)
         if notes:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import comfy.lora
 import torch
 from comfy.weight_adapter import LoRAAdapter
+from safetensors import safe_open
 
 from ..attention.dual_path import AttentionDeltas, LowRankDelta
 from ..training.errors import InputError
@@ -105,3 +106,28 @@ def _same(a, b) -> bool:
         return False
     coarse = max(a.dtype, b.dtype, key=lambda dtype: torch.finfo(dtype).eps)
     return torch.equal(a.to(b.device, coarse), b.to(coarse))
+
+
+def file_metadata(path: str) -> dict:
+    """A .safetensors file's header metadata ({} for other formats)."""
+    if not path.endswith(".safetensors"):
+        return {}
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def tuned_blend_note(metadata: dict, a_blend: float) -> str | None:
+    """A LoRA tuned through the blend (Fast Tune's a_blend, in its metadata) learned the subject at that a: sampled at
+    another, its likeness is not what the tuning reached."""
+    tuned = metadata.get("personalize.fast_tune_a_blend")
+    try:
+        tuned = float(tuned)
+    except (TypeError, ValueError):
+        return None
+    if tuned >= 1.0 or abs(tuned - a_blend) < 0.005:
+        return None
+    more = "more" if a_blend > tuned else "less"
+    return (f"the LoRA was tuned through the blend at a = {tuned:.2f} (Fast Tune's a_blend); at a_blend {a_blend:.2f} "
+            f"the image shows {more} of the subject than the tuning reached: set a_blend to {tuned:.2f} to sample what "
+            "was tuned")
+

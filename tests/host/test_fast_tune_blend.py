@@ -158,6 +158,23 @@ def test_tuning_through_the_blend_trains_and_records_it(comfy, tiny_sd15, fast_t
     assert max((lora[k] - plain_lora[k]).abs().max() for k in ups) > 0
     mm.unload_all_models()
     assert (weights_hash(model.model), weights_hash(clip.cond_stage_model)) == before
+    # the Dual-Path node says so when it samples the LoRA at another a, from the LORA output or the saved file
+    from comfyui_personalize.nodes.save_lora import PersonalizeSaveLoRA
+    name = run_node(PersonalizeSaveLoRA, lora=lora, name="blend_tuned", subfolder="", save_dtype="fp16",
+                    if_exists="overwrite").result[0]
+    hard = [[clip.encode_from_tokens(clip.tokenize("a photo of dog dog")), {}]]
+    for source in (dict(lora=lora, lora_name="none"), dict(lora_name=name)):
+        notes = [blend_notes(model, hard, a, source) for a in (0.6, 0.8)]
+        assert "tuned through the blend at a = 0.60" not in notes[0]
+        assert "at a_blend 0.80 the image shows more of the subject" in notes[1], notes[1]
+    assert "tuned through the blend" not in blend_notes(model, hard, 0.8, dict(lora=plain_lora, lora_name="none"))
+
+
+def blend_notes(model, hard, a, source) -> str:
+    from comfyui_personalize.nodes.dual_path import PersonalizeDualPathBlend
+    out = run_node(PersonalizeDualPathBlend, model=model, hard=hard, a_blend=a, paths="self+cross", start_percent=0.0,
+                   end_percent=1.0, **source)
+    return out.ui.as_dict()["text"][0] if out.ui is not None else ""
 
 
 @pytest.mark.parametrize("override, input_name", [(dict(a_blend=0.0), "a_blend"),
