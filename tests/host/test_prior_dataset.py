@@ -143,7 +143,7 @@ def test_interrupted_run_resumes_to_the_same_images(comfy, tiny_sd15, node, dirs
 def test_cache_key_follows_prompt_and_patches(comfy, tiny_sd15, node, dirs):
     import comfy.model_management as mm
 
-    from comfyui_personalize.nodes.prior_dataset import model_fingerprints
+    from comfyui_personalize.nodes.prior_fingerprint import model_fingerprints
     model, clip, vae = tiny_sd15
     generate(node, tiny_sd15, num_class_images=1)
     generate(node, tiny_sd15, num_class_images=1, class_noun="cat")
@@ -207,7 +207,7 @@ def test_cache_key_follows_the_settings_a_model_patch_keeps_in_its_function(comf
     from comfy_extras.nodes_freelunch import FreeU
     from comfy_extras.nodes_model_advanced import RescaleCFG
 
-    from comfyui_personalize.nodes.prior_dataset import model_fingerprints
+    from comfyui_personalize.nodes.prior_fingerprint import model_fingerprints
     model, clip, vae = tiny_sd15
 
     def key(patched):
