@@ -130,13 +130,11 @@ class TrainingBlend:
 def with_hard_captions(data, host: ComfyHost):
     """``data`` whose encoders give each prompt's hard caption too, encoded now (the learned vectors at their start,
     the init word: their nearest real tokens), with the text encoder as it is; fixed for the run."""
-    encode, size, device, hard_of = data.encode, data.buckets[0].size, host.model.load_device, {}
+    encode, size, device = data.encode, data.buckets[0].size, host.model.load_device
+    with torch.no_grad():  # every prompt now: encoded on first use, a caption would take the word trained so far
+        hard_of = {p: host.encode_text([p], size, hard=True).to(device) for p in data.prompts()}
 
-    @torch.no_grad()
     def hard(captions) -> Conditioning:
-        for caption in captions:
-            if caption not in hard_of:
-                hard_of[caption] = host.encode_text([caption], size, hard=True).to(device)
         return Conditioning.cat([hard_of[c] for c in captions])
 
     learned = next((c for b in data.buckets for c in b.captions if reads_embedding(host.clip, c)), None)
