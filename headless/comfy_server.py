@@ -370,10 +370,10 @@ def cpu_overrides(api_prompt: dict) -> dict:
     """A copy of an API prompt made cheap enough for a CPU smoke run.
 
     Every input named ``steps`` becomes 2 (sampler, class-image and trainer steps alike), ``width``/``height``
-    and the dataset's ``resolution`` become 64, ``batch_size`` becomes 1 (latent batch and trainer batch alike;
-    a workflow that ranks its images keeps its latent batch) and ``num_class_images`` becomes 2. Linked inputs
-    (``[node, slot]``) are left alone. Example workflows keep realistic values for users; the server tests run
-    them through this.
+    (unless 0, which takes its size from elsewhere) and the dataset's ``resolution`` become 64, ``batch_size``
+    becomes 1 (latent batch and trainer batch alike; a workflow that ranks its images keeps its latent batch) and
+    ``num_class_images`` becomes 2. Linked inputs (``[node, slot]``) are left alone. Example workflows keep
+    realistic values for users; the server tests run them through this.
     """
     fixed = {"steps": 2, "width": 64, "height": 64, "resolution": 64, "batch_size": 1, "num_class_images": 2}
     ranks = any(node.get("class_type") == "PersonalizeRankByReward" for node in api_prompt.values())
@@ -382,6 +382,8 @@ def cpu_overrides(api_prompt: dict) -> dict:
         for name, value in node.get("inputs", {}).items():
             if ranks and node.get("class_type") == "EmptyLatentImage" and name == "batch_size":
                 continue  # ranking needs a batch of candidates
+            if name in ("width", "height") and value == 0:
+                continue  # 0: the size comes from elsewhere (the model's native size, a dataset's buckets)
             if name in fixed and not isinstance(value, list):
                 node["inputs"][name] = fixed[name]
     return out

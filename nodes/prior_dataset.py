@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from pathlib import Path
 
 import comfy.k_diffusion.sampling as k_diffusion_sampling
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
-from ..training.datasets import PriorPreservation
+from ..training.buckets import assign_buckets
+from ..training.datasets import InstanceDataset, PriorPreservation
 from ..training.errors import InputError
 from ..training.identifier import class_prompt as default_class_prompt
 from ..training.image_folder import load_image_folder
@@ -25,7 +27,7 @@ from ..training.prior_cache import ClassImageCache, cache_key, image_to_pil, ten
 from .comfy_adapter import native_resolution
 from .dataset import folder_fingerprint, resolve_folder
 from .prior_fingerprint import model_fingerprints
-from .types import Prior
+from .types import Dataset, Prior
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,17 @@ SIZE_TOOLTIP = ("generate mode. 0: the model's native size (SD1.x and SD2 base 5
                 "class images in SDXL's 1024 buckets train the class blurry.")
 
 
+def bucket_sizes(dataset, width: int, height: int) -> list[tuple[int, int]]:
+    """(height, width) of every aspect-ratio bucket the trainers will make of ``dataset``."""
+    if not isinstance(dataset, InstanceDataset):
+        raise InputError("dataset", "connect a Personalize Instance Dataset node")
+    if width or height:
+        raise InputError("width", "leave width and height at 0 with a dataset connected (the class images are made "
+                                  "at its buckets' sizes), or disconnect dataset to choose one size")
+    return list(assign_buckets([tuple(im.shape[:2]) for im in dataset.images], dataset.resolution,
+                               enabled=dataset.bucketing))
+
+
 def _check_settings(num_class_images, prior_loss_weight, width, height, steps, cfg, sampler_name, scheduler,
                     batch_size) -> None:
     if num_class_images < 1:
@@ -230,6 +243,11 @@ class PersonalizePriorDataset(io.ComfyNode):
                 io.Model.Input("model", optional=True, tooltip="generate mode: the model you will train."),
                 io.Clip.Input("clip", optional=True, tooltip="generate mode: its CLIP."),
                 io.Vae.Input("vae", optional=True, tooltip="generate mode: its VAE."),
+                Dataset.Input("dataset", optional=True,
+                              tooltip="generate mode: the Instance Dataset you will train on. Class images are then "
+                                      "made at each of its aspect-ratio buckets' sizes (num_class_images split "
+                                      "between them), so none is cropped or upscaled to fit a portrait or "
+                                      "landscape bucket. Leave width/height at 0."),
             ],
             outputs=[
                 Prior.Output(display_name="prior"),
@@ -246,7 +264,7 @@ class PersonalizePriorDataset(io.ComfyNode):
     @classmethod
     def execute(cls, mode, class_noun, class_prompt, negative_prompt, num_class_images, prior_loss_weight, width,
                 height, steps, cfg, sampler_name, scheduler, seed, batch_size, folder, model=None, clip=None,
-                vae=None) -> io.NodeOutput:
+                vae=None, dataset=None) -> io.NodeOutput:
         if mode not in MODES:
             raise InputError("mode", f"must be one of {MODES}, got {mode!r}")
         prompt = resolve_prompt(class_noun, class_prompt)
@@ -264,17 +282,30 @@ class PersonalizePriorDataset(io.ComfyNode):
             images = [image for image, _caption in load_image_folder(path, "folder", max_short_side=1536)]
             message = f"loaded {len(images)} class images from {path}"
             log.info(message)
+            if dataset is not None:
+                log.warning("Prior-Preservation Dataset: folder mode uses the folder's images as they are; the dataset "
+                            "input is for generate mode")
         else:
             for name, value in (("model", model), ("clip", clip), ("vae", vae)):
                 if value is None:
                     raise InputError(name, f"generate mode needs the {name} input connected (the checkpoint you "
                                            "will train); or choose mode folder or prior_prediction")
             native = native_resolution(model)
-            width, height = width or native, height or native
-            settings = {"width": width, "height": height, "steps": steps, "cfg": float(cfg),
-                        "sampler_name": sampler_name, "scheduler": scheduler, "seed": seed}
-            images, message = generate_class_images(model, clip, vae, prompt, negative_prompt, settings,
-                                                    num_class_images, batch_size, cls.hidden.unique_id)
+            sizes = bucket_sizes(dataset, width, height) if dataset is not None else [(height or native,
+                                                                                         width or native)]
+            per, sets, messages = math.ceil(num_class_images / len(sizes)), [], []
+            for j, (h, w) in enumerate(sizes):  # each bucket its own seeds: other images, not the same ones reshaped
+                settings = {"width": w, "height": h, "steps": steps, "cfg": float(cfg), "sampler_name": sampler_name,
+                            "scheduler": scheduler, "seed": seed + j * per}
+                made, text = generate_class_images(model, clip, vae, prompt, negative_prompt, settings,
+                                                   per if dataset is not None else num_class_images, batch_size,
+                                                   cls.hidden.unique_id)
+                sets.append(((h, w), tuple(made)))
+                messages.append(f"{w}x{h}: {text}" if dataset is not None else text)
+            images, message = [im for _, made in sets for im in made], "\n".join(messages)
+            if dataset is not None:
+                prior = PriorPreservation("class_images", prompt, prior_loss_weight, tuple(images), tuple(sets))
+                return io.NodeOutput(prior, preview_batch(images), ui=ui.PreviewText(message))
         prior = PriorPreservation("class_images", prompt, prior_loss_weight, tuple(images))
         return io.NodeOutput(prior, preview_batch(images), ui=ui.PreviewText(message))
 

@@ -90,9 +90,17 @@ def build_training_data(dataset: InstanceDataset, prior: PriorPreservation | Non
 
     groups = assign_buckets([tuple(im.shape[:2]) for im in dataset.images], dataset.resolution,
                             enabled=dataset.bucketing)
-    class_images = list(prior.images) if prior is not None and prior.mode == "class_images" else None
+    class_sets = None
+    if prior is not None and prior.mode == "class_images":
+        class_sets = prior.for_buckets(list(groups))
+        if prior.by_bucket and any(class_sets[size] is prior.images for size in groups):
+            log.warning("the class images were made for other subject buckets (%s) than this dataset's (%s); each is "
+                        "fitted to every bucket: connect this dataset to the Prior-Preservation Dataset",
+                        ", ".join(f"{w}x{h}" for (h, w), _ in prior.by_bucket),
+                        ", ".join(f"{w}x{h}" for h, w in groups))
     buckets = []
     for size, ids in groups.items():
+        class_images = list(class_sets[size]) if class_sets else None
         images = [dataset.images[i] for i in ids]
         _warn_upscaled(images, size, "subject images", "use larger photos or a lower resolution")
         if class_images:

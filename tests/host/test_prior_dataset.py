@@ -289,3 +289,59 @@ def test_size_zero_is_the_models_native_size(comfy, tiny_sd15, node, dirs, monke
     SamplerCalls(monkeypatch, fail=True)
     cached = generate(node, tiny_sd15, width=72, height=72)[0]  # the same images: 0 was resolved before the key
     assert all(torch.equal(a, b) for a, b in zip(prior.images, cached.images))
+
+
+def two_bucket_dataset():
+    """A portrait and a square photo at resolution 192: two aspect-ratio buckets."""
+    from comfyui_personalize.training.datasets import InstanceDataset
+    g = torch.Generator().manual_seed(3)
+    images = (torch.rand(288, 192, 3, generator=g), torch.rand(192, 192, 3, generator=g))
+    return InstanceDataset(images, ("a photo of zwx dog",) * 2, resolution=192)
+
+
+def test_with_the_dataset_class_images_are_made_at_each_buckets_size_and_train_unfitted(comfy, tiny_sd15, node,
+                                                                                        dirs, caplog):
+    """Connected to the Instance Dataset, the class images are made at its buckets' sizes (none is cropped or
+    upscaled into a bucket of another shape), num_class_images split between them, each bucket its own seeds."""
+    from comfyui_personalize.training.buckets import assign_buckets
+    from comfyui_personalize.training.data import build_training_data
+
+    dataset = two_bucket_dataset()
+    sizes = list(assign_buckets([tuple(im.shape[:2]) for im in dataset.images], 192))
+    assert len(sizes) == 2
+    prior, preview = generate(node, tiny_sd15, num_class_images=3, width=0, height=0, dataset=dataset)
+    assert [size for size, _ in prior.by_bucket] == sizes
+    assert all(len(images) == 2 and all(im.shape[:2] == size for im in images) for size, images in prior.by_bucket)
+    assert len(prior.images) == 4 and len(cache_folders(dirs)) == 2
+    first = [images[0] for _, images in prior.by_bucket]
+    assert not torch.equal(first[0][:128, :128], first[1][:128, :128])  # other seeds, not one image reshaped
+
+    def encode(pixels):  # the class latents are the images themselves, not a fitted copy
+        return pixels.permute(0, 3, 1, 2)[:, :, ::8, ::8].float()
+    data = build_training_data(dataset, prior, encode, lambda captions, size: None)
+    for bucket in data.buckets:
+        torch.testing.assert_close(bucket.class_latents, encode(torch.stack(dict(prior.by_bucket)[bucket.size])))
+    # a dataset of the square bucket alone takes that bucket's images
+    square = dataclass_replace(dataset, images=dataset.images[1:], captions=dataset.captions[1:])
+    (bucket,) = build_training_data(square, prior, encode, lambda captions, size: None).buckets
+    torch.testing.assert_close(bucket.class_latents, encode(torch.stack(dict(prior.by_bucket)[(192, 192)])))
+    # trained on a dataset of another bucket: every class image fitted to it, with a warning
+    landscape = dataclass_replace(dataset, images=(dataset.images[0].transpose(0, 1),), captions=dataset.captions[:1])
+    with caplog.at_level("WARNING"):
+        (bucket,) = build_training_data(landscape, prior, encode, lambda captions, size: None).buckets
+    assert bucket.class_latents.shape[0] == 4 and "made for other subject buckets" in caplog.text
+
+
+def test_the_dataset_input_needs_width_and_height_at_0(comfy, tiny_sd15, node, dirs):
+    from comfyui_personalize.training.errors import InputError
+    with pytest.raises(InputError) as e:
+        generate(node, tiny_sd15, dataset=two_bucket_dataset())
+    assert e.value.input_name == "width"
+    with pytest.raises(InputError) as e:
+        generate(node, tiny_sd15, width=0, height=0, dataset="not a dataset")
+    assert e.value.input_name == "dataset"
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+    return dataclasses.replace(obj, **changes)

@@ -91,13 +91,15 @@ def test_cpu_overrides_shrinks_without_touching_links_or_input():
            "2": {"class_type": "KSampler", "inputs": {"steps": 30, "cfg": 7, "latent_image": ["1", 0]}},
            "3": {"class_type": "X", "inputs": {"steps": ["2", 0]}},
            "4": {"class_type": "Dataset", "inputs": {"resolution": 1024, "flip": True}},
-           "5": {"class_type": "Prior", "inputs": {"num_class_images": 200, "steps": 30, "cfg": 7.0}}}
+           "5": {"class_type": "Prior", "inputs": {"num_class_images": 200, "steps": 30, "cfg": 7.0, "width": 0,
+                                                   "height": 0}}}
     out = cpu_overrides(api)
     assert out["1"]["inputs"] == {"width": 64, "height": 64, "batch_size": 1}
     assert out["2"]["inputs"] == {"steps": 2, "cfg": 7, "latent_image": ["1", 0]}
     assert out["3"]["inputs"] == {"steps": ["2", 0]}
     assert out["4"]["inputs"] == {"resolution": 64, "flip": True}
-    assert out["5"]["inputs"] == {"num_class_images": 2, "steps": 2, "cfg": 7.0}
+    # width/height 0 take their size from elsewhere (the Prior's dataset buckets): they stay 0
+    assert out["5"]["inputs"] == {"num_class_images": 2, "steps": 2, "cfg": 7.0, "width": 0, "height": 0}
     assert api["1"]["inputs"]["width"] == 512 and api["2"]["inputs"]["steps"] == 30
     api["6"] = {"class_type": "PersonalizeRankByReward", "inputs": {"top_k": 2}}
     assert cpu_overrides(api)["1"]["inputs"] == {"width": 64, "height": 64, "batch_size": 4}  # candidates to rank

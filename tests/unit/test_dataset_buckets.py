@@ -204,3 +204,16 @@ def test_load_folder_skips_hidden_files_such_as_macos_metadata(tmp_path):
     _save(tmp_path / "a.png", np.zeros((64, 64, 3)))
     (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image
     assert len(load_image_folder(tmp_path)) == 1
+
+
+def test_class_images_made_per_bucket_are_found_by_size_else_all_are_fitted():
+    from comfyui_personalize.training.datasets import PriorPreservation
+
+    square, tall = (torch.rand(64, 64, 3),) * 2, (torch.rand(128, 64, 3),) * 2
+    prior = PriorPreservation("class_images", "a dog", images=square + tall,
+                              by_bucket=(((64, 64), square), ((128, 64), tall)))
+    assert prior.for_buckets([(128, 64)]) == {(128, 64): tall}
+    assert prior.for_buckets([(64, 64), (64, 128)]) == {(64, 64): square + tall, (64, 128): square + tall}
+    with pytest.raises(ValueError, match="as many"):
+        PriorPreservation("class_images", "a dog", images=square + tall[:1],
+                          by_bucket=(((64, 64), square), ((128, 64), tall[:1])))
