@@ -143,14 +143,37 @@ def generate_class_images(model, clip, vae, prompt: str, negative_prompt: str, s
 # ---- the node
 
 def preview_batch(images: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Up to PREVIEW_COUNT images as one IMAGE batch, resized to the first image's size."""
+    """Up to PREVIEW_COUNT images as one IMAGE batch at the first image's size; another shape is fitted inside it
+    at its own aspect ratio, on black."""
     if not images:
         return torch.zeros(1, 64, 64, 3)
     h, w = images[0].shape[:2]
-    out = [img if img.shape[:2] == (h, w) else
-           F.interpolate(img.movedim(-1, 0)[None], size=(h, w), mode="bilinear", antialias=True)[0].movedim(0, -1)
-           for img in images[:PREVIEW_COUNT]]
+    out = []
+    for img in images[:PREVIEW_COUNT]:
+        if img.shape[:2] != (h, w):
+            scale = min(h / img.shape[0], w / img.shape[1])
+            fh, fw = max(1, round(img.shape[0] * scale)), max(1, round(img.shape[1] * scale))
+            small = F.interpolate(img.movedim(-1, 0)[None], size=(fh, fw), mode="bilinear", antialias=True)[0]
+            top, left = (h - fh) // 2, (w - fw) // 2
+            canvas = img.new_zeros(h, w, 3)  # black around it
+            canvas[top:top + fh, left:left + fw] = small.movedim(0, -1)
+            img = canvas
+        out.append(img)
     return torch.stack(out).clamp(0, 1)
+
+
+def round_robin(sets: list[tuple]) -> list[torch.Tensor]:
+    """The images of several buckets interleaved, so a preview of the first few shows every bucket."""
+    longest = max((len(images) for _, images in sets), default=0)
+    return [images[i] for i in range(longest) for _, images in sets if i < len(images)]
+
+
+def bucket_seed(seed: int, size: tuple[int, int]) -> int:
+    """The first seed of a bucket's class images: the node's seed for a square bucket (what generating without a
+    dataset at that size makes, so that cache is shared), else an offset fixed by the size alone. A count or
+    another bucket changing does not move it, so a rerun finds what is cached."""
+    h, w = size
+    return seed if h == w else (seed + ((h // 8) * 1024 + w // 8) * 10_000) % 2**63
 
 
 SAMPLING_TOOLTIP = "generate mode: as KSampler's; the class images should look like what the model makes."
@@ -164,8 +187,8 @@ def bucket_sizes(dataset, width: int, height: int) -> list[tuple[int, int]]:
     if not isinstance(dataset, InstanceDataset):
         raise InputError("dataset", "connect a Personalize Instance Dataset node")
     if width or height:
-        raise InputError("width", "leave width and height at 0 with a dataset connected (the class images are made "
-                                  "at its buckets' sizes), or disconnect dataset to choose one size")
+        raise InputError("width" if width else "height", "leave width and height at 0 with a dataset connected (the "
+                         "class images are made at its buckets' sizes), or disconnect dataset to choose one size")
     return list(assign_buckets([tuple(im.shape[:2]) for im in dataset.images], dataset.resolution,
                                enabled=dataset.bucketing))
 
@@ -294,9 +317,9 @@ class PersonalizePriorDataset(io.ComfyNode):
             sizes = bucket_sizes(dataset, width, height) if dataset is not None else [(height or native,
                                                                                          width or native)]
             per, sets, messages = math.ceil(num_class_images / len(sizes)), [], []
-            for j, (h, w) in enumerate(sizes):  # each bucket its own seeds: other images, not the same ones reshaped
+            for h, w in sizes:  # each bucket its own seeds: other images, not the same ones reshaped
                 settings = {"width": w, "height": h, "steps": steps, "cfg": float(cfg), "sampler_name": sampler_name,
-                            "scheduler": scheduler, "seed": seed + j * per}
+                            "scheduler": scheduler, "seed": bucket_seed(seed, (h, w))}
                 made, text = generate_class_images(model, clip, vae, prompt, negative_prompt, settings,
                                                    per if dataset is not None else num_class_images, batch_size,
                                                    cls.hidden.unique_id)
@@ -305,7 +328,7 @@ class PersonalizePriorDataset(io.ComfyNode):
             images, message = [im for _, made in sets for im in made], "\n".join(messages)
             if dataset is not None:
                 prior = PriorPreservation("class_images", prompt, prior_loss_weight, tuple(images), tuple(sets))
-                return io.NodeOutput(prior, preview_batch(images), ui=ui.PreviewText(message))
+                return io.NodeOutput(prior, preview_batch(round_robin(sets)), ui=ui.PreviewText(message))
         prior = PriorPreservation("class_images", prompt, prior_loss_weight, tuple(images))
         return io.NodeOutput(prior, preview_batch(images), ui=ui.PreviewText(message))
 

@@ -332,11 +332,42 @@ def test_with_the_dataset_class_images_are_made_at_each_buckets_size_and_train_u
     assert bucket.class_latents.shape[0] == 4 and "made for other subject buckets" in caplog.text
 
 
+def test_per_bucket_sets_rerun_from_the_cache_when_the_count_or_the_buckets_change(comfy, tiny_sd15, node, dirs,
+                                                                                      monkeypatch):
+    """A bucket's seeds follow its size alone: more images generate only the missing ones, fewer none, a new bucket
+    only its own; the square bucket shares the cache of generating at that size without a dataset. The preview
+    shows every bucket, each at its own aspect ratio."""
+    dataset = two_bucket_dataset()
+    args = dict(width=0, height=0, dataset=dataset)
+    first, _ = generate(node, tiny_sd15, num_class_images=2, **args)
+    calls = SamplerCalls(monkeypatch)
+    more, preview = generate(node, tiny_sd15, num_class_images=4, **args)
+    assert sum(calls.images) == 2 and len(cache_folders(dirs)) == 2  # one new image per bucket, same folders
+    assert all(torch.equal(a[0], b[0]) for (_, a), (_, b) in zip(first.by_bucket, more.by_bucket))
+    SamplerCalls(monkeypatch, fail=True)
+    generate(node, tiny_sd15, num_class_images=2, **args)  # fewer: all cached
+    generate(node, tiny_sd15, num_class_images=1, width=192, height=192)  # the square bucket's own cache
+    calls = SamplerCalls(monkeypatch)
+    landscape = dataset.images[0].transpose(0, 1)  # a photo that sorts before the two buckets
+    wide = dataclass_replace(dataset, images=dataset.images + (landscape,), captions=dataset.captions[:1] * 3)
+    wider, _ = generate(node, tiny_sd15, num_class_images=3, width=0, height=0, dataset=wide)
+    assert sum(calls.images) == 1 and len(wider.by_bucket) == 3  # the new landscape bucket only
+    images = dict(more.by_bucket)
+    assert [size for size, _ in more.by_bucket] == [(192, 192), (256, 128)]
+    assert preview.shape == (4, 192, 192, 3)  # at the first image's size, the buckets interleaved
+    torch.testing.assert_close(preview[0], images[(192, 192)][0])
+    tall = preview[1]  # 256x128 fitted inside 192x192: 144 px wide, black at both sides
+    assert tall[:, :20].abs().max() == 0 and tall[:, -20:].abs().max() == 0 and tall[:, 96].abs().max() > 0
+
+
 def test_the_dataset_input_needs_width_and_height_at_0(comfy, tiny_sd15, node, dirs):
     from comfyui_personalize.training.errors import InputError
     with pytest.raises(InputError) as e:
         generate(node, tiny_sd15, dataset=two_bucket_dataset())
     assert e.value.input_name == "width"
+    with pytest.raises(InputError) as e:
+        generate(node, tiny_sd15, width=0, height=64, dataset=two_bucket_dataset())
+    assert e.value.input_name == "height"
     with pytest.raises(InputError) as e:
         generate(node, tiny_sd15, width=0, height=0, dataset="not a dataset")
     assert e.value.input_name == "dataset"
