@@ -40,7 +40,7 @@ from .attention_hooks import (
 )
 from .attention_reweight import window_inputs
 from .dual_path_direct import can_go_direct, check_not_bypassed, install_direct
-from .dual_path_lora import already_applied, file_metadata, left_out_note, lora_parts, tuned_blend_note
+from .dual_path_lora import already_applied, left_out_note, lora_parts, tuned_blend_note
 from .dual_path_pooled import install_pooled_blend
 from .embeddings import hard_tokens
 from .prompt_cache import PromptCache, cache_budget, keeps_prompt
@@ -313,8 +313,9 @@ class PersonalizeDualPathBlend(io.ComfyNode):
             path = folder_paths.get_full_path("loras", lora_name)
             if path is None:
                 raise InputError("lora_name", f"'{lora_name}' is not in models/loras")
-            lora = comfy.utils.load_torch_file(path, safe_load=True)
-            metadata = file_metadata(path)
+            # ComfyUI's own rule for which files are safetensors (.sft, any case), and their header metadata
+            lora, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+            metadata = metadata or {}
         if paths not in PATHS:
             raise InputError("paths", f"must be one of {', '.join(PATHS)}")
         soft_ctx = None

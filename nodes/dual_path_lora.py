@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import comfy.lora
 import torch
 from comfy.weight_adapter import LoRAAdapter
-from safetensors import safe_open
 
 from ..attention.dual_path import AttentionDeltas, LowRankDelta
 from ..training.errors import InputError
@@ -106,14 +105,6 @@ def _same(a, b) -> bool:
         return False
     coarse = max(a.dtype, b.dtype, key=lambda dtype: torch.finfo(dtype).eps)
     return torch.equal(a.to(b.device, coarse), b.to(coarse))
-
-
-def file_metadata(path: str) -> dict:
-    """A .safetensors file's header metadata ({} for other formats)."""
-    if not path.endswith(".safetensors"):
-        return {}
-    with safe_open(path, "pt") as f:
-        return dict(f.metadata() or {})
 
 
 def tuned_blend_note(metadata: dict, a_blend: float) -> str | None:

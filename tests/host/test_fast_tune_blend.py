@@ -1,6 +1,9 @@
 """Personalize Fast Tune through the Dual-Path blend (a_blend < 1, as DATE tunes): the trainer's forward is the
 Dual-Path node's forward for the same LoRA, hard prompt and a; the hard captions are the captions with the learned
 word's nearest real word; the frozen model and the previews are what they were; bad inputs are named."""
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from comfy_tiny import weights_hash
@@ -171,7 +174,10 @@ def test_tuning_through_the_blend_trains_and_records_it(comfy, tiny_sd15, fast_t
     name = run_node(PersonalizeSaveLoRA, lora=lora, name="blend_tuned", subfolder="", save_dtype="fp16",
                     if_exists="overwrite").result[0]
     hard = [[clip.encode_from_tokens(clip.tokenize("a photo of dog dog")), {}]]
-    for source in (dict(lora=lora, lora_name="none"), dict(lora_name=name)):
+    sft = "blend_tuned_copy.SFT"  # ComfyUI loads .sft files, in any case, as safetensors too
+    import folder_paths
+    shutil.copy(folder_paths.get_full_path("loras", name), Path(folder_paths.get_folder_paths("loras")[0], sft))
+    for source in (dict(lora=lora, lora_name="none"), dict(lora_name=name), dict(lora_name=sft)):
         notes = [blend_notes(model, hard, a, source) for a in (0.6, 0.8)]
         assert "tuned through the blend at a = 0.60" not in notes[0]
         assert "at a_blend 0.80 the image shows more of the subject" in notes[1], notes[1]
