@@ -183,9 +183,9 @@ class ComfyHost:
             raise InputError("clip", "connect the CLIP that belongs to this checkpoint")
         encoded = {}
         for caption in dict.fromkeys(captions):  # a batch often repeats one caption: encode each once
-            if hard:
-                tokens = hard_tokens(self.clip, caption)[0] if reads_embedding(self.clip, caption) else None
-                tokens = self.clip.tokenize(caption) if tokens is None else tokens
+            if hard:  # a caption without a learned word is its own hard caption
+                learned = reads_embedding(self.clip, caption)
+                tokens = hard_tokens(self.clip, caption)[0] if learned else self.clip.tokenize(caption)
             else:
                 if caption not in self._tokens or not self.cache_tokens:  # text training encodes every step
                     self._tokens[caption] = self.clip.tokenize(caption)

@@ -316,13 +316,12 @@ class PersonalizePriorDataset(io.ComfyNode):
             native = native_resolution(model)
             sizes = bucket_sizes(dataset, width, height) if dataset is not None else [(height or native,
                                                                                          width or native)]
-            per, sets, messages = math.ceil(num_class_images / len(sizes)), [], []
+            per, sets, messages = math.ceil(num_class_images / len(sizes)), [], []  # without a dataset: all
             for h, w in sizes:  # each bucket its own seeds: other images, not the same ones reshaped
                 settings = {"width": w, "height": h, "steps": steps, "cfg": float(cfg), "sampler_name": sampler_name,
                             "scheduler": scheduler, "seed": bucket_seed(seed, (h, w))}
-                made, text = generate_class_images(model, clip, vae, prompt, negative_prompt, settings,
-                                                   per if dataset is not None else num_class_images, batch_size,
-                                                   cls.hidden.unique_id)
+                made, text = generate_class_images(model, clip, vae, prompt, negative_prompt, settings, per,
+                                                   batch_size, cls.hidden.unique_id)
                 sets.append(((h, w), tuple(made)))
                 messages.append(f"{w}x{h}: {text}" if dataset is not None else text)
             images, message = [im for _, made in sets for im in made], "\n".join(messages)
