@@ -58,3 +58,16 @@ def tiny_unet_patcher(config_class, unet_config: dict, seed: int):
     randomise(base, seed)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def assert_sampled_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
+    """Two samplings that should give the same image, computed in another order. CPU: element by element at
+    (atol, rtol). GPU: kernels round differently per shape and order, and a toy model with random weights amplifies
+    that over the steps to a few 1e-3 at single elements; the image as a whole must stay within 1e-3 of its norm."""
+    import comfy.model_management as mm
+
+    if mm.get_torch_device().type == "cpu":
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    else:
+        error = ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+        assert error < 1e-3, f"relative error {error:.2e} of the sampled images"

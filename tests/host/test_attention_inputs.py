@@ -96,7 +96,8 @@ def test_a_sampler_that_brings_its_own_noise_is_left_alone_and_warned(comfy, tin
     out = run_node(nodes["reweight"], model=model, clip=clip, text=POSITIVE, words="red:1", mode="p2p_locked",
                    apply_to="cond", start_percent=0.0, end_percent=1.0, latent=empty_latent()).result
     latent = out[2]["samples"]
-    own = samplers.ksampler("euler_ancestral", {"noise_sampler": lambda s, s_next: torch.randn(latent.shape)})
+    own = samplers.ksampler("euler_ancestral",
+                            {"noise_sampler": lambda s, s_next: torch.randn(latent.shape, device=s.device)})
     sigmas = samplers.calculate_sigmas(out[0].get_model_object("model_sampling"), "normal", 3)
     with caplog.at_level("WARNING"), torch.inference_mode():
         pair = sample.sample_custom(out[0], sample.prepare_noise(latent, 3, [0, 0]), 5.0, own, sigmas, out[1],

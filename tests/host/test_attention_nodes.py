@@ -155,7 +155,7 @@ def test_p2p_local_blend_changes_the_target_only_inside_the_words_mask(comfy, ti
     torch.testing.assert_close(kept[1], kept[0], atol=1e-5, rtol=1e-5)
     for word in ("car", "bus"):  # the mask of a source word, of a target word
         m, positive, latent = p2p(nodes, model, clip, PROMPT, target, blend_words=word, blend_threshold=0.8)
-        pair, mask = sample(comfy, m, positive, latent, clip), blend_mask(m)
+        pair, mask = sample(comfy, m, positive, latent, clip), blend_mask(m).cpu()
         assert 0 < mask.mean() < 1, word  # part of the image may change
         changed = (pair[1] - pair[0]).abs().amax(0)
         assert changed[mask == 0].max() < 1e-5 and changed[mask == 1].max() > 1e-2, word

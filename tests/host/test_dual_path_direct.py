@@ -3,7 +3,7 @@ nothing else replaces the block's attn2, the same image as ComfyUI's replace rou
 our nodes chain a replace over it, and refused when another pack's replace would bypass it."""
 import pytest
 import torch
-from comfy_tiny import weights_hash
+from comfy_tiny import assert_sampled_close, weights_hash
 from test_attention_nodes import PROMPT, attention_lora, dual, empty_latent, encode, nodes, p2p, reweight, sample  # noqa: F401
 from test_train_lora import run_node
 
@@ -164,13 +164,13 @@ def test_the_layers_own_weights_path_samples_what_the_module_path_samples(comfy,
     calls.update(paired_out=0, soft_out=0)
     with monkeypatch.context() as m:
         by_modules(m)
-        torch.testing.assert_close(sample(comfy, blended, soft, empty_latent(), clip, steps=5), on_weights,
-                                   atol=2e-3, rtol=1e-3)
+        assert_sampled_close(sample(comfy, blended, soft, empty_latent(), clip, steps=5), on_weights,
+                             atol=2e-3, rtol=1e-3)
     with monkeypatch.context() as m:
         m.setattr(dual_path, "cache_budget", lambda model: 0)  # no room for W + dW: the modules
         unkept = windowed(nodes, model, hard, lora, 0.4, 0.0, 0.6)
-        torch.testing.assert_close(sample(comfy, unkept, soft, empty_latent(), clip, steps=5), on_weights,
-                                   atol=2e-3, rtol=1e-3)
+        assert_sampled_close(sample(comfy, unkept, soft, empty_latent(), clip, steps=5), on_weights,
+                             atol=2e-3, rtol=1e-3)
     assert calls == {"paired_out": 0, "soft_out": 0}
 
 
@@ -271,7 +271,7 @@ def test_rows_repeating_a_prompt_are_kept_once_and_sample_what_every_row_built_s
     monkeypatch.setattr(prompt_cache, "find_distinct_rows", lambda c, labels: None)
     every_row, every_row_bytes = run(empty_latent(images))
     assert every_row_bytes > kept_bytes
-    torch.testing.assert_close(gathered, every_row, atol=1e-4, rtol=1e-4)
+    assert_sampled_close(gathered, every_row, atol=1e-4, rtol=1e-4)
 
 
 def test_hooks_on_the_positive_alone_do_not_find_the_rows_at_every_call(comfy, biased_sd15, nodes, monkeypatch):  # noqa: F811
@@ -291,5 +291,5 @@ def test_hooks_on_the_positive_alone_do_not_find_the_rows_at_every_call(comfy, b
     gathered = sample(comfy, blended, hooked, empty_latent(3), clip, steps=4)
     assert len(found) == 2 and all(len(rows.firsts) == 1 for rows in found)  # cond and uncond called apart
     monkeypatch.setattr(prompt_cache, "find_distinct_rows", lambda c, rows: None)
-    torch.testing.assert_close(gathered, sample(comfy, blended, hooked, empty_latent(3), clip, steps=4), atol=1e-4,
-                               rtol=1e-4)
+    assert_sampled_close(gathered, sample(comfy, blended, hooked, empty_latent(3), clip, steps=4), atol=1e-4,
+                         rtol=1e-4)
