@@ -64,6 +64,14 @@ def transformer_blocks(model) -> list[Block]:
 EMPTY_WINDOW = (-math.inf, math.inf)
 
 
+def check_fraction(value: float, name: str) -> float:
+    """A fraction in [0, 1]. ComfyUI's range check lets NaN through (its comparisons are false for NaN), as it does
+    any value that arrives through a link."""
+    if not 0.0 <= value <= 1.0:
+        raise InputError(name, f"must be between 0 and 1, got {value}")
+    return value
+
+
 def percent_window(model, start: float, end: float, names: tuple[str, str]) -> tuple[float, float]:
     """(sigma_high, sigma_low) for a start/end fraction of sampling, through the model's own schedule. A window
     of no width is off (EMPTY_WINDOW), as the self-attention windows always were: inclusive at both ends, it held

@@ -13,7 +13,14 @@ from comfy_api.latest import io
 from ..attention.edits import selected_maps
 from ..attention.tokens import word_positions
 from ..training.errors import InputError
-from .attention_hooks import COND, chunks, downscale, fused_attention, set_replace, transformer_blocks
+from .attention_hooks import (
+    COND,
+    chunks,
+    downscale,
+    fused_attention,
+    set_replace,
+    transformer_blocks,
+)
 from .attention_text import encode, prompt_tokens, word_tokenizer
 
 RESOLUTIONS = {"latent/1": 1, "latent/2": 2, "latent/4": 4, "latent/8": 8, "all": 0}
@@ -76,6 +83,8 @@ class PersonalizeAttentionMaps(io.ComfyNode):
             raise InputError("words", "name at least one word of the text, e.g. 'cat, bicycle'")
         if resolution not in RESOLUTIONS:
             raise InputError("resolution", f"must be one of {', '.join(RESOLUTIONS)}")
+        if not 0.0 <= at_percent < 1.0:  # NaN too (ComfyUI's range check lets it through); at 1 there is no noise
+            raise InputError("at_percent", f"must be at least 0 and below 1, got {at_percent}")
         tokens = prompt_tokens(clip, text)
         positions = word_positions(tokens, names, word_tokenizer(clip), prompt_text=text)
         recorder = _Recorder([torch.tensor(positions[n]) for n in names], RESOLUTIONS[resolution])

@@ -12,6 +12,7 @@ from .attention_hooks import (
     APPLY_TO,
     COND,
     UNCOND,
+    check_fraction,
     check_prompt_lengths,
     percent_window,
     replaces_cross_attention,
@@ -148,7 +149,7 @@ class PersonalizeAttentionReweight(io.ComfyNode):
             length = weights[COND].shape[0]
             plan = CrossPlan(torch.eye(length), torch.ones(length), weights[COND], window)
             install(m, blocks, "attn2", p2p_cross_replace(plan, None))
-            if self_end_percent > 0:
+            if check_fraction(self_end_percent, "self_end_percent") > 0:
                 install_self_injection(m, percent_window(model, 0.0, self_end_percent,
                                                          ("self_end_percent", "self_end_percent")))
             positive = paired_conditioning(positive, positive)

@@ -18,6 +18,7 @@ from ..attention.dual_path import (
     OutUpdate,
     SamplingDeltas,
     blend_pairs,
+    check_blend,
     cross_blend,
     self_blend,
     self_blend_for_sampling,
@@ -308,13 +309,18 @@ class PersonalizeDualPathBlend(io.ComfyNode):
                 clip=None, soft_text="") -> io.NodeOutput:
         if lora is None and lora_name == "none":
             raise InputError("lora_name", "pick an attention LoRA file or connect a trained LORA")
+        a_blend = check_blend(a_blend, 1)  # the direct route never reaches the module route's check
         metadata = dict(getattr(lora, "metadata", None) or {})
         if lora is None:
             path = folder_paths.get_full_path("loras", lora_name)
             if path is None:
                 raise InputError("lora_name", f"'{lora_name}' is not in models/loras")
             # ComfyUI's own rule for which files are safetensors (.sft, any case), and their header metadata
-            lora, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+            try:
+                lora, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+            except Exception as e:  # a truncated download: safetensors', torch's or pickle's own error
+                raise InputError("lora_name", f"cannot read {lora_name} as a LoRA ({e}); download it again or pick "
+                                              "another file") from e
             metadata = metadata or {}
         if paths not in PATHS:
             raise InputError("paths", f"must be one of {', '.join(PATHS)}")

@@ -346,7 +346,8 @@ class PersonalizeConvertImageReward(io.ComfyNode):
         if target == source:
             raise InputError("name", f"{target.name} is the checkpoint being converted; choose another name")
         written = convert_to_safetensors(source, target)
-        relative = written.relative_to(folder.resolve()).as_posix()
+        # beside the checkpoint, as Load ImageReward lists it (resolved, a linked subfolder is elsewhere)
+        relative = (source.parent / written.name).relative_to(os.path.abspath(folder)).as_posix()
         return io.NodeOutput(relative, ui=ui.PreviewText(f"wrote models/image_reward/{relative}; pick it in "
                                                          "Load ImageReward"))
 

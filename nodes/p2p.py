@@ -14,6 +14,7 @@ from ..training.errors import InputError
 from .attention_hooks import (
     COND,
     EMPTY_WINDOW,
+    check_fraction,
     check_prompt_lengths,
     percent_window,
     sampled_prompts,
@@ -91,6 +92,8 @@ class PersonalizeP2P(io.ComfyNode):
                                ("cross_start_percent", "cross_end_percent"))
         self_window = percent_window(model, self_start_percent, self_end_percent,
                                      ("self_start_percent", "self_end_percent"))
+        check_fraction(blend_threshold, "blend_threshold")  # NaN made the mask empty: the edit vanished, silently
+        check_fraction(blend_start_percent, "blend_start_percent")
         src, tgt = prompt_tokens(clip, source), prompt_tokens(clip, target)
         if src.length != tgt.length:
             raise InputError("target", "the source and target prompts tokenize to a different number of 77-token "

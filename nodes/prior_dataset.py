@@ -206,8 +206,8 @@ def _check_settings(num_class_images, prior_loss_weight, width, height, steps, c
                                    f"got {value}")
     if steps < 1:
         raise InputError("steps", f"must be at least 1, got {steps}")
-    if not cfg >= 0:  # also refuses NaN
-        raise InputError("cfg", f"must not be negative, got {cfg}")
+    if not 0 <= cfg < math.inf:  # also refuses NaN, and inf (a linked value) that no cache key can hold
+        raise InputError("cfg", f"must be a finite number of at least 0, got {cfg}")
     if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
         raise InputError("sampler_name", f"unknown sampler {sampler_name!r}")
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:

@@ -27,7 +27,7 @@ class Objective:
     timestep_max: int = 999
 
     def validate(self, num_timesteps: int = 1000) -> None:
-        if self.min_snr_gamma < 0:
+        if not self.min_snr_gamma >= 0:  # NaN too: it made the loss NaN
             raise InputError("min_snr_gamma", f"must be 0 (off) or positive, got {self.min_snr_gamma}")
         if not 0 <= self.noise_offset <= 1:
             raise InputError("noise_offset", f"must be in [0, 1], got {self.noise_offset}")

@@ -64,7 +64,7 @@ class TrainConfig:
             raise InputError("gradient_accumulation", f"must be at least 1, got {self.gradient_accumulation}")
         if not 0 <= self.ema_decay < 1:
             raise InputError("ema_decay", f"must be 0 (off) or in (0, 1), got {self.ema_decay}")
-        if self.max_grad_norm < 0:
+        if not self.max_grad_norm >= 0:  # NaN too: it turned clipping off
             raise InputError("max_grad_norm", f"must be 0 (off) or positive, got {self.max_grad_norm}")
         if self.optimizer not in OPTIMIZERS:
             raise InputError("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")

@@ -365,6 +365,22 @@ def test_convert_needs_only_the_checkpoint(comfy, reward, tmp_path, monkeypatch)
     assert out.result == ("converted.safetensors",) and (tmp_path / "converted.safetensors").is_file()
 
 
+def test_convert_in_a_linked_subfolder_names_the_file_as_the_loader_lists_it(comfy, reward, tmp_path, monkeypatch):
+    """models/image_reward/ImageReward linked to a download elsewhere: the file is written beside the checkpoint
+    and named through the link (a resolved path is outside the folder: the node raised after writing)."""
+    import shutil
+
+    nodes, files = reward
+    real, folder = tmp_path / "elsewhere", tmp_path / "image_reward"
+    real.mkdir(), folder.mkdir()
+    shutil.copy(files.checkpoint, real / "ImageReward.safetensors")
+    (folder / "ImageReward").symlink_to(real, target_is_directory=True)
+    monkeypatch.setitem(comfy.folder_paths.folder_names_and_paths, "image_reward", ([str(folder)], nodes.EXTENSIONS))
+    out = run_node(nodes.PersonalizeConvertImageReward, checkpoint="ImageReward/ImageReward.safetensors",
+                   name="converted", if_exists="error")
+    assert out.result == ("ImageReward/converted.safetensors",) and (real / "converted.safetensors").is_file()
+
+
 def test_convert_writes_safetensors_that_scores_the_same(reward, loaded, core_scorer):
     from comfyui_personalize.training.errors import InputError
 

@@ -251,6 +251,8 @@ def test_prior_prediction_needs_no_model(comfy, node, dirs):
     ({"class_noun": "  "}, "class_noun"),
     ({"width": 60}, "width"),
     ({"prior_loss_weight": 0.0}, "prior_loss_weight"),
+    ({"cfg": float("nan")}, "cfg"),
+    ({"cfg": float("inf")}, "cfg"),  # through a link: no cache key holds it
     ({"mode": "folder", "folder": ""}, "folder"),
     ({"mode": "folder", "folder": "../outside"}, "folder"),
     ({"mode": "folder", "folder": "missing"}, "folder"),

@@ -244,7 +244,8 @@ def test_two_buckets_train_end_to_end(host):
 
 
 @pytest.mark.parametrize("field,value", [("lr_schedule", "exp"), ("gradient_accumulation", 0),
-                                         ("ema_decay", 1.0), ("warmup_steps", 10), ("max_grad_norm", -1.0)])
+                                         ("ema_decay", 1.0), ("warmup_steps", 10), ("max_grad_norm", -1.0),
+                                         ("max_grad_norm", float("nan"))])
 def test_bad_schedule_settings_name_the_input(field, value):
     with pytest.raises(InputError) as e:
         TrainConfig(steps=10, learning_rate=1e-4, **{field: value}).validate()
@@ -252,6 +253,7 @@ def test_bad_schedule_settings_name_the_input(field, value):
 
 
 @pytest.mark.parametrize("objective,name", [(Objective(min_snr_gamma=-1), "min_snr_gamma"),
+                                            (Objective(min_snr_gamma=float("nan")), "min_snr_gamma"),
                                             (Objective(noise_offset=2), "noise_offset"),
                                             (Objective(timestep_min=10, timestep_max=5), "timestep_range")])
 def test_bad_objective_names_the_input(objective, name):
