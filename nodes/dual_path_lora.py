@@ -13,6 +13,7 @@ from comfy.weight_adapter import LoRAAdapter
 
 from ..attention.dual_path import AttentionDeltas, LowRankDelta
 from ..training.errors import InputError
+from ..training.files import BUNDLED_EMBEDDING
 from .attention_hooks import Block
 
 _PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
@@ -54,7 +55,8 @@ def lora_parts(model, lora: dict, blocks: list[Block]) -> LoraParts:
     """Split ``lora`` (a state dict) into per-block attention deltas and what the blend leaves out."""
     patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
     loaded = set().union(*(getattr(p, "loaded_keys", ()) for p in patches.values()))
-    parts = LoraParts(not_unet=sum(k not in loaded for k in lora))
+    # a bundled word is not a weight the blend leaves out: the soft prompt carries it
+    parts = LoraParts(not_unet=sum(k not in loaded and not k.startswith(BUNDLED_EMBEDDING) for k in lora))
     for block in blocks:
         for attn in ATTENTIONS:
             found = {}

@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..training.embedding import TrainedEmbedding
 from ..training.errors import InputError
-from ..training.files import IF_EXISTS, resolve_output_path, save_safetensors_atomic
+from ..training.files import BUNDLED_EMBEDDING, IF_EXISTS, resolve_output_path, save_safetensors_atomic
 from .session import IF_EXISTS_TOOLTIP, NAME_TOOLTIP
 from .types import Embedding
 
@@ -25,7 +25,7 @@ def bundled(embedding) -> dict[str, torch.Tensor]:
     if not isinstance(embedding, TrainedEmbedding) or not embedding:
         raise InputError("bundle_embedding", "connect the embedding output of a Personalize pivotal or Fast Tune "
                                              "node")
-    return {f"bundle_emb.{embedding.token}.{key}": v.detach().to("cpu", torch.float32).contiguous()
+    return {f"{BUNDLED_EMBEDDING}{embedding.token}.{key}": v.detach().to("cpu", torch.float32).contiguous()
             for key, v in embedding.items()}
 
 

@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..training.errors import InputError
-from ..training.files import load_safetensors, lora_metadata
+from ..training.files import BUNDLED_EMBEDDING, load_safetensors, lora_metadata
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from .session import (
     ALPHA_TOOLTIP,
@@ -39,7 +39,9 @@ def load_resume(nets: list[LoRANetwork], name: str) -> None:
                                         "continues a LoRA this pack (or kohya) trained")
     fix = "pick the same targets, rank and text-encoder setting it was trained with"
     # the file's adapters this run would not train: resuming without them would silently drop part of the LoRA
-    left_out = sorted({k.split(".")[0] for k in sd} - {a for net in nets for a in net.adapters})
+    # (a bundled word is not an adapter: the LoRA resumes, the word is Train Pivotal's)
+    adapters = {k.split(".")[0] for k in sd if not k.startswith(BUNDLED_EMBEDDING)}
+    left_out = sorted(adapters - {a for net in nets for a in net.adapters})
     if left_out:
         raise InputError("resume_from", f"{name} has {len(left_out)} adapters this run does not train (e.g. "
                                         f"{', '.join(left_out[:2])}); {fix}")

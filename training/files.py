@@ -19,6 +19,8 @@ from .errors import InputError, OutputFolderError
 from .optimizers import METADATA_NAMES
 
 IF_EXISTS = ("increment", "overwrite", "error")
+# kohya's keys for an embedding bundled in a LoRA file (bundle_emb.<token>.<encoder>): not LoRA weights
+BUNDLED_EMBEDDING = "bundle_emb."
 _BAD_NAME = re.compile(r'[<>:"|?*\x00-\x1f]')
 
 # kohya's ss_base_model_version and SAI modelspec architecture names per base model family.

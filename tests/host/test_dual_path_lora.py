@@ -71,6 +71,8 @@ def test_what_the_blend_leaves_out_of_a_lora_is_reported(comfy, tiny_sd15, nodes
     hard = encode(comfy, clip, HARD)
     lora = attention_lora(model)
     assert blend_note(nodes, model, hard, lora) is None
+    # a pivotal word bundled in the file (Save LoRA's bundle_embedding) is no weight left out
+    assert blend_note(nodes, model, hard, {**lora, "bundle_emb.zwx.clip_l": torch.zeros(1, 768)}) is None
     assert "paths='self+cross'" in blend_note(nodes, model, hard, lora, "cross")
     g = torch.Generator().manual_seed(3)
     ff = {}

@@ -4,6 +4,7 @@ import pytest
 import torch
 from comfy_tiny import weights_hash
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.host
 
@@ -333,12 +334,17 @@ def test_resume_refuses_a_file_with_adapters_the_run_drops_and_keeps_the_files_a
                        **dict(args, train_text_encoder=True, resume_from=name, alpha=2.0)).result[2]
     assert {float(v) for k, v in resumed.items() if k.endswith(".alpha")} == {4.0}  # TRAIN_ARGS' alpha, the file's
     assert resumed.metadata["ss_network_alpha"] == "4.0"
+    # the same LoRA with a pivotal word bundled in (Save LoRA's bundle_embedding) resumes: the word is no adapter
+    path = comfy.models / "loras" / name
+    save_file({**load_file(str(path)), "bundle_emb.zwx.clip_l": torch.zeros(1, 768)}, str(path))
+    bundled = run_node(train, model=model, clip=clip, vae=vae,
+                       **dict(args, train_text_encoder=True, resume_from=name, alpha=2.0)).result[2]
+    assert bundled.keys() == resumed.keys()
 
 
 def test_resume_from_a_file_that_is_no_lora_names_the_input(comfy, tiny_sd15, pack_nodes):
     """A truncated file raised safetensors' header error; a checkpoint or a diffusers LoRA was told to change
     targets and rank, which no setting could fix; .pt files were offered though only .safetensors are read."""
-    from safetensors.torch import save_file
 
     from comfyui_personalize.nodes.train_lora import lora_files
     from comfyui_personalize.training.errors import InputError
