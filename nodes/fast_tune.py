@@ -13,7 +13,7 @@ from comfy_api.latest import io
 from ..training.errors import InputError
 from ..training.lora import UNET_TARGET_PRESETS
 from .session import ALPHA_TOOLTIP, RANK_TOOLTIP, TARGETS_TOOLTIP, common_inputs
-from .train_embedding import pivotal_output_sockets, pivotal_outputs
+from .train_embedding import INIT_WORD_TOOLTIP, pivotal_output_sockets, pivotal_outputs
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ class PersonalizeFastTune(io.ComfyNode):
             inputs=common_inputs(learning_rate=2e-3, steps=25) + [
                 io.String.Input("token", default="", tooltip="The word the captions use for the subject (e.g. from "
                                 "Personalize Identifier); prompts then use embedding:<token>."),
-                io.String.Input("init_word", default="person", tooltip="The subject's class word (e.g. 'dog'): the "
-                                "new word starts at its embedding, the nearest real tokens. A word of several "
+                io.String.Input("init_word", default="person", tooltip=INIT_WORD_TOOLTIP + " A word of several "
                                 "tokens needs num_vectors = its token count to start from all of them."),
                 io.Int.Input("num_vectors", default=1, min=1, max=16,
                              tooltip="Vectors the new word is made of (1 = one token, as a real word)."),
@@ -51,11 +50,11 @@ class PersonalizeFastTune(io.ComfyNode):
                 io.Float.Input("a_blend", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Below 1: tune through the Dual-Path blend, as DATE does. Every attention "
                                        "layer mixes a * (caption, model + LoRA) and (1 - a) * (the caption with the "
-                                       "word replaced by init_word, the model alone). Then sample through the "
-                                       "Dual-Path Attention Blend at the same a_blend, with paths self+cross for the "
-                                       "attention targets or cross for cross_attention, on the model from before "
-                                       "this node. At 1 (default) the LoRA is tuned plainly, and the model output is "
-                                       "the tuned model."),
+                                       "word replaced by init_word (the picked one), the model alone). Then "
+                                       "sample through the Dual-Path Attention Blend at the same a_blend, with paths "
+                                       "self+cross for the attention targets or cross for cross_attention, on the "
+                                       "model from before this node. At 1 (default) the LoRA is tuned plainly, and "
+                                       "the model output is the tuned model."),
             ],
             outputs=pivotal_output_sockets(),
             hidden=[io.Hidden.unique_id],

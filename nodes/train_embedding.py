@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
+import comfy.model_management as mm
 import comfy.sd
 import folder_paths
 import torch
@@ -18,6 +20,7 @@ from ..training.embedding import (
 )
 from ..training.errors import InputError
 from ..training.files import architecture, base_model_metadata, load_safetensors, lora_metadata
+from ..training.init_word import candidate_words, denoising_errors, pick_init_word
 from ..training.lora import UNET_TARGET_PRESETS, LoRANetwork, TrainedLoRA
 from ..training.regularizers import FastTuneRegularizer, NearestTokenContrastive
 from ..training.trainer import ParamGroup
@@ -35,36 +38,56 @@ from .types import Embedding
 
 log = logging.getLogger(__name__)
 NONE = "none"
+INIT_WORD_TOOLTIP = ("A word close to the subject (e.g. 'dog'): the vectors start from its token embeddings, the "
+                     "nearest real tokens. Several words separated by commas (e.g. 'dog, cat, plush toy'): the one "
+                     "the model itself denoises the images best with is picked before training (logged, and kept "
+                     "in the file's metadata).")
 
 
 def _embedding_inputs() -> list:
     return [
         io.String.Input("token", default="", tooltip="The word the captions use for the subject (e.g. from "
                         "Personalize Identifier); prompts then use embedding:<token>."),
-        io.String.Input("init_word", default="person", tooltip="A word close to the subject; the vectors start "
-                                                               "from its token embeddings."),
+        io.String.Input("init_word", default="person", tooltip=INIT_WORD_TOOLTIP),
         io.Int.Input("num_vectors", default=1, min=1, max=16, tooltip="Tokens the embedding takes in a prompt."),
     ]
 
 
-def _make_inversion(session: TrainingSession, token: str, init_word: str, num_vectors: int,
-                    resume_from: str) -> TextualInversion:
+def _init_vectors(clip, init_word: str, num_vectors: int, warn: bool = True) -> dict[str, torch.Tensor]:
     vectors, longest = {}, 0
     with torch.no_grad():
-        for key, (_, tok, encoder) in text_encoders(session.host.clip).items():
+        for key, (_, tok, encoder) in text_encoders(clip).items():
             ids = init_ids(tok, init_word)
             vectors[key] = initial_vectors(token_table(encoder), ids, num_vectors)
             longest = max(longest, len(ids))
-    if longest > num_vectors:  # "golden retriever" with one vector starts from "golden", the colour
+    if warn and longest > num_vectors:  # "golden retriever" with one vector starts from "golden", the colour
         log.warning("init_word %r is %d tokens; the %d vector(s) start from the first %d only; set num_vectors to "
                     "%d to start from the whole word", init_word, longest, num_vectors, num_vectors, longest)
-    inversion = TextualInversion(token, vectors)
+    return vectors
+
+
+def _make_inversion(session: TrainingSession, token: str, init_word: str, num_vectors: int,
+                    resume_from: str, warn: bool = True) -> TextualInversion:
+    inversion = TextualInversion(token, _init_vectors(session.host.clip, init_word, num_vectors, warn))
     if resume_from != NONE:
         path = folder_paths.get_full_path("embeddings", resume_from)
         if path is None or not path.endswith(".safetensors"):
             raise InputError("resume_from", f"{resume_from!r} is not a .safetensors file in models/embeddings")
         inversion.load_file_tensors(load_safetensors(path, "resume_from", "an embedding"))
     return inversion
+
+
+def _pick_init_word(session: TrainingSession, data, inversion: TextualInversion, words: list[str]) -> str:
+    """Of several candidate init words, the one the model denoises the subject images best with
+    (training/init_word.py); the vectors restart from it."""
+    host, name = session.host, f"embedding:{inversion.token}"
+    pattern = re.compile(r"(?<![\w:])" + re.escape(name) + r"(?![\w])")
+    errors = denoising_errors(words, data.buckets, lambda caption, word: pattern.sub(word, caption),
+                              host.encode_text, host.predict, host.schedule, host.model.load_device,
+                              session.cfg.seed, on_word=mm.throw_exception_if_processing_interrupted)
+    chosen = pick_init_word(words, errors)
+    inversion.load_file_tensors(_init_vectors(host.clip, chosen, inversion.num_vectors), "init_word")
+    return chosen
 
 
 def _fast_tune_regularizer(clip, inversion: TextualInversion, net: LoRANetwork, fast: dict, device):
@@ -92,8 +115,13 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
                                                                                    required=False))
     session = TrainingSession(model, clip, vae, dataset, prior, options, cfg_args, cls.hidden.unique_id)
     host = session.host
+    words = candidate_words(init_word)
+    if len(words) > 1 and resume_from != NONE:
+        raise InputError("init_word", f"lists {len(words)} candidates, but resume_from continues from saved vectors; "
+                                      "give one init word (it is kept in the metadata) or set resume_from to none")
     with torch.inference_mode(False), torch.enable_grad():
-        inversion = _make_inversion(session, token, init_word, num_vectors, resume_from)
+        # several candidates: the first is a placeholder until the images pick one (the captions need the vectors)
+        inversion = _make_inversion(session, token, words[0], num_vectors, resume_from, warn=len(words) == 1)
         host.clip = clip_with_embeddings(host.clip, {token: inversion.vectors})
         host.cache_tokens = False
         for caption in sorted(set(dataset.captions)):  # a caption that drops the token trains nothing
@@ -115,6 +143,7 @@ def _train(cls, model, clip, vae, dataset, prior, options, cfg_args: dict, token
         a_blend = 1.0 if fast is None else fast.get("a_blend", 1.0)
         blend = TrainingBlend(host, net, a_blend) if a_blend < 1.0 else None  # DATE: tune through the blend
         data = session.data(text_trains=True)
+        init_word = words[0] if len(words) == 1 else _pick_init_word(session, data, inversion, words)
         inversion.to(host.model.load_device)
         if net is not None:
             net.to(host.model.load_device)

@@ -95,8 +95,9 @@ def test_sdxl_textual_inversion_learns_clip_l_and_clip_g(comfy, tiny_sdxl, tiny_
     out_clip, embedding, loss = run_node(
         PersonalizeTrainTextualInversion, model=tiny_sdxl, clip=tiny_sdxl_clip, vae=vae, dataset=dataset(),
         steps=2, learning_rate=1e-2, batch_size=1, seed=0, dtype="auto", gradient_checkpointing=False, token="zwx",
-        init_word="dog", num_vectors=3).result
+        init_word="dog, cat", num_vectors=3).result  # candidates: ranked through the ADM vector's micro tail
     assert {k: tuple(v.shape) for k, v in embedding.items()} == {"clip_l": (3, 768), "clip_g": (3, 1280)}
+    assert embedding.metadata["personalize.init_word"] in ("dog", "cat")
     run_node(PersonalizeSaveEmbedding, embedding=embedding, name="zwx_xl", subfolder="", if_exists="overwrite")
     stock = tiny_sdxl_clip.clone()
     stock.tokenizer = copy.copy(tiny_sdxl_clip.tokenizer)

@@ -193,3 +193,47 @@ def test_an_init_word_longer_than_the_vectors_is_named(comfy, tiny_sd15, nodes, 
         run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
                  **dict(ARGS, steps=1, init_word="golden retriever", num_vectors=2))
     assert "init_word" not in caplog.text
+
+
+def test_several_init_words_start_the_vectors_from_the_one_the_model_sees_in_the_images(comfy, tiny_sd15, nodes,
+                                                                                        monkeypatch, caplog):
+    """init_word 'dog, cat, car': the base model denoises the subject images with each word written in the caption
+    in place of the token; the vectors start from the word with the lowest error (training/init_word.py)."""
+    import comfy.model_management as mm
+
+    from comfyui_personalize.nodes import train_embedding
+    from comfyui_personalize.training.errors import InputError
+
+    model, clip, vae = tiny_sd15
+    mm.unload_all_models()
+    before = weights_hash(model.model)
+    seen = {}
+    ranked = train_embedding.denoising_errors
+
+    def spy(words, buckets, caption_with, *args, **kwargs):
+        seen["captions"] = [caption_with(c, "car") for b in buckets for c in b.captions]
+        seen["errors"] = ranked(words, buckets, caption_with, *args, **kwargs)
+        return seen["errors"]
+
+    def train(init_word):
+        return run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
+                        **dict(ARGS, steps=1, learning_rate=1e-9, init_word=init_word, num_vectors=1)).result[1]
+
+    monkeypatch.setattr(train_embedding, "denoising_errors", spy)
+    train("dog, cat, car")
+    errors = seen["errors"]
+    assert seen["captions"] == ["a photo of car dog"] * 2  # the caption as written, the word for the token
+    assert len(set(errors.values())) == 3  # the word reaches the model
+    chosen = min(errors, key=errors.get)
+    with caplog.at_level("INFO"):  # listed last, behind the placeholder the vectors are made with first
+        embedding = train(", ".join(sorted(errors, key=errors.get, reverse=True)))
+    assert seen["errors"] == errors  # the same draws whatever the order
+    assert embedding.metadata["personalize.init_word"] == chosen and f"best with {chosen!r}" in caplog.text
+    table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.detach().float().cpu()
+    word_id = clip.tokenizer.clip_l.tokenizer(chosen)["input_ids"][1]
+    torch.testing.assert_close(embedding["clip_l"][0], table[word_id], atol=1e-6, rtol=0)  # lr 1e-9: the start
+    mm.unload_all_models()
+    assert weights_hash(model.model) == before
+    with pytest.raises(InputError, match="init_word: lists 2 candidates, but resume_from"):
+        run_node(nodes[0], model=model, clip=clip, vae=vae, dataset=dataset(),
+                 **dict(ARGS, steps=1, init_word="dog, cat", resume_from="zwx.safetensors"))
