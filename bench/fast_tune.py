@@ -10,8 +10,10 @@ the first call in the process (cuDNN/cuBLAS selection included), "warm" a second
 the plain model's.
 
 With --a-blend below 1 the node tunes through the Dual-Path blend (DATE's way), and the image is sampled at that a.
+With --init-word listing several words the node first ranks them on the image (its cost is the difference).
 
-Usage: python bench/fast_tune.py --comfyui COMFYUI_DIR [--models sd15,sdxl] [--steps 25] [--a-blend 1] [--tiny]
+Usage: python bench/fast_tune.py --comfyui COMFYUI_DIR [--models sd15,sdxl] [--steps 25] [--a-blend 1]
+       [--init-word "person, dog, cat"] [--tiny]
        [--out FILE.md]
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ ap.add_argument("--comfyui", required=True, help="ComfyUI source folder")
 ap.add_argument("--models", default="sd15,sdxl")
 ap.add_argument("--steps", type=int, default=25, help="fast-tune steps (the node's default)")
 ap.add_argument("--a-blend", type=float, default=1.0, help="the node's a_blend (below 1: tuned through the blend)")
+ap.add_argument("--init-word", default="person",
+                help="the node's init_word; several comma-separated: the images pick one before training")
 ap.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU smoke run of the same code")
 ap.add_argument("--out", default=None, help="also write the table and the JSON lines here")
 args = ap.parse_args()
@@ -78,7 +82,7 @@ def one_image(px: int) -> InstanceDataset:
 def fast_tune(model, clip, vae, data, seed: int):
     return run_node(PersonalizeFastTune, model=model, clip=clip, vae=vae, dataset=data, steps=args.steps,
                     learning_rate=2e-3, batch_size=1, seed=seed, dtype="auto", gradient_checkpointing=False,
-                    token="zwx", init_word="person", num_vectors=1, rank=4, alpha=4.0, targets="attention",
+                    token="zwx", init_word=args.init_word, num_vectors=1, rank=4, alpha=4.0, targets="attention",
                     nn_weight=0.01, l2_weight=0.01, a_blend=args.a_blend)
 
 
@@ -122,7 +126,7 @@ for name in filter(None, args.models.split(",")):
         t0 = time.perf_counter()
         tuned = fast_tune(model, clip, vae, data, seed)
         sync()
-        row = dict(model=name, px=px, run=run, steps=args.steps, a_blend=args.a_blend,
+        row = dict(model=name, px=px, run=run, steps=args.steps, a_blend=args.a_blend, init_word=args.init_word,
                    node_s=round(time.perf_counter() - t0, 2),
                    final_loss=round(float(tuned[4]["loss"][-1]), 4),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
@@ -137,7 +141,8 @@ for name in filter(None, args.models.split(",")):
     mm.soft_empty_cache()
 
 lines = [f"Personalize Fast Tune node, {args.steps} steps, one {'/'.join(str(r['px']) for r in rows[::2])} px image, "
-         f"rank 4 attention LoRA + 1 vector, dtype auto, a_blend {args.a_blend}; node wall time from its inputs; dual "
+         f"rank 4 attention LoRA + 1 vector, dtype auto, a_blend {args.a_blend}, init_word {args.init_word!r}; node "
+         "wall time from its inputs; dual "
          f"path = one 20-step euler image through the Dual-Path blend (self+cross, a = "
          f"{args.a_blend if args.a_blend < 1 else 0.7}) after the warm run, next to the plain model's "
          "(each timed on its second run).", "",
