@@ -24,6 +24,7 @@ from ..training.trainer import DTYPES, TrainConfig, train
 from .comfy_adapter import ComfyHost
 from .progress import TrainingProgress
 from .types import Dataset, Options, Prior
+from .upstream_patches import patches_training_leaves_out
 
 log = logging.getLogger(__name__)
 PREVIEW_STEPS, PREVIEW_CFG = 20, 6.0
@@ -88,6 +89,12 @@ class TrainingSession:
         self.cfg: TrainConfig = self.options.config(**cfg_args)
         self.dataset, self.prior, self.node_id = dataset, prior, node_id
         self.host = ComfyHost(model, clip, vae)
+        left_out = patches_training_leaves_out(model)
+        if left_out:
+            log.warning("model: carries %s from upstream nodes; training calls the UNet without them, so what it "
+                        "learns fits the model as a LoRA loader elsewhere sees it, while the previews and the "
+                        "returned MODEL keep them. To train and preview alike, connect the model from before those "
+                        "nodes and apply them after the trainer", ", ".join(left_out))
         self.size = (dataset.resolution, dataset.resolution)
 
     def data(self, text_trains: bool):
