@@ -145,7 +145,10 @@ class PersonalizeP2P(io.ComfyNode):
         if self_end_percent > self_start_percent:
             install_self_injection(m, self_window)
         if recorder is not None:
-            m.set_model_sampler_post_cfg_function(recorder.post_cfg)
+            # a function, not the bound method: a clone deep-copies model_options, and a bound method's copy
+            # carries a copy of the recorder, which the attn2 replaces never fill (any node after this one
+            # turned local blend off)
+            m.set_model_sampler_post_cfg_function(lambda args: recorder.post_cfg(args))
         pair_fresh_noise(m, "P2P")
         check_prompt_lengths(m, {COND: tgt.length}, "source", "the source prompt",
                              "connect this node's positive output (source and target paired) to the sampler")
