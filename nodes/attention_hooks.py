@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -16,7 +17,7 @@ import comfy.ldm.modules.attention as comfy_attention
 import torch
 from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-from comfy.patcher_extension import WrappersMP
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..training.errors import InputError
 
@@ -105,6 +106,20 @@ def in_window(extra_options: dict, window: tuple[float, float]) -> bool:
 
 
 _SAMPLED_AS = {COND: "positive", UNCOND: "negative"}  # the CFG guider's conds feeding each chunk kind
+# Guiders whose model calls number the positive 0 and the negative 1 (cond_or_uncond, by place in the list they
+# pass calc_cond_batch): CFGGuider / KSampler, BasicGuider, PerpNegGuider. DualCFGGuider passes [negative, middle,
+# positive], so a patch reading 0 as the positive would edit the negative.
+_ORDERED_GUIDER_CONDS = {"positive", "negative", "empty_negative_prompt"}
+
+
+def check_guider(executor) -> None:
+    """In an OUTER_SAMPLE wrapper: refuse a guider that may number its prompts otherwise."""
+    other = sorted(set(getattr(executor.class_obj, "conds", None) or {}) - _ORDERED_GUIDER_CONDS)
+    if other:
+        raise InputError("model", f"the sampler's guider has prompts named {', '.join(other)} besides positive and "
+                                  "negative (DualCFGGuider, or another pack's guider), which it orders its own way, "
+                                  "so this node's edit would land on another prompt; sample this MODEL with "
+                                  "KSampler, CFGGuider or BasicGuider")
 
 
 def sampled_prompts(executor, kind: int) -> list[torch.Tensor]:
@@ -118,8 +133,10 @@ def check_prompt_lengths(model, lengths: dict[int, int], input_name: str, what: 
     """OUTER_SAMPLE wrapper on ``model`` (a clone): before the run loads or computes anything, every conditioning the
     sampler was given for a chunk kind in ``lengths`` (COND: its positive, UNCOND: its negative) must have that many
     tokens. A patch made for a prompt of another length would be tiled over it (ComfyUI repeats a short prompt to
-    the longer one's length when it batches them) or fail inside a layer with no hint."""
+    the longer one's length when it batches them) or fail inside a layer with no hint. The guider is checked too
+    (``check_guider``)."""
     def wrapper(executor, *args, **kwargs):
+        check_guider(executor)
         for kind, length in lengths.items():
             for got in sampled_prompts(executor, kind):
                 if got.shape[1] != length:
@@ -202,16 +219,44 @@ def replaces_cross_attention(model, block: Block) -> bool:
     return existing_replace(model, "attn2", block.key) is not None or direct_layer(model, block) is not None
 
 
-def set_replace(model, kind: str, block: Block, make: Callable[[Callable | None], Callable]) -> None:
+_OUR_REPLACES: weakref.WeakSet = weakref.WeakSet()  # every replace this pack made (functions: clones share them)
+_INSTALLED = "personalize_replaces"  # transformer_options: {(kind, block key): node} of the replaces to keep
+
+
+def set_replace(model, kind: str, block: Block, make: Callable[[Callable | None], Callable],
+                node: str | None = None) -> None:
     """Install ``make(previous)`` as the ``kind`` ("attn1"/"attn2") replace of ``block`` on ``model`` (a clone).
     A direct layer of ours on the block goes back to the replace route first, so that ``make`` chains it: ComfyUI
-    would skip the layer's own forward under a replace."""
+    would skip the layer's own forward under a replace. ``node``: a run whose model has another pack's replace
+    over this one (added after it, which drops it) is refused naming that node."""
     layer = direct_layer(model, block) if kind == "attn2" else None
     if layer is not None:
         layer.demote(model)
     previous = existing_replace(model, kind, block.key)
     setter = model.set_model_attn1_replace if kind == "attn1" else model.set_model_attn2_replace
-    setter(make(previous), *block.key)
+    replace = make(previous)
+    setter(replace, *block.key)
+    _OUR_REPLACES.add(replace)
+    if node is not None:
+        model.model_options["transformer_options"].setdefault(_INSTALLED, {})[(kind, block.key)] = node
+        if _refuse_dropped_replaces not in model.get_callbacks(CallbacksMP.ON_PRE_RUN, _INSTALLED):
+            model.add_callback_with_key(CallbacksMP.ON_PRE_RUN, _INSTALLED, _refuse_dropped_replaces)
+
+
+def _refuse_dropped_replaces(patcher, *_) -> None:
+    """ON_PRE_RUN: each block's replace must still be one of ours (ours chain what was there before them; IPAdapter,
+    SAG and others set theirs over what is there, so a node applied after ours drops our edit there, silently)."""
+    installed = patcher.model_options.get("transformer_options", {}).get(_INSTALLED, {})
+    dropped: dict[str, set] = {}
+    for (kind, key), node in installed.items():
+        if existing_replace(patcher, kind, key) not in _OUR_REPLACES:
+            dropped.setdefault(node, set()).add((kind, key))
+    if dropped:
+        node, keys = next(iter(dropped.items()))
+        kinds = " and ".join(sorted({"self-attention" if k == "attn1" else "cross-attention" for k, _ in keys}))
+        raise InputError("model", f"a node applied after {node} replaces {kinds} on {len(keys)} of its layers "
+                                  f"(IPAdapter, Self-Attention Guidance or similar), which would drop {node}'s edit "
+                                  f"there; apply {node} after that node")
 
 
 def install_patch_once(model, name: str, patch) -> None:

@@ -89,6 +89,10 @@ class PersonalizeAttentionMaps(io.ComfyNode):
         positions = word_positions(tokens, names, word_tokenizer(clip), prompt_text=text)
         recorder = _Recorder([torch.tensor(positions[n]) for n in names], RESOLUTIONS[resolution])
         m = model.clone()
+        # guidance that calls the model again (PAG's perturbed pass, SAG's blurred one) would add its maps in; one
+        # evaluation of the prompt is what is shown
+        for name in ("sampler_pre_cfg_function", "sampler_cfg_function", "sampler_post_cfg_function"):
+            m.model_options.pop(name, None)
         for block in transformer_blocks(m):
             set_replace(m, "attn2", block, recorder.make)
         samples = comfy.sample.fix_empty_latent_channels(m, latent["samples"])

@@ -141,14 +141,14 @@ class PersonalizeAttentionReweight(io.ComfyNode):
         if mode == "value":
             m.set_model_attn2_patch(value_reweight_patch(weights, window))
         elif mode == "renormalized":
-            install(m, blocks, "attn2", renormalized_replace(weights, window))
+            install(m, blocks, "attn2", renormalized_replace(weights, window), "Personalize Attention Reweight")
         else:
             if latent is None:
                 raise InputError("latent", "p2p_locked needs the empty latent (it doubles it into pairs)")
             refuse_second_pairing(model, "Reweight p2p_locked")
             length = weights[COND].shape[0]
             plan = CrossPlan(torch.eye(length), torch.ones(length), weights[COND], window)
-            install(m, blocks, "attn2", p2p_cross_replace(plan, None))
+            install(m, blocks, "attn2", p2p_cross_replace(plan, None), "Personalize Attention Reweight")
             if check_fraction(self_end_percent, "self_end_percent") > 0:
                 install_self_injection(m, percent_window(model, 0.0, self_end_percent,
                                                          ("self_end_percent", "self_end_percent")))

@@ -47,6 +47,7 @@ from .embeddings import hard_tokens
 from .prompt_cache import PromptCache, cache_budget, keeps_prompt
 
 log = logging.getLogger(__name__)
+NODE = "Personalize Dual-Path Attention Blend"
 PATHS = ("cross", "self+cross")
 _X, _CTX, _VALUE = "personalize_dual_x", "personalize_dual_ctx", "personalize_dual_value"
 _OUT = "personalize_dual_out"
@@ -193,7 +194,7 @@ class _Blend:
     def install_replace(self, model) -> None:
         """The cross-attention blend on ComfyUI's replace route of ``model`` (a clone), chaining a replace already on
         the block: the pre-projection stash, the replace, the out delta's output patch."""
-        set_replace(model, "attn2", self.block, self.cross)
+        set_replace(model, "attn2", self.block, self.cross, NODE)
         self.prompts.watch(model, [self.block.key])
         install_patch_once(model, "attn2_patch", stash_patch)
         install_patch_first(model, "attn2_output_patch", add_delta_out)
@@ -358,7 +359,7 @@ class PersonalizeDualPathBlend(io.ComfyNode):
             for key, d in deltas.items():
                 blend = _Blend(blocks[key], d, hard_ctx, a_blend, window, prompts)
                 if attn == "attn1":
-                    set_replace(m, attn, blocks[key], blend.self)
+                    set_replace(m, attn, blocks[key], blend.self, NODE)
                     install_patch_once(m, "attn1_patch", stash_patch)
                     install_patch_first(m, "attn1_output_patch", add_delta_out)
                 elif can_go_direct(m, blocks[key]):

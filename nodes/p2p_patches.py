@@ -304,9 +304,9 @@ def install_self_injection(model, window: Window) -> None:
     install_patch_first(model, "attn1_patch", p2p_self_patch(window, low_resolution(model)))
 
 
-def install(model, blocks: list[Block], kind: str, make) -> None:
+def install(model, blocks: list[Block], kind: str, make, node: str) -> None:
     for block in blocks:
-        set_replace(model, kind, block, make)
+        set_replace(model, kind, block, make, node)
 
 
 def install_cross(model, blocks: list[Block], plan: CrossPlan, recorder: BlendRecorder | None) -> None:
@@ -314,5 +314,5 @@ def install_cross(model, blocks: list[Block], plan: CrossPlan, recorder: BlendRe
     the prompts' k/v (kept where ComfyUI calls this replace itself)."""
     prompts = PromptCache(cache_budget(model))
     prompts.install(model)
-    install(model, blocks, "attn2", p2p_cross_replace(plan, recorder, prompts))
+    install(model, blocks, "attn2", p2p_cross_replace(plan, recorder, prompts), "Personalize P2P")
     prompts.watch(model, [b.key for b in blocks])
